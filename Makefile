@@ -1,0 +1,47 @@
+# The two commands of the README: `make book` (run the demo study and build the book) and `make test`.
+# Both create .venv when it is missing and reinstall when pyproject.toml changes.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROFILE ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: book test venv system-deps clean-book clean-artifacts benchmark help
+
+help:
+	@echo "make book          run the '$(PROFILE)' profile's notebooks with papermill and build the book (HTML under _build/html)"
+	@echo "make test          run the whole test suite"
+	@echo "make system-deps   install the Debian packages the browser tests need (chromium; needs root)"
+	@echo "make benchmark     print the benchmark table (benchmarks/run.py)"
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/stego-study book --profile $(PROFILE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+system-deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core
+
+clean-book:
+	rm -rf _build book/chapters
+
+clean-artifacts:
+	rm -rf artifacts
