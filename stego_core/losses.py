@@ -79,6 +79,12 @@ def pair_correspondence_loss(
     it at 0.8 from above.
     """
     shift = check_float("shift", shift)
+    for side, f, c in (("a", feats_a, code_a), ("b", feats_b, code_b)):
+        _check_map(f"feats_{side}", f)
+        _check_map(f"code_{side}", c)
+        if f.shape[0] != c.shape[0] or f.shape[-2:] != c.shape[-2:]:
+            raise StegoError(f"code_{side}: expected batch and spatial size of feats_{side} "
+                             f"{(f.shape[0], *f.shape[-2:])}, got {(c.shape[0], *c.shape[-2:])}")
     with torch.no_grad():
         fd = tensor_correlation(feats_a.detach(), feats_b.detach())  # [B,H,W,I,J]
         if pointwise:
@@ -191,9 +197,9 @@ class CorrespondenceLoss(nn.Module):
         return b
 
     def _check_perms(self, perms: Sequence[Tensor], b: int, device) -> list[Tensor]:
-        if isinstance(perms, Tensor) or len(perms) != self.neg_samples:
-            raise StegoError(f"perms: expected a list of neg_samples={self.neg_samples} LongTensors [B], "
-                             f"got {type(perms).__name__} of length {len(perms)}")
+        if isinstance(perms, Tensor) or not isinstance(perms, Sequence) or len(perms) != self.neg_samples:
+            got = f"a {type(perms).__name__}" + (f" of length {len(perms)}" if isinstance(perms, Sequence) else "")
+            raise StegoError(f"perms: expected a list of neg_samples={self.neg_samples} LongTensors [B], got {got}")
         out = []
         for k, p in enumerate(perms):
             p = torch.as_tensor(p, device=device)
