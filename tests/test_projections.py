@@ -1,0 +1,318 @@
+"""Projections against scikit-learn: PCA/RP maths, the two standardisation protocols, h-NNE shapes, store helpers."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+from sklearn.random_projection import GaussianRandomProjection
+
+from stego_core.config import StegoError
+from stego_core.projections import (
+    HNNEProjection,
+    IdentityProjection,
+    PCAProjection,
+    RandomProjection,
+    fit_projection,
+    make_projection,
+    open_projected_store,
+    project_store,
+)
+
+
+def _tokens(n=600, c=12, seed=0):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((c, c))
+    scales = np.linspace(0.5, 4.0, c)
+    return (rng.standard_normal((n, c)) @ mix * scales + rng.normal(0, 3, c)).astype(np.float64)
+
+
+def _as_feats(X, b, h, w):
+    """tokens [b*h*w, C] (row = (image, y, x)) -> feats [b, C, h, w]."""
+    return torch.from_numpy(X.reshape(b, h, w, -1)).permute(0, 3, 1, 2).contiguous()
+
+
+def _code_tokens(code):
+    """code [b, k, h, w] -> [b*h*w, k] in the same token order."""
+    return code.permute(0, 2, 3, 1).reshape(-1, code.shape[1]).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PCA
+
+
+def test_pca_fit_matches_sklearn_on_standardised_data():
+    X = _tokens()
+    proj = PCAProjection(4).fit(X)
+    scaler = StandardScaler().fit(X)
+    ref = PCA().fit(scaler.transform(X))
+    np.testing.assert_allclose(proj.explained_variance_ratio_, ref.explained_variance_ratio_, rtol=1e-10)
+    assert proj.explained_variance_ratio_.shape == (12,)  # all components, as the study logs
+    np.testing.assert_allclose(proj.components_, ref.components_[:4], rtol=1e-6, atol=1e-7)
+    assert proj.components_.shape == (4, 12) and proj.components_.dtype == np.float32
+    np.testing.assert_allclose(proj.mean_, scaler.mean_, rtol=1e-6)
+    np.testing.assert_allclose(proj.scale_, scaler.scale_, rtol=1e-6)  # population std
+
+
+@pytest.mark.parametrize("standardize", ["per_batch", "train"])
+def test_pca_transform_of_training_data_matches_sklearn(standardize):
+    X = _tokens(n=2 * 10 * 15)
+    proj = PCAProjection(5, standardize=standardize).fit(X)
+    ref = PCA().fit(StandardScaler().fit_transform(X))
+    expected = ref.transform(StandardScaler().fit_transform(X))[:, :5]  # the batch is the whole training set
+    code = proj.transform(_as_feats(X, 2, 10, 15))
+    assert code.shape == (2, 5, 10, 15) and code.dtype == torch.float32
+    np.testing.assert_allclose(_code_tokens(code), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pca_transform_other_batch_matches_formula_for_both_protocols():
+    X = _tokens(seed=1)
+    batch = _tokens(n=3 * 4 * 5, seed=2) * 2.0 + 1.5  # different statistics than the training data
+    pca = PCAProjection(3, standardize="per_batch").fit(X)
+    ref = PCA().fit(StandardScaler().fit_transform(X))
+    axes = ref.components_[:3]
+    feats = _as_feats(batch, 3, 4, 5)
+    # per batch: the batch's own mean / population std, then the axes (no PCA centring)
+    own = (batch - batch.mean(0)) / batch.std(0)
+    np.testing.assert_allclose(_code_tokens(pca.transform(feats)), own @ axes.T, rtol=1e-4, atol=1e-4)
+    # train: the fitted statistics
+    pca.set_params(standardize="train")
+    fitted = StandardScaler().fit(X).transform(batch)
+    np.testing.assert_allclose(_code_tokens(pca.transform(feats)), fitted @ axes.T, rtol=1e-4, atol=1e-4)
+
+
+def test_per_batch_and_train_standardisation_differ_on_shifted_batch():
+    X = _tokens(n=400, seed=3)
+    sub = X[:4 * 5 * 5]
+    shifted = sub + 7.0  # the same tokens with a shifted mean
+    per_batch = PCAProjection(4, standardize="per_batch").fit(X)
+    train = PCAProjection(4, standardize="train").fit(X)
+    f_sub, f_shift = _as_feats(sub, 4, 5, 5), _as_feats(shifted, 4, 5, 5)
+    # the study's protocol is blind to the shift, the corrected one is not
+    np.testing.assert_allclose(per_batch.transform(f_shift), per_batch.transform(f_sub), atol=1e-4)
+    assert (train.transform(f_shift) - train.transform(f_sub)).abs().max() > 0.5
+    assert (per_batch.transform(f_shift) - train.transform(f_shift)).abs().max() > 0.5
+    # on the training data itself both protocols agree
+    f_all = _as_feats(X, 4, 10, 10)
+    np.testing.assert_allclose(per_batch.transform(f_all), train.transform(f_all), atol=1e-4)
+
+
+def test_per_batch_depends_on_batch_composition():
+    X = _tokens(n=400, seed=4)
+    proj = PCAProjection(3).fit(X)
+    feats = _as_feats(X[:200], 8, 5, 5)
+    alone = proj.transform(feats[:2])
+    together = proj.transform(feats)[:2]
+    assert (alone - together).abs().max() > 1e-3  # quirk 15: the batch's statistics matter
+
+
+def test_zero_variance_channel_per_batch_replicates_nan_and_train_is_finite():
+    X = _tokens(n=300, seed=5)
+    proj = PCAProjection(2).fit(X)
+    batch = X[:2 * 3 * 3].copy()
+    batch[:, 0] = 1.0  # constant channel inside the batch
+    feats = _as_feats(batch, 2, 3, 3)
+    assert not torch.isfinite(proj.transform(feats)).all()  # no epsilon, as the original
+    proj.set_params(standardize="train")
+    assert torch.isfinite(proj.transform(feats)).all()
+
+
+def test_transform_accepts_ndarray_and_tokens_and_keeps_layout():
+    X = _tokens(n=2 * 3 * 4, seed=6)
+    proj = PCAProjection(3).fit(X)
+    feats = _as_feats(X, 2, 3, 4)
+    out_np = proj.transform(feats.numpy())
+    assert isinstance(out_np, np.ndarray) and out_np.dtype == np.float32 and out_np.shape == (2, 3, 3, 4)
+    tok = proj.transform_tokens(X)
+    assert tok.shape == (24, 3) and tok.dtype == np.float32
+    np.testing.assert_allclose(_code_tokens(torch.from_numpy(out_np)), tok, atol=1e-5)
+
+
+def test_pca_with_components_and_pickle_roundtrip():
+    X = _tokens(seed=7)
+    proj = PCAProjection(6).fit(X)
+    small = proj.with_components(2)
+    np.testing.assert_array_equal(small.components_, proj.components_[:2])
+    assert proj.components_.shape == (6, 12)  # the original is untouched
+    again = pickle.loads(pickle.dumps(proj))
+    feats = _as_feats(X[:50], 2, 5, 5)
+    torch.testing.assert_close(again.transform(feats), proj.transform(feats))
+
+
+def test_bad_input_raises_stego_errors():
+    X = _tokens(n=50, c=6)
+    with pytest.raises(StegoError, match="n_components"):
+        PCAProjection(7).fit(X)
+    with pytest.raises(StegoError, match="standardize"):
+        PCAProjection(2, standardize="whatever").fit(X)
+    with pytest.raises(StegoError, match="not fitted"):
+        PCAProjection(2).transform(torch.zeros(1, 6, 2, 2))
+    proj = PCAProjection(2).fit(X)
+    with pytest.raises(StegoError, match="channels"):
+        proj.transform(torch.zeros(1, 5, 2, 2))
+    with pytest.raises(StegoError, match="feats"):
+        proj.transform(torch.zeros(6, 2, 2))
+    with pytest.raises(StegoError, match="X"):
+        PCAProjection(2).fit(np.zeros((4, 3, 2)))
+    with pytest.raises(StegoError, match="method"):
+        make_projection("umap", 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# random projection
+
+
+def test_random_projection_is_gaussian_with_variance_one_over_k():
+    k, c = 200, 500
+    X = np.random.default_rng(0).standard_normal((20, c))
+    rp = RandomProjection(k, random_state=3).fit(X)
+    R = rp.components_
+    assert R.shape == (k, c) and R.dtype == np.float32
+    assert abs(R.mean()) < 0.01 / np.sqrt(k) * 10
+    assert R.var() == pytest.approx(1.0 / k, rel=0.03)
+    # it is scikit-learn's matrix
+    ref = GaussianRandomProjection(k, random_state=3).fit(StandardScaler().fit_transform(X))
+    np.testing.assert_allclose(R, ref.components_, rtol=1e-6)
+
+
+def test_random_projection_seeds_and_transform():
+    X = _tokens(n=120, c=10, seed=8)
+    a = RandomProjection(4, random_state=0).fit(X)
+    b = RandomProjection(4, random_state=0).fit(X)
+    c = RandomProjection(4, random_state=1).fit(X)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    assert np.abs(a.components_ - c.components_).max() > 0.1
+    feats = _as_feats(X, 2, 6, 10)
+    code = a.transform(feats)
+    assert code.shape == (2, 4, 6, 10) and code.dtype == torch.float32
+    own = (X - X.mean(0)) / X.std(0)
+    np.testing.assert_allclose(_code_tokens(code), own @ a.components_.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_random_projection_allows_more_components_than_channels():
+    X = _tokens(n=40, c=5, seed=9)
+    code = RandomProjection(8).fit(X).transform(_as_feats(X, 1, 5, 8))
+    assert code.shape == (1, 8, 5, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# h-NNE and identity
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_hnne_fit_transform_shapes_and_dtype(k):
+    rng = np.random.default_rng(10)
+    centres = rng.normal(0, 4, (6, 16))
+    X = (centres[rng.integers(0, 6, 300)] + rng.standard_normal((300, 16))).astype(np.float32)
+    proj = HNNEProjection(k).fit(X)
+    assert proj.hnne_.hnne_version == "v1"  # the study's algorithm by default
+    feats = _as_feats(X[:2 * 6 * 5].astype(np.float64), 2, 6, 5)
+    code = proj.transform(feats)
+    assert code.shape == (2, k, 6, 5) and code.dtype == torch.float32
+    assert torch.isfinite(code).all()
+    assert proj.get_params()["metric"] == "cosine"
+
+
+def test_identity_is_the_raw_features():
+    X = _tokens(n=30, c=7, seed=11)
+    feats = _as_feats(X, 1, 5, 6).float()
+    proj = make_projection("identity", None).fit(X)
+    assert isinstance(proj, IdentityProjection) and proj.n_components_out == 7
+    torch.testing.assert_close(proj.transform(feats), feats)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# feature-store helpers
+
+
+class FakeStore:
+    """The reading side of the FeatureStore contract (stego_core.cache) over an in-memory tensor."""
+
+    def __init__(self, feats, path="fake-store"):
+        self.feats = feats  # [N, C, h, w]
+        self.path = path
+        n, c, h, w = feats.shape
+        self.meta = {"dataset": "toy", "split": "train", "backbone": "none", "dim": c, "grid": [h, w],
+                     "n_items": n, "n_classes": 3}
+        self.reads = 0
+        self.fail_after = None
+
+    def __len__(self):
+        return self.feats.shape[0]
+
+    @property
+    def n_classes(self):
+        return 3
+
+    def read(self, indices):
+        if self.fail_after is not None and self.reads >= self.fail_after:
+            raise RuntimeError("simulated interruption")
+        self.reads += 1
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return {"feats": self.feats[idx].clone(), "label": torch.zeros(len(idx), 4, 4, dtype=torch.long),
+                "image": np.zeros((len(idx), 4, 4, 3), np.uint8), "index": idx}
+
+
+def _store(n=12, c=8, h=3, w=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return FakeStore(torch.randn(n, c, h, w, generator=g) * torch.linspace(0.5, 3, c).view(1, c, 1, 1) + 1.0)
+
+
+def test_fit_projection_uses_first_n_images_and_token_sample(tmp_path):
+    store = _store()
+    proj = fit_projection("pca", 3, store, n_images=5)
+    X = store.feats[:5].permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    ref = PCAProjection(3).fit(X)
+    np.testing.assert_allclose(proj.components_, ref.components_, rtol=1e-5, atol=1e-6)
+    assert proj.pca_.n_samples_ == 5 * 12
+
+    sampled = fit_projection("rp", 3, store, n_images=10, n_tokens=50, random_state=4)
+    assert sampled.n_features_in_ == 8
+    all_tokens = store.feats[:10].permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    chosen = np.sort(torch.randperm(120, generator=torch.Generator().manual_seed(4))[:50].numpy())
+    np.testing.assert_allclose(sampled.mean_, all_tokens[chosen].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_projection_caches_pca_once_for_every_k(tmp_path):
+    store = _store()
+    p4 = fit_projection("pca", 4, store, n_images=8, root=tmp_path)
+    store.fail_after = 0  # any further read would fail: the cache must be used
+    p2 = fit_projection("pca", 2, store, n_images=8, root=tmp_path, standardize="train")
+    np.testing.assert_array_equal(p2.components_, p4.components_[:2])
+    assert p2.standardize == "train" and p2.n_components == 2
+    assert len(list(tmp_path.glob("projections/pca-*/projection.pkl"))) == 1
+
+
+def test_project_store_matches_batched_transform_and_resumes(tmp_path):
+    store = _store(n=10)
+    proj = fit_projection("pca", 3, store, n_images=10)
+    store.fail_after = store.reads + 2  # two batches, then an "interruption"
+    with pytest.raises(RuntimeError, match="interruption"):
+        project_store(proj, store, tmp_path, batch_size=3, progress=False)
+    folder = next(tmp_path.glob("projected/*"))
+    assert json.loads((folder / "progress.json").read_text())["items_done"] == 6
+    assert not (folder / "DONE").exists()
+    store.fail_after = None
+    reads_before = store.reads
+    out = project_store(proj, store, tmp_path, batch_size=3, progress=False)
+    assert store.reads - reads_before == 2  # only items 6..9 (batches [6,9) and [9,10)) were projected again
+    assert len(out) == 10 and out.dim == 3 and out.meta["projection"]["method"] == "pca"
+    expected = torch.cat([proj.transform(store.feats[s:s + 3]) for s in range(0, 10, 3)])
+    torch.testing.assert_close(out.read(list(range(10)))["feats"], expected)
+    batch = out.read([4, 1])
+    assert batch["feats"].shape == (2, 3, 3, 4) and batch["label"].shape == (2, 4, 4)
+    assert sum(len(b["feats"]) for b in out.iter_batches(4, shuffle=True)) == 10
+    # a finished store is reopened without work
+    store.fail_after = store.reads
+    again = open_projected_store(out.path, store)
+    assert len(again) == 10
+    assert project_store(proj, store, tmp_path, batch_size=3, progress=False).path == out.path
+
+
+def test_fit_projection_identity_records_channels():
+    store = _store(c=5)
+    proj = fit_projection("identity", None, store, n_images=3)
+    assert proj.n_components_out == 5
+    torch.testing.assert_close(proj.transform(store.feats[:2]), store.feats[:2])

@@ -1,0 +1,143 @@
+"""The sweep runner: expansion, keyed run folders, skipping finished runs, resuming after an interruption."""
+from pathlib import Path
+
+import pytest
+
+from stego_core.config import StegoError
+from stego_core.results import write_rows
+from stego_core.sweep import STUDY_DIMS, RunSpec, SweepGrid, is_done, run_sweep, study_grid, train_run
+
+
+class FakeRun:
+    """A run_fn that writes one validation history per run and can fail on its n-th call."""
+
+    def __init__(self, fail_on_call=None):
+        self.calls: list[str] = []
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, spec: RunSpec, *, run_dir: Path, root, progress):
+        self.calls.append(spec.name)
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise RuntimeError(f"interrupted during {spec.name}")
+        dim = 112 if spec.code_dim is None else spec.code_dim
+        rows = []
+        for step in (100, 200):
+            for probe in ("cluster", "linear"):
+                for metric in ("mIoU", "Accuracy"):
+                    rows.append(dict(run_id=spec.name, dataset=spec.config["dataset"],
+                                     backbone=spec.config["backbone"], method=spec.method, code_dim=dim,
+                                     seed=spec.seed, protocol=spec.config["protocol"], crf=False, probe=probe,
+                                     metric=metric, step=step, value=float(dim + step / 100), split="val",
+                                     stage="train"))
+        write_rows(run_dir, rows)
+
+
+def _grid(**kw):
+    return SweepGrid(presets=["demo"], methods=["dino", "pca", "rp"], dims=[3, 6], seeds=[0],
+                     overrides={"steps": 5}, **kw)
+
+
+def test_grid_expands_and_keys_runs(tmp_path):
+    specs = _grid().runs()
+    assert [s.name for s in specs] == ["mosaic-dino-dC-s0", "mosaic-pca-d3-s0", "mosaic-pca-d6-s0",
+                                       "mosaic-rp-d3-s0", "mosaic-rp-d6-s0"]
+    assert all(s.config["steps"] == 5 and s.config["dataset"] == "mosaic" for s in specs)
+    assert len({s.config_hash for s in specs}) == 5
+    other = SweepGrid(presets=["demo"], methods=["pca"], dims=[3], seeds=[0], overrides={"steps": 6}).runs()[0]
+    assert other.name == specs[1].name and other.run_dir(tmp_path) != specs[1].run_dir(tmp_path)
+    assert specs[1].run_dir(tmp_path).parent == tmp_path / "sweeps"
+    grid = study_grid("cityscapes", seeds=[0, 1])
+    runs = grid.runs()
+    assert sum(r.method == "hnne" for r in runs) == 2 * len(STUDY_DIMS["cityscapes"])
+    assert sum(r.method == "dino" for r in runs) == 2
+
+
+def test_grid_validation():
+    with pytest.raises(StegoError, match="methods"):
+        SweepGrid(methods=["umap"]).runs()
+    with pytest.raises(StegoError, match="presets"):
+        SweepGrid(presets=["imagenet"]).runs()
+    with pytest.raises(StegoError, match="unknown TrainConfig"):
+        SweepGrid(overrides={"stepz": 3}).runs()
+    with pytest.raises(StegoError, match="dims"):
+        SweepGrid(dims={"cityscapes": [3]}).runs()
+    with pytest.raises(StegoError, match="overrides"):
+        SweepGrid(overrides={"seed": 3}).runs()
+
+
+def test_sweep_skips_finished_runs_and_resumes_after_interruption(tmp_path):
+    failing = FakeRun(fail_on_call=3)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_sweep(_grid(), root=tmp_path, run_fn=failing, progress=False)
+    specs = _grid().runs()
+    assert [is_done(s, tmp_path) for s in specs] == [True, True, False, False, False]
+    assert (specs[2].run_dir(tmp_path) / "spec.json").exists()  # started, not finished
+
+    rerun = FakeRun()
+    result = run_sweep(_grid(), root=tmp_path, run_fn=rerun, progress=False)
+    assert rerun.calls == [s.name for s in specs[2:]]  # the interrupted run is re-invoked, finished ones skipped
+    assert result.skipped == [s.name for s in specs[:2]] and result.ran == rerun.calls
+    assert all(is_done(s, tmp_path) for s in specs)
+    assert sorted(result.results["run_id"].unique()) == sorted(s.name for s in specs)
+
+    idle = FakeRun()
+    again = run_sweep(_grid(), root=tmp_path, run_fn=idle, progress=False)
+    assert idle.calls == [] and again.ran == [] and len(again.skipped) == 5
+    summary = again.summary
+    pca3 = summary[(summary.method == "pca") & (summary.code_dim == 3) & (summary.probe == "cluster")
+                   & (summary.metric == "mIoU")]
+    assert pca3["mean"].tolist() == [5.0] and pca3["n_seeds"].tolist() == [1]
+
+
+def test_results_are_restricted_to_the_sweep_runs(tmp_path):
+    run_sweep(_grid(), root=tmp_path, run_fn=FakeRun(), progress=False)
+    small = SweepGrid(presets=["demo"], methods=["pca"], dims=[6], seeds=[0], overrides={"steps": 5})
+    result = run_sweep(small, root=tmp_path, run_fn=FakeRun(), progress=False)
+    assert result.ran == [] and set(result.results["run_id"]) == {"mosaic-pca-d6-s0"}
+
+
+def test_on_error_continue_and_custom_executor(tmp_path):
+    seen = []
+
+    def reversed_executor(fn, specs):
+        seen.extend(s.name for s in specs)
+        for spec in reversed(list(specs)):
+            yield fn(spec)
+
+    fake = FakeRun(fail_on_call=1)
+    result = run_sweep(_grid(), root=tmp_path, run_fn=fake, executor=reversed_executor, progress=False,
+                       on_error="continue")
+    assert fake.calls[0] == "mosaic-rp-d6-s0" and list(result.failed) == ["mosaic-rp-d6-s0"]
+    assert len(result.ran) == 4 and len(seen) == 5
+    assert not is_done(_grid().runs()[-1], tmp_path)
+    with pytest.raises(StegoError, match="on_error"):
+        run_sweep(_grid(), root=tmp_path, run_fn=fake, on_error="ignore")
+
+
+def test_default_run_fn_wires_cache_and_training(tmp_path, monkeypatch):
+    import stego_core.cache as cache
+    import stego_core.training as training
+
+    opened, trained = [], []
+
+    def fake_cache(dataset, split, backbone, **kw):
+        opened.append((dataset, split, backbone, kw.get("res")))
+        return f"store-{split}"
+
+    class Result:
+        run_dir = tmp_path / "runs" / "x"
+        best = {"step": 5, "cluster/mIoU": 1.0}
+
+    def fake_train(cfg, *, train_store, val_store, root, progress):
+        trained.append((cfg.method, cfg.code_dim, cfg.steps, train_store, val_store))
+        return Result()
+
+    monkeypatch.setattr(cache, "cache_features", fake_cache)
+    monkeypatch.setattr(training, "train", fake_train)
+    grid = SweepGrid(presets=["demo"], methods=["pca"], dims=[3], seeds=[0], overrides={"steps": 5},
+                     val_cache={"res": 224})
+    result = run_sweep(grid, root=tmp_path, run_fn=train_run, progress=False)
+    assert opened == [("mosaic", "train", "efficientnet_lite0", None), ("mosaic", "val", "efficientnet_lite0", 224)]
+    assert trained == [("pca", 3, 5, "store-train", "store-val")]
+    assert result.ran == ["mosaic-pca-d3-s0"]
+    assert (grid.runs()[0].run_dir(tmp_path) / "run.json").exists()
