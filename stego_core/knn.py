@@ -1,0 +1,141 @@
+"""Nearest-neighbour table: for every image, the images whose pooled backbone features are most alike.
+
+STEGO draws the positive partner of image ``i`` from ``nns[i, 1..7]`` (spec §4). The descriptor of an image is the
+spatial mean of its token map, L2-normalised; neighbours are ranked by cosine similarity (descending, so column 0 is
+normally the image itself), computed a block of rows at a time so memory stays O(chunk_size · N).
+
+Protocols (spec §4 and §10 quirk 1):
+- ``"original"``: the reference computed the descriptors with the featurizer left in training mode, so its channel
+  dropout (Dropout2d, p = 0.1: whole channels of each image zeroed, survivors scaled by 1/0.9) was active. We
+  reproduce that on the cached eval-mode features with a seeded mask per image. The mask is constant over space, so
+  dropping channels of the map and then pooling equals pooling and then dropping the same channels; we do the latter.
+  The masks come from ``numpy.random.default_rng(seed)`` drawn in store order, so they do not depend on batch size.
+- ``"corrected"``: no dropout.
+
+The table lives beside the features as ``<store.path>/knn-<protocol>.npy`` (int64 [N, k]) with
+``knn-<protocol>.json`` (protocol, k, requested k, seed, n_items) written after it; k is capped at N.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import PROTOCOLS, StegoError, check_choice, check_int
+
+DROPOUT_P = 0.1  # the reference featurizer's Dropout2d probability
+
+
+def _knn_files(protocol: str) -> tuple[str, str]:
+    return f"knn-{protocol}.npy", f"knn-{protocol}.json"
+
+
+def nearest_neighbors(feats: torch.Tensor | np.ndarray, k: int = 30, *, chunk_size: int = 1024,
+                      progress: bool = False) -> torch.Tensor:
+    """Indices of the ``k`` most similar items per item: LongTensor [N, k], most similar first.
+
+    feats: [N, C, h, w] token maps (spatially averaged here) or already pooled descriptors [N, C].
+    Similarity is the cosine of the pooled descriptors; rows are processed ``chunk_size`` at a time.
+    ``k`` larger than N is capped at N (with a warning).
+    """
+    x = torch.as_tensor(feats)
+    if x.ndim == 4:
+        pooled = x.float().mean(dim=(2, 3))  # [N,C,h,w] -> [N,C]
+    elif x.ndim == 2:
+        pooled = x.float()
+    else:
+        raise StegoError(f"feats: expected a tensor [N,C,h,w] (or pooled [N,C]), got shape {tuple(x.shape)}")
+    check_int("k", k, minimum=1)
+    check_int("chunk_size", chunk_size, minimum=1)
+    n = pooled.shape[0]
+    if n < 1:
+        raise StegoError("feats: expected at least one item, got N = 0")
+    if k > n:
+        warnings.warn(f"k: {k} neighbours asked for but there are only {n} items; using k = {n}", stacklevel=2)
+        k = n
+    desc = F.normalize(pooled, dim=1)  # [N,C], unit rows
+    out = torch.empty((n, k), dtype=torch.long)
+    for start in tqdm(range(0, n, chunk_size), desc="kNN", unit="block", disable=not progress):
+        sims = desc[start:start + chunk_size] @ desc.T  # [n_rows, C] x [C, N] -> [n_rows, N]
+        out[start:start + sims.shape[0]] = sims.topk(k, dim=1).indices
+    return out
+
+
+def pooled_descriptors(store: Any, *, protocol: str = "original", seed: int = 0, batch_size: int = 64,
+                       progress: bool = True) -> torch.Tensor:
+    """Per-image descriptors [N, C] (spatial means, not yet normalised) from a FeatureStore or a tensor [N,C,h,w].
+
+    protocol "original" applies the reference's channel dropout (see the module docstring), "corrected" does not.
+    """
+    check_choice("protocol", protocol, PROTOCOLS)
+    check_int("seed", seed, minimum=0)
+    check_int("batch_size", batch_size, minimum=1)
+    if isinstance(store, (torch.Tensor, np.ndarray)):
+        all_feats = torch.as_tensor(store)
+        if all_feats.ndim != 4:
+            raise StegoError(f"store: expected a FeatureStore or features [N,C,h,w], got shape "
+                             f"{tuple(all_feats.shape)}")
+        batches = (all_feats[i:i + batch_size].float() for i in range(0, all_feats.shape[0], batch_size))
+        total = -(-all_feats.shape[0] // batch_size)
+    elif hasattr(store, "iter_batches"):
+        batches = (b["feats"] for b in store.iter_batches(batch_size))
+        total = -(-len(store) // batch_size)
+    else:
+        raise StegoError(f"store: expected a FeatureStore or features [N,C,h,w], got {type(store).__name__}")
+    rng = np.random.default_rng(seed)
+    parts = []
+    for feats in tqdm(batches, total=total, desc=f"kNN descriptors ({protocol})", unit="batch",
+                      disable=not progress):
+        pooled = feats.mean(dim=(2, 3))  # [b,C,h,w] -> [b,C]
+        if protocol == "original":
+            keep = rng.random(tuple(pooled.shape)) >= DROPOUT_P  # [b,C]: channel kept with probability 0.9
+            pooled = pooled * torch.from_numpy(keep).to(pooled.dtype) / (1.0 - DROPOUT_P)
+        parts.append(pooled)
+    return torch.cat(parts)
+
+
+def build_knn(store: Any, k: int = 30, *, protocol: str = "original", seed: int = 0, batch_size: int = 64,
+              chunk_size: int = 1024, progress: bool = True) -> torch.Tensor:
+    """Compute the kNN table of a FeatureStore and save it beside it; an existing table with the same settings
+    (protocol, k, seed, length) is loaded instead. Returns LongTensor [N, min(k, N)]."""
+    check_choice("protocol", protocol, PROTOCOLS)
+    check_int("k", k, minimum=1)
+    n = len(store)
+    k_eff = min(k, n)
+    npy, info_name = _knn_files(protocol)
+    info = {"protocol": protocol, "k": k_eff, "k_requested": k, "seed": seed, "n_items": n,
+            "dropout_p": DROPOUT_P if protocol == "original" else 0.0}
+    if store.has_file(npy) and store.has_file(info_name):
+        if store.read_json(info_name) == info:
+            return load_knn(store, protocol)
+    if k > n:
+        warnings.warn(f"k: {k} neighbours asked for but the store has only {n} items; using k = {n}", stacklevel=2)
+    store.remove_file(info_name)  # the info file is written last: it vouches for the table beside it
+    desc = pooled_descriptors(store, protocol=protocol, seed=seed, batch_size=batch_size, progress=progress)
+    nns = nearest_neighbors(desc, k_eff, chunk_size=chunk_size, progress=progress)
+    store.save_array(npy, nns.numpy().astype(np.int64))
+    store.write_json(info_name, info)
+    return nns
+
+
+def load_knn(store: Any, protocol: str = "original") -> torch.Tensor:
+    """The saved kNN table of a FeatureStore as LongTensor [N, k]; StegoError if missing or of the wrong length."""
+    check_choice("protocol", protocol, PROTOCOLS)
+    npy, _ = _knn_files(protocol)
+    where = f"{str(store.path).rstrip('/')}/{npy}"
+    if not store.has_file(npy):
+        raise StegoError(f"store: no kNN table at {where}; build it with "
+                         f"stego_core.knn.build_knn(store, protocol={protocol!r})")
+    nns = store.load_array(npy)
+    if nns.ndim != 2 or nns.shape[0] != len(store):
+        raise StegoError(f"store: kNN table of the wrong length: {where} has {nns.shape[0] if nns.ndim else 0} rows "
+                         f"but the store holds {len(store)} items; rebuild it with build_knn(store, "
+                         f"protocol={protocol!r})")
+    if nns.size and (nns.min() < 0 or nns.max() >= len(store)):
+        raise StegoError(f"store: the kNN table at {where} points outside the store's {len(store)} items; "
+                         f"rebuild it with build_knn")
+    return torch.from_numpy(nns.astype(np.int64))
