@@ -1,0 +1,158 @@
+"""The final evaluation protocol on a tiny synthetic setup: flip averaging, probes, CRF on/off, pooled metrics."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stego_core.config import StegoError
+from stego_core.evaluation import PAPER_TABLE2, evaluate, evaluate_codes, flip_code
+from stego_core.heads import STEGOHead
+from stego_core.metrics import UnsupervisedMetrics
+from stego_core.probes import ClusterProbe, LinearProbe
+
+C, D, K, RES = 12, 6, 3, 32
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+
+
+class FakeBackbone(nn.Module):
+    """Stride-4 conv features; not flip-equivariant, so flip averaging changes the code."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, C, 4, stride=4)
+        self.dim, self.stride = C, 4
+
+    def forward(self, img):
+        return self.conv(img)
+
+
+class TinySet(torch.utils.data.Dataset):
+    """Images of three coloured vertical bands (random widths and colours); the label is the band."""
+
+    n_classes = K
+    class_names = ["a", "b", "c"]
+
+    def __init__(self, n=4, seed=0):
+        rng = np.random.default_rng(seed)
+        self.items = []
+        for i in range(n):
+            cuts = np.sort(rng.choice(np.arange(4, RES - 4), size=2, replace=False))
+            label = np.zeros((RES, RES), dtype=np.int64)
+            label[:, cuts[0]:] = 1
+            label[:, cuts[1]:] = 2
+            label[:2] = -1  # some ignored pixels
+            colours = rng.integers(0, 256, size=(K, 3))
+            u8 = colours[label.clip(0)].astype(np.uint8)  # [H,W,3]
+            img = (torch.from_numpy(u8).permute(2, 0, 1).float() / 255 - MEAN) / STD
+            self.items.append({"img": img, "label": torch.from_numpy(label), "index": i, "u8": u8})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        return {"img": item["img"], "label": item["label"], "index": item["index"]}
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(1)
+    return FakeBackbone(), STEGOHead(C, D), ClusterProbe(D, K), LinearProbe(D, K), TinySet()
+
+
+def test_flip_code_averages_the_head_output(setup):
+    backbone, head, *_ = setup
+    img = torch.stack([TinySet()[i]["img"] for i in range(2)])
+    head.train()  # flip_code must evaluate without dropout and restore the mode
+    code = flip_code(backbone, head, img, flip=True)
+    assert head.training
+    head.eval()
+    with torch.no_grad():
+        plain = head(backbone(img))
+        manual = (plain + torch.flip(head(backbone(torch.flip(img, dims=[3]))), dims=[3])) / 2
+    torch.testing.assert_close(code, manual)
+    assert not torch.allclose(code, plain, atol=1e-4)  # the flip does something here
+    torch.testing.assert_close(flip_code(backbone, head, img, flip=False), plain)
+    # DINO baseline: the raw features are the code
+    with torch.no_grad():
+        feats = backbone(img)
+    torch.testing.assert_close(flip_code(backbone, None, img, flip=True),
+                               (feats + torch.flip(backbone(torch.flip(img, dims=[3])), dims=[3])) / 2)
+
+
+def test_evaluate_matches_a_manual_computation(setup):
+    backbone, head, cluster_probe, linear_probe, ds = setup
+    res = evaluate(backbone, head, cluster_probe, linear_probe, ds, flip=True, crf=False, batch_size=3,
+                   progress=False, keep_predictions=2)
+    cm, lm = UnsupervisedMetrics(K), UnsupervisedMetrics(K, hungarian=False)
+    for i in range(len(ds)):
+        item = ds[i]
+        code = flip_code(backbone, head, item["img"][None], flip=True)
+        code = F.interpolate(code, size=(RES, RES), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            lm.update(linear_probe(code).argmax(1), item["label"][None])
+            cos = torch.einsum("bdhw,kd->bkhw", F.normalize(code, dim=1), F.normalize(cluster_probe.centres, dim=1))
+            cm.update(cos.argmax(1), item["label"][None])
+    assert res["cluster/mIoU"] == pytest.approx(cm.compute()["mIoU"])
+    assert res["cluster/Accuracy"] == pytest.approx(cm.compute()["Accuracy"])
+    assert res["linear/mIoU"] == pytest.approx(lm.compute()["mIoU"])
+    np.testing.assert_array_equal(res["linear"]["confusion"], lm.confusion)
+    assert res["n_images"] == 4 and res["crf"] is False
+    pred = res["predictions"]
+    assert pred["index"] == [0, 1] and pred["linear"].shape == (2, RES, RES) and pred["label"].shape == (2, RES, RES)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_evaluate_with_and_without_crf(setup, workers):
+    backbone, head, cluster_probe, linear_probe, ds = setup
+    plain = evaluate(backbone, head, cluster_probe, linear_probe, ds, crf=False, progress=False)
+    refined = evaluate(backbone, head, cluster_probe, linear_probe, ds, crf=True, workers=workers, progress=False)
+    for res in (plain, refined):
+        for key in ("cluster/mIoU", "cluster/Accuracy", "linear/mIoU", "linear/Accuracy"):
+            assert 0.0 <= res[key] <= 100.0
+    assert refined["crf"] is True
+    # the CRF changes predictions on these sharp-edged images
+    assert not (np.array_equal(plain["linear"]["confusion"], refined["linear"]["confusion"])
+                and np.array_equal(plain["cluster"]["confusion"], refined["cluster"]["confusion"]))
+
+
+def test_evaluate_codes_from_cached_features_matches_live(setup):
+    backbone, head, cluster_probe, linear_probe, ds = setup
+    live = evaluate(backbone, head, cluster_probe, linear_probe, ds, flip=False, crf=True, workers=1,
+                    progress=False)
+    with torch.no_grad():
+        feats = backbone(torch.stack([it["img"] for it in ds.items]))
+    batches = [{"feats": feats[i:i + 2], "label": torch.stack([it["label"] for it in ds.items[i:i + 2]]),
+                "image": np.stack([it["u8"] for it in ds.items[i:i + 2]])} for i in (0, 2)]
+    cached = evaluate_codes(batches, cluster_probe, linear_probe, head=head, crf=True, workers=1, progress=False)
+    for key in ("cluster/mIoU", "linear/mIoU", "cluster/Accuracy", "linear/Accuracy"):
+        assert cached[key] == pytest.approx(live[key])
+
+
+def test_dino_baseline_and_errors(setup):
+    backbone, _, _, _, ds = setup
+    res = evaluate(backbone, None, ClusterProbe(C, K + 1), LinearProbe(C, K), ds, progress=False)
+    assert 0 <= res["cluster/mIoU"] <= 100 and res["cluster"]["histogram"].shape == (K + 1, K + 1)
+    with pytest.raises(StegoError, match="code"):
+        evaluate_codes([{"label": torch.zeros(1, 4, 4, dtype=torch.long)}], ClusterProbe(D, K), LinearProbe(D, K),
+                       progress=False)
+    with pytest.raises(StegoError, match="images"):
+        evaluate_codes([{"code": torch.zeros(1, D, 2, 2), "label": torch.zeros(1, 4, 4, dtype=torch.long)}],
+                       ClusterProbe(D, K), LinearProbe(D, K), crf=True, workers=1, progress=False)
+    with pytest.raises(StegoError, match="nothing"):
+        evaluate_codes([], ClusterProbe(D, K), LinearProbe(D, K), progress=False)
+
+
+def test_paper_table_has_sources_and_no_invented_numbers():
+    for dataset in ("cocostuff27", "cityscapes", "potsdam"):
+        entry = PAPER_TABLE2[dataset]
+        for method, row in entry.items():
+            if not isinstance(row, dict):
+                continue
+            assert row["source"]
+            for probe in ("cluster", "linear"):
+                for value in row[probe].values():
+                    assert value is None or 0 < value <= 100
