@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 def _torch_threads():
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
 
 
