@@ -1,0 +1,95 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+datasets = ["cocostuff27", "cityscapes", "potsdam"]  # which of the paper's datasets the tables cover
+precision = "bf16"  # backbone precision of the estimate: "bf16" (fused attention, this project on a GPU) or "fp32" (the original code's style)
+source = "cache"  # where training reads features: "cache" (the feature store, this project's way) or "live" (backbone every step, as the original)
+seeds = 1  # seeds per configuration in the sweep estimate; the study used one
+
+# %% [markdown]
+# # What the paper-scale runs cost
+#
+# Before downloading a dataset it helps to know how much disk and GPU time each stage needs. The numbers below are
+# not measured on your machine: they come from a small cost model (`stego_core.costs`) whose assumptions are
+# spelled out in its module documentation and summarised here:
+#
+# - images per split as the reference lists them (COCO-Stuff-27 and Cityscapes train on five crops per image,
+#   Potsdam uncropped);
+# - a feature store item holds the backbone's patch tokens in float16 (28 × 28 tokens at 224 px with patch 8,
+#   40 × 40 at the 320 px evaluation size) plus the image and its label at the same size;
+# - GPU times are scaled from one set of measurements on an NVIDIA H200 (ViT-B/8 at 224 px: 255 images/s in
+#   the original's fp32 style, 2,112 images/s in bf16 with fused attention; a training step with batch 32 takes
+#   270 ms with live fp32 features, 48 ms live in bf16 and 14 ms on cached features), by the ratio of the
+#   transformer's FLOPs for other backbones and image sizes and linearly in the batch size.
+
+# %%
+import pandas as pd
+from myst_nb import glue
+
+from stego_core import costs, viz
+
+table = costs.cost_table(datasets, precision=precision, source=source)
+glue("precision", precision, display=False)
+glue("source", source, display=False)
+glue("biggest_store_gb", float(table["feature store GB"].max()), display=False)
+glue("biggest_store_dataset", str(table.loc[table["feature store GB"].idxmax(), "dataset"]), display=False)
+glue("max_gpu_min", float(table["GPU total min"].max()), display=False)
+table.round(2)
+
+# %% [markdown]
+# With {glue:text}`precision` backbone passes and training on features from the {glue:text}`source`, one
+# paper run of any dataset needs at most {glue:text}`max_gpu_min:.0f` GPU minutes; the disk is the real cost: the
+# feature store of {glue:text}`biggest_store_dataset` alone takes {glue:text}`biggest_store_gb:.0f` GB. (At
+# thousands of images per second the GPU outruns image decoding: expect the caching stage to be limited by CPU
+# cores reading JPEGs unless the loader has many workers.)
+
+# %%
+stages = table.melt(id_vars=["dataset"], value_vars=["caching GPU min", "training GPU min", "evaluation GPU min"],
+                    var_name="stage", value_name="GPU minutes")
+stages["stage"] = stages["stage"].str.replace(" GPU min", "")
+viz.bar_chart(stages.round(3), "dataset", "GPU minutes", "stage", title="GPU minutes per stage (click the legend)")
+
+# %% [markdown]
+# ## Precision and feature source
+#
+# The same estimate for the four ways of running: the original style (fp32, features computed live at every
+# step, no store) against bf16 and against a feature store. Live training needs no store (its disk is the
+# download and the five-crop tree) but pays two backbone passes per step and one pass to find the neighbours.
+
+# %%
+variants = []
+for p in costs.PRECISIONS:
+    for s in costs.FEATURE_SOURCES:
+        t = costs.cost_table(datasets, precision=p, source=s)
+        variants.append(t.assign(precision=p, source=s)[["dataset", "precision", "source", "disk total GB",
+                                                            "GPU total min"]])
+variants = pd.concat(variants, ignore_index=True)
+variants.round(2)
+
+# %% [markdown]
+# ## The whole dimension study
+#
+# The study trains every method (STEGO, the DINO baseline, PCA, random projections and, on Cityscapes, h-NNE) at
+# every code dimension of its grid (`stego_core.sweep.study_grid`). On cached features the store is built once and
+# each run then costs its steps; baseline runs are charged the STEGO step time, an upper bound.
+
+# %%
+sweep = pd.DataFrame([costs.study_hours(d, precision=precision, seeds=seeds) for d in datasets])
+glue("sweep_runs", int(sweep["runs"].sum()), display=False)
+glue("sweep_hours", float(sweep["total_h"].sum()), display=False)
+sweep.round(2)
+
+# %% [markdown]
+# All {glue:text}`sweep_runs` runs together take about {glue:text}`sweep_hours:.1f` GPU hours under these
+# assumptions (DenseCRF for the final evaluation runs on CPU cores and is not included).

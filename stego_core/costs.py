@@ -1,0 +1,229 @@
+"""The cost model of the paper-scale study: disk space and GPU time per dataset and stage, from stated assumptions.
+
+Nothing here is measured on the user's machine: every number is computed from the assumptions below, so the
+reproduction guide's table can be regenerated (and re-derived by hand) when an assumption changes.
+
+Assumptions (``DATASET_FACTS``, ``REFERENCE``, and the function arguments):
+
+- Images per split: COCO-Stuff-27 49,629 train / 2,175 val (the curated IIC/PiCIE lists, as PiCIE reports them);
+  Cityscapes 2,975 / 500 (the fine train / val splits); Potsdam-3 4,545 / 855 (IIC's preprocessing: 38 orthophotos
+  x 225 tiles of 200x200 px = 8,550 tiles; the 24 labelled photos give 5,400 tiles, 855 of them drawn for the test
+  list, 4,545 left for ``labelled_train``). COCO and Cityscapes train on the five-crop tree (5 crops per image, each
+  half the height and width), Potsdam uncropped (stego-spec §6.4, §9.1).
+- Download size per image (image + label file): COCO ~152 KB JPEG (train2017: ~18 GB / 118,287 images) + ~5 KB
+  PNG; Cityscapes ~2.2 MB PNG (leftImg8bit: ~11 GB / 5,000 images) + ~48 KB of gtFine files; Potsdam two
+  uncompressed .mat files of 200x200x4 uint8 and 200x200 int32 (160 KB each).
+- Five-crop tree: the crops hold 5/4 of the source pixels; JPEG quality 75 of a photo ~1.5 bits per pixel, a label
+  PNG ~0.15 bits per pixel.
+- Feature store (``stego_core.cache``): per image h*w tokens (h = w = res / patch: 28x28 = 784 at 224 px and patch
+  8, 40x40 = 1,600 at 320 px) of C channels in float16 (2 bytes; C = 768 for ViT-B, 384 for ViT-S), plus the
+  uint8 RGB image (3 bytes per pixel) and the int16 label (2 bytes per pixel) at res x res. Train at 224 px, val at
+  320 px (the evaluation size). kNN table: k = 30 int64 indices per training image.
+- GPU throughput (measured once on an H200, architecture notes): ViT-B/8 at 224 px extracts 255 images/s in the
+  original style (fp32, unfused attention) and 2,112 images/s in bf16 with fused attention. Other backbones and
+  sizes scale with the forward FLOPs of a 12-block ViT: per block 24*N*C^2 (qkv, projection, MLP) + 4*N^2*C
+  (attention) for N tokens (+1 CLS) of width C; the patch embedding (<1 %) is ignored. This assumes ViT-S runs as
+  efficiently as ViT-B, which flatters ViT-S on a large GPU.
+- One STEGO training step with batch 32 on ViT-B/8 features: 270 ms with two live fp32 backbone passes, 48 ms live
+  in bf16, 14 ms on cached features; other batch sizes scale linearly. For a live ViT-S the backbone share
+  (live - cached) scales with the FLOPs ratio. Baseline runs (DINO/PCA/RP/h-NNE probes) are charged the cached STEGO
+  step (an upper bound: they have no head). Fitting PCA/RP/h-NNE and the kNN search itself are not counted
+  (minutes); without a store (live training) the kNN descriptors still need one backbone pass over the training
+  split, which is charged to the caching stage.
+- Evaluation: the val split at 320 px, two backbone passes per image (flip). DenseCRF runs on CPU cores and is not
+  part of the GPU time (the reference ran it in 14 processes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .config import check_choice, check_int
+
+__all__ = ["DatasetFacts", "DATASET_FACTS", "REFERENCE", "PRECISIONS", "FEATURE_SOURCES", "BACKBONE_SHAPES",
+           "vit_flops", "throughput", "feature_bytes_per_image", "five_crop_bytes", "step_seconds",
+           "dataset_costs", "cost_table", "study_hours", "format_bytes"]
+
+PRECISIONS = ("fp32", "bf16")  # "fp32": the original's style (unfused attention); "bf16": fused attention
+FEATURE_SOURCES = ("cache", "live")
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What the cost model assumes about one dataset (see the module docstring for the sources)."""
+
+    name: str  # dataset name (stego_core.data)
+    train_images: int  # source images in the training split
+    val_images: int  # images in the validation split
+    five_crop: bool  # training reads the five-crop tree (5 crops per source image)
+    source_hw: tuple[int, int]  # typical source image size (H, W) in pixels
+    download_bytes_per_image: int  # image + label file as downloaded
+    backbone: str  # the paper's backbone for this dataset
+    steps: int  # training steps of the paper's run
+    batch_size: int  # images per step of the paper's run
+
+    @property
+    def train_items(self) -> int:
+        """Items of the training feature store: 5 per source image on the five-crop tree."""
+        return self.train_images * (5 if self.five_crop else 1)
+
+
+DATASET_FACTS: dict[str, DatasetFacts] = {
+    "cocostuff27": DatasetFacts("cocostuff27", 49_629, 2_175, True, (480, 640), 152_000 + 5_000, "dino_vitb8",
+                                7000, 32),
+    "cityscapes": DatasetFacts("cityscapes", 2_975, 500, True, (1024, 2048), 2_200_000 + 48_000, "dino_vitb8",
+                               7000, 32),
+    "potsdam": DatasetFacts("potsdam", 4_545, 855, False, (200, 200), 2 * 160_000, "dino_vits8", 5000, 16),
+}
+
+# (width C, patch size, blocks) of the DINO backbones
+BACKBONE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "dino_vits8": (384, 8, 12), "dino_vits16": (384, 16, 12),
+    "dino_vitb8": (768, 8, 12), "dino_vitb16": (768, 16, 12),
+}
+
+# The measurements every time estimate is scaled from (H200, ViT-B/8, 224 px; architecture notes "Scale").
+REFERENCE: dict[str, Any] = {
+    "gpu": "NVIDIA H200",
+    "backbone": "dino_vitb8",
+    "res": 224,
+    "images_per_s": {"fp32": 255.0, "bf16": 2112.0},  # feature extraction
+    "step_batch": 32,
+    "step_ms": {("live", "fp32"): 270.0, ("live", "bf16"): 48.0, ("cache", "fp32"): 14.0, ("cache", "bf16"): 14.0},
+    "knn_k": 30,
+    "jpeg_bits_per_pixel": 1.5,  # five-crop JPEG (quality 75)
+    "label_png_bits_per_pixel": 0.15,  # five-crop label PNG
+}
+
+
+def _shape(backbone: str) -> tuple[int, int, int]:
+    check_choice("backbone", backbone, BACKBONE_SHAPES)
+    return BACKBONE_SHAPES[backbone]
+
+
+def _tokens(backbone: str, res: int) -> int:
+    _, patch, _ = _shape(backbone)
+    check_int("res", res, minimum=patch)
+    return (res // patch) ** 2
+
+
+def vit_flops(backbone: str, res: int) -> float:
+    """Forward multiply-adds (x2 = FLOPs) of the ViT's blocks for one res x res image: blocks * (24 N C^2 + 4 N^2 C)
+    with N = patch tokens + 1 (CLS). Only ratios of this number are used."""
+    width, _, blocks = _shape(backbone)
+    n = _tokens(backbone, res) + 1
+    return 2.0 * blocks * (24.0 * n * width ** 2 + 4.0 * n ** 2 * width)
+
+
+def throughput(backbone: str, res: int, precision: str = "bf16") -> float:
+    """Images per second of feature extraction, scaled from the reference measurement by the FLOPs ratio."""
+    check_choice("precision", precision, PRECISIONS)
+    ref = REFERENCE["images_per_s"][precision]
+    return ref * vit_flops(REFERENCE["backbone"], REFERENCE["res"]) / vit_flops(backbone, res)
+
+
+def feature_bytes_per_image(backbone: str, res: int) -> int:
+    """Bytes one item takes in the feature store: float16 tokens + uint8 RGB image + int16 label + int64 index."""
+    width, _, _ = _shape(backbone)
+    return _tokens(backbone, res) * width * 2 + res * res * 3 + res * res * 2 + 8
+
+
+def five_crop_bytes(facts: DatasetFacts) -> int:
+    """Bytes of the five-crop tree of the training split (0 when the dataset trains uncropped)."""
+    if not facts.five_crop:
+        return 0
+    height, width = facts.source_hw
+    crop_pixels = 5 * (height // 2) * (width // 2)  # five crops of half height and half width
+    bits = REFERENCE["jpeg_bits_per_pixel"] + REFERENCE["label_png_bits_per_pixel"]
+    return int(facts.train_images * crop_pixels * bits / 8)
+
+
+def step_seconds(backbone: str, batch_size: int, source: str = "cache", precision: str = "bf16") -> float:
+    """Seconds per training step: the reference step time scaled linearly in the batch size; for live features the
+    backbone share (live - cached) scales with the backbone's FLOPs relative to ViT-B/8 at 224 px."""
+    check_choice("source", source, FEATURE_SOURCES)
+    check_choice("precision", precision, PRECISIONS)
+    check_int("batch_size", batch_size, minimum=1)
+    cached = REFERENCE["step_ms"][("cache", precision)]
+    ms = cached
+    if source == "live":
+        ratio = vit_flops(backbone, 224) / vit_flops(REFERENCE["backbone"], REFERENCE["res"])
+        ms = cached + (REFERENCE["step_ms"][("live", precision)] - cached) * ratio
+    return ms / 1000.0 * batch_size / REFERENCE["step_batch"]
+
+
+def dataset_costs(dataset: str, *, precision: str = "bf16", source: str = "cache", train_res: int = 224,
+                  val_res: int = 320, k: int | None = None) -> dict[str, Any]:
+    """Disk bytes and GPU seconds of every stage of one dataset's paper run (one STEGO training run).
+
+    precision: of the backbone passes ("fp32" original style, "bf16" fused); source: where training reads
+    features ("cache" = the feature store, "live" = two backbone passes per step, no store needed).
+    """
+    check_choice("dataset", dataset, DATASET_FACTS)
+    facts = DATASET_FACTS[dataset]
+    k = REFERENCE["knn_k"] if k is None else check_int("k", k, minimum=1)
+    bb = facts.backbone
+    n_train, n_val = facts.train_items, facts.val_images
+    cache_train = n_train * feature_bytes_per_image(bb, train_res)
+    cache_val = n_val * feature_bytes_per_image(bb, val_res)
+    return {
+        "dataset": dataset,
+        "backbone": bb,
+        "train_items": n_train,
+        "val_images": n_val,
+        "download_bytes": (facts.train_images + facts.val_images) * facts.download_bytes_per_image,
+        "five_crop_bytes": five_crop_bytes(facts),
+        "feature_store_bytes": (cache_train + cache_val) if source == "cache" else 0,
+        "knn_bytes": n_train * k * 8,
+        "cache_gpu_s": (n_train / throughput(bb, train_res, precision) + n_val / throughput(bb, val_res, precision))
+        if source == "cache" else n_train / throughput(bb, train_res, precision),  # live: the kNN pass only
+        "train_gpu_s": facts.steps * step_seconds(bb, facts.batch_size, source, precision),
+        "eval_gpu_s": 2 * n_val / throughput(bb, val_res, precision),
+    }
+
+
+def study_hours(dataset: str, *, precision: str = "bf16", seeds: int = 1) -> dict[str, Any]:
+    """GPU hours of the paper's dimension sweep for one dataset (``stego_core.sweep.study_grid``) on cached
+    features: the cache is built once, then every run pays its steps at the cached step time."""
+    from .sweep import study_grid
+
+    check_int("seeds", seeds, minimum=1)
+    runs = study_grid(dataset, seeds=tuple(range(seeds))).runs()
+    bb = DATASET_FACTS[dataset].backbone
+    train_s = sum(int(r.config["steps"]) * step_seconds(bb, int(r.config["batch_size"]), "cache", precision)
+                  for r in runs)
+    once = dataset_costs(dataset, precision=precision, source="cache")
+    return {"dataset": dataset, "runs": len(runs), "cache_h": once["cache_gpu_s"] / 3600, "train_h": train_s / 3600,
+            "eval_h": len(runs) * once["eval_gpu_s"] / 3600,
+            "total_h": (once["cache_gpu_s"] + train_s + len(runs) * once["eval_gpu_s"]) / 3600}
+
+
+def format_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks are sold)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"  # pragma: no cover - loop always returns
+
+
+def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str = "bf16",
+               source: str = "cache") -> Any:
+    """A pandas DataFrame, one row per dataset: disk per stage (GB) and GPU minutes per stage, plus totals."""
+    import pandas as pd
+
+    rows = []
+    for name in datasets:
+        c = dataset_costs(name, precision=precision, source=source)
+        disk = c["download_bytes"] + c["five_crop_bytes"] + c["feature_store_bytes"] + c["knn_bytes"]
+        gpu = c["cache_gpu_s"] + c["train_gpu_s"] + c["eval_gpu_s"]
+        rows.append({
+            "dataset": name, "backbone": c["backbone"], "train items": c["train_items"],
+            "val images": c["val_images"],
+            "download GB": c["download_bytes"] / 1e9, "five-crop GB": c["five_crop_bytes"] / 1e9,
+            "feature store GB": c["feature_store_bytes"] / 1e9, "kNN MB": c["knn_bytes"] / 1e6,
+            "disk total GB": disk / 1e9,
+            "caching GPU min": c["cache_gpu_s"] / 60, "training GPU min": c["train_gpu_s"] / 60,
+            "evaluation GPU min": c["eval_gpu_s"] / 60, "GPU total min": gpu / 60,
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,422 @@
+"""Segmenting your own images: a trained run or a released STEGO checkpoint -> label maps and colour overlays.
+
+``segment_images(paths, run=RUN_DIR | checkpoint=CKPT, out_dir=OUT)`` writes, for every image ``NAME.ext``:
+
+- ``OUT/NAME_label.png``: uint8 class (or cluster) ids at the image's **original size** (after EXIF orientation);
+- ``OUT/NAME_overlay.png``: the ids' colours blended over the image;
+- once per call ``OUT/classes.json``: what each id means (name, colour), the probe, the model and the settings.
+
+How one image is segmented (the evaluation's recipe, stego-spec §7.2, applied to one image of any size):
+
+1. the image is read as RGB and resized so that its shorter side is ``res`` px (320, the evaluation size) and both
+   sides are multiples of the backbone stride (the aspect ratio is kept up to one stride; nothing is cropped), with
+   nearest-neighbour resampling under ``protocol="original"`` (quirk 10.3) and bilinear under ``"corrected"``;
+2. code = head(backbone(x)), averaged with the flipped image's flipped code when ``flip`` (test-time augmentation
+   on the head output); a run of a baseline method uses its projection (or the raw features) instead of a head;
+3. the code is upsampled bilinearly to the resized image, the probe gives log-probabilities (``"cluster"``: cosine
+   to the centres, alpha 2; ``"linear"``: log-softmax of the linear probe), optionally refined by DenseCRF;
+4. the scores are upsampled bilinearly to the original size (row band by row band, so a 24-megapixel photo needs
+   only a few hundred MB) and the argmax is the label map.
+
+Ids: ``probe="linear"`` predicts the classes of the dataset the model was trained on (it was fitted with labels);
+``probe="cluster"`` predicts cluster ids: STEGO's unsupervised output, whose numbering is arbitrary (the paper matches
+clusters to classes with the Hungarian algorithm on labelled data, which your images do not have).
+
+``main(argv)`` is the command line: ``python -m stego_core.segment --run DIR img1.jpg ... --out out/``
+(``--checkpoint FILE`` instead of ``--run``; ``--help`` lists the options). Folders given as paths are expanded to
+the images they hold.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .config import PROTOCOLS, StegoError, check_choice, check_int, ensure_writable, write_json_atomic
+
+__all__ = ["PROBES", "IMAGE_EXTENSIONS", "Segmentation", "segment_images", "upsampled_argmax", "network_size",
+           "main"]
+
+PROBES = ("cluster", "linear")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_BAND_BYTES = 64 << 20  # memory for one band of upsampled scores in upsampled_argmax
+
+
+@dataclass
+class Segmentation:
+    """What ``segment_images`` wrote for one image."""
+
+    source: Path  # the input image
+    label_path: Path  # NAME_label.png: uint8 ids [H, W]
+    overlay_path: Path  # NAME_overlay.png: uint8 RGB [H, W, 3]
+    size: tuple[int, int]  # (H, W) of the input (after EXIF orientation) = of both outputs
+    network_size: tuple[int, int]  # (h, w) the backbone saw
+    counts: dict[int, int]  # pixels per predicted id
+
+
+@dataclass
+class _Model:
+    """Everything needed to turn an image into scores, whatever the source (run or checkpoint)."""
+
+    backbone: Any
+    code: Callable[[Any], Any]  # feats [B,C,h,w] -> code [B,D,h,w]
+    cluster_probe: Any
+    linear_probe: Any
+    class_names: list[str]
+    palette: np.ndarray | None  # uint8 [K,3] of the training dataset, if known
+    description: dict[str, Any]  # for classes.json
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# geometry
+def network_size(height: int, width: int, res: int, stride: int) -> tuple[int, int]:
+    """(h, w) the backbone sees for an HxW image: shorter side ``res`` rounded to the stride, the other side scaled
+    by the same factor and rounded to the nearest multiple of the stride (at least one stride)."""
+    short = max(stride, int(round(res / stride)) * stride)
+    if height <= width:
+        long = max(stride, int(round(width * short / height / stride)) * stride)
+        return short, long
+    long = max(stride, int(round(height * short / width / stride)) * stride)
+    return long, short
+
+
+def _source_rows(rows: Any, in_size: int, out_size: int):
+    """Bilinear (align_corners False) source rows and weights of output ``rows``, as torch computes them."""
+    src = ((rows.double() + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    r0 = src.floor().long().clamp(max=in_size - 1)
+    r1 = (r0 + 1).clamp(max=in_size - 1)
+    lam = (src - r0.double()).clamp(0, 1).float()
+    return r0, r1, lam.view(1, -1, 1), (1 - lam).view(1, -1, 1)  # weights shaped [1,n,1] for [K,n,W]
+
+
+def upsampled_argmax(scores: Any, size: tuple[int, int], *, band_bytes: int = _BAND_BYTES) -> np.ndarray:
+    """argmax over K of ``scores`` [K, h, w] upsampled bilinearly (align_corners False) to ``size`` = (H, W).
+
+    Same result as ``F.interpolate(scores[None], size, mode="bilinear").argmax(1)`` (up to float rounding), computed
+    in bands of output rows: first along the width ([K, h, W]), then each band of rows along the height. Returns
+    int64 [H, W].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    scores = torch.as_tensor(scores).float()
+    if scores.ndim != 3:
+        raise StegoError(f"scores: expected [K, h, w], got shape {tuple(scores.shape)}")
+    height, width = int(size[0]), int(size[1])
+    k, h, _ = scores.shape
+    wide = F.interpolate(scores[None], size=(h, width), mode="bilinear", align_corners=False)[0]  # [K,h,W]
+    out = np.empty((height, width), dtype=np.int64)
+    band = max(1, band_bytes // max(1, 4 * k * width))
+    for top in range(0, height, band):
+        rows = torch.arange(top, min(height, top + band))
+        r0, r1, lam, keep = _source_rows(rows, h, height)
+        mixed = wide[:, r0] * keep + wide[:, r1] * lam  # [K,n,W]
+        out[top:top + len(rows)] = mixed.argmax(0).numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images and files
+def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise StegoError(f"paths: folder {p} holds no images; expected files ending in "
+                                 f"{', '.join(IMAGE_EXTENSIONS)}")
+            out += found
+        elif not p.exists():
+            raise StegoError(f"paths: image {p} does not exist; expected an image file or a folder of images")
+        else:
+            out.append(p)
+    if not out:
+        raise StegoError("paths: no images given; expected one or more image files or folders")
+    stems: dict[str, Path] = {}
+    for p in out:
+        if p.stem in stems:
+            raise StegoError(f"paths: {stems[p.stem]} and {p} share the name {p.stem!r}, so their outputs would "
+                             f"overwrite each other; expected distinct file names (segment them into separate out_dirs)")
+        stems[p.stem] = p
+    return out
+
+
+def _check_readable(path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise StegoError(f"paths: cannot read {path} as an image ({type(exc).__name__}: {exc}); expected a "
+                         f"JPEG/PNG/BMP/TIFF/WebP file") from None
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # phone photos: the orientation a viewer shows
+            return np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise StegoError(f"paths: cannot read {path} as an image ({exc})") from None
+
+
+def _save_png_atomic(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _palette(n: int, base: np.ndarray | None = None) -> np.ndarray:
+    """n distinct uint8 colours: ``base`` first (the training dataset's palette), then golden-angle hues."""
+    import colorsys
+
+    colours = [tuple(int(v) for v in c) for c in (base if base is not None else [])][:n]
+    i = 0
+    while len(colours) < n:
+        hue = (i * 0.618033988749895) % 1.0
+        light, sat = (0.45, 0.75) if i % 2 == 0 else (0.6, 0.6)
+        colours.append(tuple(int(round(255 * v)) for v in colorsys.hls_to_rgb(hue, light, sat)))
+        i += 1
+    return np.array(colours, dtype=np.uint8).reshape(n, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models
+def _from_run(run: Any, *, which: str, weights: str | None, device: Any, protocol: str) -> _Model:
+    from .backbones import load_backbone
+    from .training import LoadedRun, load_run
+
+    loaded = run if isinstance(run, LoadedRun) else load_run(run, which=which)
+    cfg = loaded.config
+    store_meta = dict(loaded.meta.get("train_store_meta") or {})
+    if weights is None:
+        weights = store_meta.get("weights")  # the weights the run's features were computed with
+    backbone = load_backbone(cfg.backbone, weights, device=device, protocol=protocol)
+    if loaded.head is not None:
+        loaded.head.to(backbone.device)
+    palette = store_meta.get("palette")
+    return _Model(
+        backbone=backbone, code=loaded.code, cluster_probe=loaded.cluster_probe, linear_probe=loaded.linear_probe,
+        class_names=list(loaded.meta.get("class_names") or store_meta.get("class_names") or []),
+        palette=None if palette is None else np.asarray(palette, dtype=np.uint8),
+        description={"source": "run", "run_dir": str(loaded.run_dir), "checkpoint": which, "step": loaded.step,
+                     "dataset": cfg.dataset, "backbone": cfg.backbone, "weights": weights, "method": cfg.method,
+                     "code_dim": cfg.code_dim})
+
+
+def _class_names_for(dataset: str | None, n_classes: int) -> list[str]:
+    from . import data
+
+    names = {"cocostuff27": data.COCOSTUFF27_CLASSES, "cityscapes": data.CITYSCAPES_CLASSES,
+             "potsdam": data.POTSDAM_CLASSES}.get(str(dataset))
+    return list(names) if names is not None and len(names) == n_classes else [f"class {k}" for k in range(n_classes)]
+
+
+def _from_checkpoint(checkpoint: Any, *, weights: str | None, device: Any, protocol: str, trusted: bool) -> _Model:
+    from .checkpoints import LoadedCheckpoint, load_stego_checkpoint
+
+    ck = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_stego_checkpoint(checkpoint, trusted=trusted)
+    if weights is not None:
+        from .backbones import load_backbone
+
+        backbone = load_backbone(ck.backbone_name, weights, device=device, protocol=protocol)
+    else:
+        backbone = ck.build_backbone(device=device, protocol=protocol)  # the ViT stored in the checkpoint
+    head = ck.head
+    if head is not None:
+        head.to(backbone.device).eval()
+    return _Model(
+        backbone=backbone, code=(lambda feats: feats) if head is None else head,
+        cluster_probe=ck.cluster_probe, linear_probe=ck.linear_probe,
+        class_names=_class_names_for(ck.dataset, ck.n_classes), palette=None,
+        description={"source": "checkpoint", "checkpoint": str(ck.path), "dataset": ck.dataset,
+                     "backbone": ck.backbone_name, "code_dim": ck.code_dim, "extra_clusters": ck.extra_clusters})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the work
+def _scores(model: _Model, x: Any, *, probe: str, flip: bool) -> Any:
+    """Log-probabilities [K, h, w] of one normalised image x [1,3,h,w] at its own resolution."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        code = model.code(model.backbone(x)).float()  # [1,D,h/s,w/s]
+        if flip:
+            flipped = model.code(model.backbone(torch.flip(x, dims=[3]))).float()
+            code = (code + torch.flip(flipped, dims=[3])) / 2
+        code = F.interpolate(code, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)  # [1,D,h,w]
+        if probe == "linear":
+            lp = torch.log_softmax(model.linear_probe(code.to(_device_of(model.linear_probe))), dim=1)
+        else:
+            lp = model.cluster_probe.log_probs(code.to(_device_of(model.cluster_probe)), alpha=2.0)
+    return lp[0].cpu()  # [K,h,w]
+
+
+def _device_of(module: Any) -> Any:
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError):
+        return "cpu"
+
+
+def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, run: Any = None,
+                   checkpoint: Any = None, out_dir: str | os.PathLike, crf: bool = False, probe: str = "cluster",
+                   res: int = 320, protocol: str = "original", flip: bool = True, which: str = "best",
+                   weights: str | None = None, device: Any = "cpu", alpha: float = 0.5, trusted: bool = False,
+                   progress: bool = True) -> list[Segmentation]:
+    """Segment image files with a trained run or a released checkpoint; write label maps and overlays.
+
+    paths: image files and/or folders of images (file names must be distinct: outputs are named after them).
+    run: a run folder written by ``stego_core.training.train`` (or a ``LoadedRun``); ``which`` picks its "best"
+        (validation cluster mIoU, the default) or "last" checkpoint.
+    checkpoint: a released STEGO ``.ckpt`` (or a ``LoadedCheckpoint``); ``trusted`` as in ``load_stego_checkpoint``.
+        Pass exactly one of ``run`` and ``checkpoint``.
+    out_dir: where NAME_label.png, NAME_overlay.png and classes.json go (created if needed).
+    crf: refine the probe's scores with DenseCRF (``stego_core.crf``) before upsampling; ``protocol`` also picks its
+        image bytes, the resize filter and the backbone's positional-embedding rule.
+    probe: "cluster" (unsupervised cluster ids) or "linear" (the training dataset's class ids).
+    res: shorter side in pixels the backbone sees (rounded to its stride); flip: flip test-time augmentation.
+    weights: backbone weights; None = those the run's features were computed with (run) or the ViT stored in the
+        checkpoint (checkpoint).
+    device: where the backbone and head run. alpha: overlay opacity. progress: a progress bar over the images.
+    Returns one ``Segmentation`` per image, in input order.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import normalize
+    from .viz import overlay
+
+    if (run is None) == (checkpoint is None):
+        raise StegoError("run/checkpoint: pass exactly one: run=<run folder from training> or "
+                         "checkpoint=<released STEGO .ckpt file>")
+    check_choice("probe", probe, PROBES)
+    check_choice("protocol", protocol, PROTOCOLS)
+    check_choice("which", which, ("best", "last"))
+    check_int("res", res, minimum=1)
+    if not isinstance(crf, bool) or not isinstance(flip, bool):
+        raise StegoError(f"crf/flip: expected True or False, got crf={crf!r}, flip={flip!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise StegoError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    if checkpoint is not None and isinstance(checkpoint, (str, os.PathLike)) and not Path(checkpoint).is_file():
+        raise StegoError(f"checkpoint: file {checkpoint} not found; expected a released STEGO .ckpt file")
+    if run is not None and isinstance(run, (str, os.PathLike)) and not (Path(run) / "meta.json").is_file():
+        raise StegoError(f"run: {run} is not a run folder (no meta.json); expected the run_dir of "
+                         f"stego_core.training.train (artifacts/runs/NAME-HASH)")
+    files = _expand(paths)
+    for f in files:
+        _check_readable(f)
+    out = ensure_writable(Path(out_dir), "out_dir")
+
+    if run is not None:
+        model = _from_run(run, which=which, weights=weights, device=device, protocol=protocol)
+    else:
+        model = _from_checkpoint(checkpoint, weights=weights, device=device, protocol=protocol, trusted=trusted)
+    n_ids = int(model.linear_probe.n_classes if probe == "linear" else model.cluster_probe.n_clusters)
+    if n_ids > 256:
+        raise StegoError(f"probe: {n_ids} ids do not fit a uint8 label PNG; expected at most 256")
+    palette = _palette(n_ids, model.palette)
+    names = (model.class_names if probe == "linear" and len(model.class_names) == n_ids
+             else [f"cluster {k}" for k in range(n_ids)] if probe == "cluster"
+             else [f"class {k}" for k in range(n_ids)])
+    write_json_atomic(out / "classes.json", {
+        "probe": probe, "ids": [{"id": k, "name": names[k], "color": palette[k].tolist()} for k in range(n_ids)],
+        "note": ("cluster ids are STEGO's unsupervised clusters (arbitrary numbering)" if probe == "cluster"
+                 else "class ids of the dataset the linear probe was trained on"),
+        "model": model.description, "res": res, "crf": crf, "flip": flip, "protocol": protocol})
+
+    from PIL import Image
+
+    resample = Image.NEAREST if protocol == "original" else Image.BILINEAR
+    stride = int(model.backbone.stride)
+    results = []
+    for path in tqdm(files, desc="segment", unit="img", disable=not progress):
+        rgb = _read_rgb(path)  # [H,W,3]
+        height, width = rgb.shape[:2]
+        net_h, net_w = network_size(height, width, res, stride)
+        small = np.asarray(Image.fromarray(rgb).resize((net_w, net_h), resample))
+        x = normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1).float() / 255.0)[None]  # [H,W,3] -> [1,3,h,w]
+        scores = _scores(model, x.to(model.backbone.device), probe=probe, flip=flip)  # [K,h,w]
+        if crf:
+            from .crf import dense_crf
+
+            scores = torch.from_numpy(dense_crf(x[0], scores, protocol=protocol))  # marginals [K,h,w]
+        label = upsampled_argmax(scores, (height, width)).astype(np.uint8)  # [H,W]
+        label_path, overlay_path = out / f"{path.stem}_label.png", out / f"{path.stem}_overlay.png"
+        _save_png_atomic(label, label_path)
+        _save_png_atomic(overlay(rgb, label, palette, alpha), overlay_path)
+        ids, counts = np.unique(label, return_counts=True)
+        results.append(Segmentation(source=path, label_path=label_path, overlay_path=overlay_path,
+                                    size=(height, width), network_size=(net_h, net_w),
+                                    counts={int(i): int(c) for i, c in zip(ids, counts)}))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m stego_core.segment",
+        description="Segment your own images with a trained run or a released STEGO checkpoint: writes "
+                    "NAME_label.png (uint8 ids at the original size), NAME_overlay.png and classes.json.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder written by training (artifacts/runs/NAME-HASH)")
+    src.add_argument("--checkpoint", help="released STEGO checkpoint (.ckpt)")
+    ap.add_argument("images", nargs="+", help="image files or folders of images")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--probe", choices=PROBES, default="cluster",
+                    help="cluster: unsupervised cluster ids (default); linear: the training dataset's classes")
+    ap.add_argument("--crf", action="store_true", help="refine with DenseCRF (slower, sharper edges)")
+    ap.add_argument("--res", type=int, default=320, help="shorter side the backbone sees, in pixels (320)")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="original",
+                    help="original (the paper's resize and CRF bytes) or corrected")
+    ap.add_argument("--no-flip", action="store_true", help="skip the flip test-time augmentation (2x faster)")
+    ap.add_argument("--which", choices=("best", "last"), default="best", help="which checkpoint of a run")
+    ap.add_argument("--weights", help="backbone weights file (default: those of the run / the checkpoint's ViT)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    ap.add_argument("--trusted", action="store_true",
+                    help="allow a full (code-executing) unpickle of a checkpoint from a source you trust")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stego_core.segment``: exit status 0 on success, 2 with a one-line error otherwise."""
+    args = _parser().parse_args(argv)
+    try:
+        results = segment_images(
+            args.images, run=args.run, checkpoint=args.checkpoint, out_dir=args.out, crf=args.crf, probe=args.probe,
+            res=args.res, protocol=args.protocol, flip=not args.no_flip, which=args.which, weights=args.weights,
+            device=args.device, alpha=args.alpha, trusted=args.trusted, progress=not args.quiet)
+    except StegoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"{r.source} -> {r.label_path.name}, {r.overlay_path.name} ({r.size[1]}x{r.size[0]})")
+    print(f"ids explained in {Path(args.out) / 'classes.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Tests of stego_core.costs: each number re-derived by hand from the stated assumptions."""
+from __future__ import annotations
+
+import pytest
+
+from stego_core import costs
+from stego_core.config import StegoError
+
+
+def test_feature_bytes_by_hand():
+    # ViT-B/8 at 224: 28*28 tokens * 768 channels * 2 bytes + 224*224*(3 + 2) bytes + 8
+    assert costs.feature_bytes_per_image("dino_vitb8", 224) == 784 * 768 * 2 + 224 * 224 * 5 + 8
+    # ViT-S/8 at 320: 40*40 tokens * 384 * 2 + 320*320*5 + 8
+    assert costs.feature_bytes_per_image("dino_vits8", 320) == 1600 * 384 * 2 + 320 * 320 * 5 + 8
+
+
+def test_throughput_scales_with_flops():
+    ref = costs.REFERENCE["images_per_s"]
+    assert costs.throughput("dino_vitb8", 224, "bf16") == pytest.approx(ref["bf16"])
+    assert costs.throughput("dino_vitb8", 224, "fp32") == pytest.approx(ref["fp32"])
+    # 320 px: N = 1601 vs 785 tokens; per block 24 N C^2 + 4 N^2 C
+    c = 768
+    ratio = (24 * 785 * c * c + 4 * 785 ** 2 * c) / (24 * 1601 * c * c + 4 * 1601 ** 2 * c)
+    assert costs.throughput("dino_vitb8", 320) == pytest.approx(ref["bf16"] * ratio)
+    assert costs.throughput("dino_vits8", 224) > 3 * costs.throughput("dino_vitb8", 224)  # ~4x fewer FLOPs
+
+
+def test_step_seconds():
+    assert costs.step_seconds("dino_vitb8", 32, "cache") == pytest.approx(0.014)
+    assert costs.step_seconds("dino_vitb8", 32, "live", "fp32") == pytest.approx(0.270)
+    assert costs.step_seconds("dino_vitb8", 16, "live", "bf16") == pytest.approx(0.024)
+    small = costs.step_seconds("dino_vits8", 32, "live", "bf16")
+    assert 0.014 < small < 0.048  # a lighter backbone: between cached and live ViT-B
+
+
+def test_dataset_costs_by_hand():
+    c = costs.dataset_costs("cocostuff27")
+    n_train, n_val = 49_629 * 5, 2_175
+    assert c["train_items"] == n_train and c["val_images"] == n_val
+    assert c["feature_store_bytes"] == n_train * costs.feature_bytes_per_image("dino_vitb8", 224) + \
+        n_val * costs.feature_bytes_per_image("dino_vitb8", 320)
+    assert c["knn_bytes"] == n_train * 30 * 8
+    assert c["train_gpu_s"] == pytest.approx(7000 * 0.014)
+    assert c["eval_gpu_s"] == pytest.approx(2 * n_val / costs.throughput("dino_vitb8", 320))
+    assert c["five_crop_bytes"] == int(49_629 * 5 * 240 * 320 * 1.65 / 8)
+    potsdam = costs.dataset_costs("potsdam")
+    assert potsdam["five_crop_bytes"] == 0 and potsdam["train_items"] == 4_545
+    assert potsdam["train_gpu_s"] == pytest.approx(5000 * 0.014 / 2)  # batch 16
+    live = costs.dataset_costs("cityscapes", source="live", precision="fp32")
+    assert live["feature_store_bytes"] == 0
+    assert live["cache_gpu_s"] == pytest.approx(2_975 * 5 / 255.0)  # the kNN pass over the training crops
+    assert live["train_gpu_s"] == pytest.approx(7000 * 0.270)
+
+
+def test_table_and_sweep():
+    table = costs.cost_table()
+    assert list(table["dataset"]) == ["cocostuff27", "cityscapes", "potsdam"]
+    row = table.iloc[0]
+    parts = row["download GB"] + row["five-crop GB"] + row["feature store GB"] + row["kNN MB"] / 1000
+    assert row["disk total GB"] == pytest.approx(parts)
+    gpu = row["caching GPU min"] + row["training GPU min"] + row["evaluation GPU min"]
+    assert row["GPU total min"] == pytest.approx(gpu)
+    sweep = costs.study_hours("potsdam")
+    assert sweep["runs"] > 10 and sweep["total_h"] == pytest.approx(sweep["cache_h"] + sweep["train_h"] + sweep["eval_h"])
+    assert costs.study_hours("potsdam", seeds=2)["runs"] == 2 * sweep["runs"]
+
+
+def test_bad_input_and_formatting():
+    with pytest.raises(StegoError, match="backbone"):
+        costs.throughput("resnet50", 224)
+    with pytest.raises(StegoError, match="precision"):
+        costs.dataset_costs("potsdam", precision="fp8")
+    with pytest.raises(StegoError, match="dataset"):
+        costs.dataset_costs("mosaic")
+    assert costs.format_bytes(999) == "999 B" and costs.format_bytes(1_234_567) == "1.2 MB"
