@@ -1,0 +1,79 @@
+"""Smoke run of the dimension-study chapter (03) on a tiny grid, then of the Results chapter (06) on its results."""
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from stego_core import results, study
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(dataset="mosaic", res=64, dataset_options={"n_images": 6, "scene_size": 96},
+            methods=["stego", "pca", "dino"], dims=[3, 200], seeds=[0, 1], steps=2, n_fit_images=6, progress=False,
+            overrides={"n_neighbors": 3, "batch_size": 3, "val_freq": 2})
+
+
+def _glued(nb) -> dict[str, str]:
+    out = {}
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            key = o.get("metadata", {}).get("scrapbook", {}).get("name")
+            if key:
+                data = o["data"]
+                out[key] = data.get("application/papermill.record/text/markdown") or \
+                    data.get("application/papermill.record/text/plain")
+    return out
+
+
+def _charts(nb) -> list[dict]:
+    specs = []
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            html = o.get("data", {}).get("text/html", "")
+            html = "".join(html) if isinstance(html, list) else html
+            if 'class="stego-chart"' in html:
+                specs.append(json.loads(html.split("var spec = ", 1)[1].split(";\n", 1)[0]))
+    return specs
+
+
+def _errors(nb) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
+
+
+def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEGO_ARTIFACTS", str(tmp_path / "artifacts"))
+    run = study.run_notebook("03_dimension_study", TINY, workdir=tmp_path / "book")
+    nb = nbformat.read(run.output, as_version=4)
+    assert not _errors(nb)
+    glued = _glued(nb)
+    # stego d3, d200 and pca d3 per seed, plus the DINO baseline per seed; PCA at D = 200 > C = 112 is skipped
+    assert glued["dim_n_runs"] == "8" and glued["dim_n_ran"] == "8"
+    assert "mosaic-pca-d200-s0" in glued["dim_skip_note"]
+    assert glued["dim_C"] == "112"
+    assert glued["dim_min_dim"] == "3" and glued["dim_n_dims_pca"] == "1"
+    charts = _charts(nb)
+    assert len(charts) == 3  # Figure 3, Figure 4 (mIoU), accuracies
+    fig4 = charts[1]
+    rows = next(iter(fig4["datasets"].values()))
+    assert {r["series"] for r in rows} == {"STEGO", "PCA", "DINO baseline"}
+    assert {r["n_seeds"] for r in rows} == {2}
+    assert any(lay["mark"]["type"] == "area" for lay in fig4["spec"]["layer"])  # the seed band
+
+    # every run wrote its rows to the results store
+    store = results.load_results(tmp_path / "artifacts")
+    assert store["run_id"].nunique() == 8
+
+    # a second call finds every run finished
+    again = study.run_notebook("03_dimension_study", TINY, workdir=tmp_path / "book", force=True)
+    assert _glued(nbformat.read(again.output, as_version=4))["dim_n_skipped"] == "8"
+
+    # the Results chapter draws from the store alone
+    res = study.run_notebook("06_results", {"slider": False}, workdir=tmp_path / "book")
+    nb6 = nbformat.read(res.output, as_version=4)
+    assert not _errors(nb6)
+    g6 = _glued(nb6)
+    assert g6["res_n_runs"] == "8" and g6["res_n_curves"] == "1"
+    assert float(g6["res_stego_cluster_min"]) == pytest.approx(float(glued["dim_stego_cluster_min"]))
+    assert len(_charts(nb6)) == 3  # Figure 3, Figure 4, accuracies (no h-NNE runs: a note instead)
