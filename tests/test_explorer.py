@@ -1,0 +1,192 @@
+"""The explorer: run lookup, predictions against a direct computation, picture encodings, the static chart's data and
+controls, uploads; plus the quirk measurements of stego_core.quirks against brute force."""
+from __future__ import annotations
+
+import base64
+import io
+import datetime
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from stego_core import explorer, quirks
+from stego_core.config import StegoError
+
+OPTS = {"n_images": 8, "scene_size": 96}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny mosaic stores (random-weight EfficientNet, 64 px) and a 4-step STEGO, PCA and DINO run."""
+    from stego_core.cache import cache_features
+
+    root = tmp_path_factory.mktemp("explorer-art")
+    kw = dict(res=64, weights="random", dataset_options=OPTS, root=root, progress=False, batch_size=8)
+    train = cache_features("mosaic", "train", "efficientnet_lite0", **kw)
+    val = cache_features("mosaic", "val", "efficientnet_lite0", **kw)
+    args = dict(train_store=train, val_store=val, root=root, progress=False, steps=4, batch_size=4, val_freq=2)
+    with pytest.warns(UserWarning):  # k=30 neighbours on 8 images
+        stego = explorer.ensure_run("demo", method="stego", code_dim=6, **args)
+    models = {("stego", 6): stego,
+              ("pca", 3): explorer.ensure_run("demo", method="pca", code_dim=3, **args),
+              ("dino", train.dim): explorer.ensure_run("demo", method="dino", **args)}
+    return dict(root=root, train=train, val=val, args=args, models=models)
+
+
+def _decode(url: str) -> Image.Image:
+    head, b64 = url.split(",", 1)
+    assert head.startswith("data:image/")
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_ensure_run_reuses_finished_runs(setup):
+    root, args = setup["root"], setup["args"]
+    found = explorer.find_runs(root, method="stego", code_dim=6, train_store=setup["train"])
+    assert len(found) == 1 and (found.loc[0, "run_dir"] / "DONE").exists()
+    done = found.loc[0, "run_dir"] / "DONE"
+    stamp = done.stat().st_mtime_ns
+    again = explorer.ensure_run("demo", method="stego", code_dim=6, **args)
+    assert again.run_dir == found.loc[0, "run_dir"] and done.stat().st_mtime_ns == stamp  # loaded, not retrained
+    assert explorer.find_runs(root, method="stego", code_dim=12).empty
+    assert explorer.find_runs(root, method="stego", train_store="/elsewhere").empty
+    assert len(explorer.find_runs(root, method="dino", code_dim=999)) == 1  # DINO ignores the dim
+    assert set(explorer.find_runs(root)["method"]) == {"stego", "pca", "dino"}
+
+
+def test_as_head_gives_the_runs_code(setup):
+    feats = setup["val"].read(np.arange(3))["feats"].float()
+    for (method, _), run in setup["models"].items():
+        head = explorer.as_head(run)
+        if method == "dino":
+            assert head is None
+            continue
+        with torch.no_grad():
+            assert torch.allclose(head(feats), run.code(feats))
+
+
+def test_predict_maps_matches_a_direct_computation(setup):
+    run = setup["models"][("stego", 6)]
+    rec = setup["val"].read(np.arange(4))
+    code = run.code(rec["feats"].float())
+    up = F.interpolate(code, size=(64, 64), mode="bilinear", align_corners=False)
+    cos = torch.einsum("bdhw,kd->bkhw", F.normalize(up, dim=1), F.normalize(run.cluster_probe.centres, dim=1))
+    mapping = np.array([2, 0, 1, 5, 4, 3], dtype=np.int64)[: run.cluster_probe.n_clusters]
+    got = explorer.predict_maps(run, code, rec["image"], probe="cluster", to_class=mapping)
+    np.testing.assert_array_equal(got, mapping[cos.argmax(1).numpy()])
+    lin = explorer.predict_maps(run, code, rec["image"], probe="linear")
+    np.testing.assert_array_equal(lin, run.linear_probe(up).argmax(1).numpy())
+    refined = explorer.predict_maps(run, code[:2], rec["image"][:2], probe="cluster", crf=True, workers=1)
+    assert refined.shape == (2, 64, 64) and refined.min() >= 0
+    with pytest.raises(StegoError, match="code"):
+        explorer.predict_maps(run, code[:2], rec["image"], probe="cluster")
+    with pytest.raises(StegoError, match="probe"):
+        explorer.predict_maps(run, code, rec["image"], probe="kmeans")
+
+
+def test_picture_encodings():
+    palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
+    label = np.array([[0, 1], [2, -1]])
+    im = _decode(explorer.label_data_url(label, palette)).convert("RGBA")
+    px = np.asarray(im)
+    assert px[0, 0].tolist() == [255, 0, 0, 255] and px[1, 0].tolist() == [0, 0, 255, 255]
+    assert px[1, 1, 3] == 0  # ignore / unmatched: transparent, the photo shows through
+    photo = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    jpg = _decode(explorer.jpeg_data_url(photo))
+    assert jpg.format == "JPEG" and jpg.size == (16, 16)
+
+
+def test_precompute_and_the_static_chart(setup):
+    val, models = setup["val"], setup["models"]
+    data = explorer.precompute(models, val, [1, 3], workers=1, progress=False)
+    assert len(data.predictions) == 2 * len(models) * 2 * 2  # images x models x CRF x probes
+    assert data.dims == [3, 6]
+    # the mapping comes from the whole split: it equals evaluate_codes' Hungarian assignment on all items
+    run = models[("stego", 6)]
+    res = quirks.evaluate_run(run, val)
+    assert data.metrics.query("method == 'stego' and probe == 'cluster'")["mIoU"].item() == pytest.approx(
+        res["cluster/mIoU"])
+    rows, cols = res["cluster"]["assignment"]
+    assert [data.to_class[("stego", 6)][r] for r in rows] == list(cols)
+    code = run.code(val.read(np.array([3]))["feats"].float())
+    direct = explorer.predict_maps(run, code, val.read(np.array([3]))["image"], to_class=data.to_class[("stego", 6)])
+    np.testing.assert_array_equal(data.predictions[(3, "stego", 6, False, "cluster")], direct[0])
+
+    table = data.table()
+    assert len(table) == 2 * 2 + len(data.predictions)
+    assert table["url"].str.startswith("data:image/").all()
+    assert set(table.loc[table["kind"] == "prediction", "method"]) == {"STEGO", "PCA", "DINO"}
+    assert (table.loc[table["method"] == "DINO", "dim"] == 0).all()  # DINO shows at every dim
+    spec = explorer.explorer_chart(data, size=64).to_dict()
+    params = {p["name"]: p for p in spec["params"]}
+    assert set(params) == {"image_id", "method", "dim", "crf", "probe", "opacity"}
+    assert params["image_id"]["bind"]["options"] == [1, 3] and params["dim"]["bind"]["options"] == [3, 6]
+    assert params["crf"]["bind"]["input"] == "checkbox"
+    text = json.dumps(spec)
+    assert "datum.method === method" in text and "datum.crf === crf" in text
+    n_rows = sum(len(v) for v in spec["datasets"].values())
+    assert n_rows >= len(table)
+
+
+def test_prepare_upload():
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 80, 3), dtype=np.uint8) + 7).save(buf, format="PNG")
+    out = explorer.prepare_upload(buf.getvalue(), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and (out == 7).all()
+    with pytest.raises(StegoError, match="upload"):
+        explorer.prepare_upload(b"not an image", 32)
+
+
+def test_live_explorer_recomputes(setup):
+    pytest.importorskip("ipywidgets")
+    data = explorer.precompute({("pca", 3): setup["models"][("pca", 3)]}, setup["val"], [0], crf=(False,),
+                               progress=False)
+    from stego_core.backbones import load_backbone
+
+    panel = explorer.live_explorer(data, load_backbone("efficientnet_lite0", "random"), res=64)
+    status = panel.children[-1]
+    images = panel.children[3].children
+    assert images[0].value and images[1].value and not status.value.startswith("error"), status.value
+    buf = io.BytesIO()
+    Image.fromarray(np.full((50, 70, 3), 120, dtype=np.uint8)).save(buf, format="PNG")
+    before = images[0].value
+    upload = panel.children[0].children[1]
+    upload.value = ({"name": "x.png", "type": "image/png", "size": len(buf.getvalue()),
+                     "content": memoryview(buf.getvalue()),
+                     "last_modified": datetime.datetime(2024, 1, 1)},)
+    assert images[0].value != before and not status.value.startswith("error"), status.value
+
+
+# ------------------------------------------------------------------------------------------------ quirks
+def test_knn_agreement_against_brute_force():
+    rng = np.random.default_rng(0)
+    hist = rng.random((6, 4))
+    hist /= hist.sum(1, keepdims=True)
+    table = np.stack([np.r_[i, rng.permutation([j for j in range(6) if j != i])] for i in range(6)])
+    brute = np.mean([sum(min(a, b) for a, b in zip(hist[i], hist[table[i, r]])) for i in range(6) for r in (1, 2)])
+    assert quirks.knn_agreement(hist, table, 2) == pytest.approx(100 * brute)
+    assert quirks.knn_agreement(hist, np.tile(np.arange(6)[:, None], (1, 3)), 2) == pytest.approx(100)
+    with pytest.raises(StegoError, match="n_neighbors"):
+        quirks.knn_agreement(hist, table, 6)
+
+
+def test_knn_quirk_on_a_store(setup):
+    with pytest.warns(UserWarning):
+        out = quirks.knn_quirk(setup["train"], n_neighbors=3)
+    assert 0 <= out["agreement_original"] <= 100 and 0 <= out["agreement_corrected"] <= 100
+    assert 0 <= out["changed"] <= 100
+
+
+def test_byte_difference_and_pos_embed():
+    rng = np.random.default_rng(1)
+    imgs = (rng.random((2, 8, 8, 3)) * 255).astype(np.uint8)
+    out = quirks.byte_difference(imgs)
+    assert out["corrected_exact"] and 0 < out["changed"] <= 100 and -1 <= out["mean_change"] < 0
+    same = quirks.pos_embed_difference(6, 6, 8)
+    assert same["relative_difference"] == 0 and same["cosine"] == pytest.approx(1)
+    diff = quirks.pos_embed_difference(6, 9, 8)
+    assert diff["relative_difference"] > 0.1
+    assert quirks.prediction_change(np.array([1, 2, 3, 4]), np.array([1, 0, 3, 0])) == 50

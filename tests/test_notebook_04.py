@@ -1,0 +1,107 @@
+"""Smoke runs of the evaluation (04), explorer (05) and quirks (07) chapters with the `smoke` profile's parameters,
+then their outputs checked: glued numbers, Table 2 rows, charts through the offline renderer, the explorer's data."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from stego_core import study
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOKS = ("04_evaluate", "05_explorer", "07_quirks")
+
+
+@pytest.fixture(scope="session")
+def chapters(tmp_path_factory) -> Path:
+    """The three chapters in <basetemp>/smoke-book (the folder the other smoke tests share; current ones skipped)."""
+    base = tmp_path_factory.getbasetemp()
+    params = dict(study.load_profile("smoke"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
+        workdir = study.prepare_workdir(base / "smoke-book")
+        for nb in NOTEBOOKS:
+            study.run_notebook(nb, params[nb], workdir=workdir)
+    return workdir / "book" / "chapters"
+
+
+def _read(chapters: Path, name: str):
+    nb = nbformat.read(chapters / f"{name}.ipynb", as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
+    assert not errors, f"{name}: {errors[:1]}"
+    assert [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])] == [0]
+    return nb
+
+
+def _glued(nb) -> dict[str, str]:
+    out = {}
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            key = o.get("metadata", {}).get("scrapbook", {}).get("name")
+            if key:
+                data = o["data"]
+                out[key] = data.get("application/papermill.record/text/plain") or \
+                    data.get("application/papermill.record/text/markdown")
+    return out
+
+
+def _html(nb) -> list[str]:
+    return ["".join(o["data"]["text/html"]) for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if "text/html" in o.get("data", {})]
+
+
+def _spec(html: str) -> dict:
+    return json.loads(html.split("var spec = ", 1)[1].split(";\n", 1)[0])
+
+
+def test_evaluation_chapter(chapters):
+    nb = _read(chapters, "04_evaluate")
+    glued = _glued(nb)
+    assert glued["n_val"] == "8" and glued["n_crf"] == "2"
+    for name in ("stego", "dino"):
+        assert 0 < float(glued[f"{name}_cluster_miou"]) <= 100
+        assert -100 < float(glued[f"{name}_crf_gain"]) < 100
+    html = _html(nb)
+    table = next(h for h in html if "cluster Accuracy" in h and "with CRF" in h)
+    # STEGO and DINO: all images without CRF, the CRF subset without and with CRF
+    assert table.count("<tr>") == 2 * 3
+    paper = next(h for h in html if "source" in h and "Papers with Code" in h)
+    assert "n/a" in paper and "cocostuff27" in paper and "28.2" in paper
+    charts = [h for h in html if 'class="stego-chart"' in h]
+    assert len(charts) == 3  # per-class IoU (cluster, linear) and the class legend
+    spec = _spec(charts[0])
+    rows = next(iter(spec["datasets"].values()))
+    assert {r["setting"] for r in rows} == {"STEGO, no CRF", "STEGO, with CRF", "DINO, no CRF", "DINO, with CRF"}
+    # 2 examples x (image, ground truth, 2 models x 2 CRF settings)
+    assert sum(h.count("data:image/png;base64,") for h in html if "stego-images" in h) == 2 * 6
+
+
+def test_explorer_chapter(chapters):
+    nb = _read(chapters, "05_explorer")
+    glued = _glued(nb)
+    # smoke: STEGO and PCA at dims 3 and 6, DINO once; 2 images, CRF on/off, two probes
+    assert glued["n_models"] == "5" and glued["n_maps"] == str(5 * 2 * 2 * 2)
+    charts = [h for h in _html(nb) if 'class="stego-chart"' in h]
+    assert len(charts) == 1
+    spec = _spec(charts[0])
+    assert {p["name"] for p in spec["params"]} == {"image_id", "method", "dim", "crf", "probe", "opacity"}
+    rows = next(iter(spec["datasets"].values()))
+    assert len(rows) == 2 * 2 + 40 and all(r["url"].startswith("data:image/") for r in rows)
+    assert not nb.metadata.get("widgets")  # live = False: no widget state that a static page could not serve
+
+
+def test_quirks_chapter(chapters):
+    nb = _read(chapters, "07_quirks")
+    glued = _glued(nb)
+    for key in ("knn_changed", "knn_agree_orig", "knn_agree_corr", "bytes_changed", "crf_pixels_changed"):
+        assert 0 <= float(glued[key]) <= 100, key
+    assert float(glued["pos_rel"]) > 0 and float(glued["batch_spread"]) >= 0
+    summary = _html(nb)[-1]
+    for quirk in ("1 kNN dropout", "6 extra clusters dropped", "15 per-batch standardisation",
+                  "9 CRF image round trip", "3 nearest resize", "13 pos-embed rule", "16 swapped metric names"):
+        assert quirk in summary, quirk
+    assert len(re.findall(r"<tr>", summary)) == 13
