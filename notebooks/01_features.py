@@ -1,0 +1,119 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+dataset = "mosaic"  # which dataset: "mosaic" (offline demo, generated), "cocostuff27", "cityscapes", "potsdam", "directory"
+backbone = "efficientnet_lite0"  # frozen feature extractor: "efficientnet_lite0" (offline demo) or "dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16" (the paper)
+weights = None  # backbone weights: None for the default (bundled / timm hub), "random" (tests only) or a path to a weights file
+res = 224  # side of the square crop in pixels; 224 as in the paper (320 for evaluation in some of its runs)
+crop = "center"  # "center" (resize the short side, then crop), "none" (squash) or "five" (the prepared five-crop tree)
+dataset_options = {}  # extra loader options, e.g. {"n_images": 40} for mosaic; see stego_core.data
+batch_size = 16  # images per backbone call; raise it on a GPU
+device = "cpu"  # "cpu" or "cuda"
+k = 30  # neighbours per image in the kNN table; STEGO draws its positive pairs from the top 7 of 30
+protocol = "original"  # "original" (the paper's code, incl. channel dropout in the kNN descriptors) or "corrected"
+n_queries = 3  # how many query images the nearest-neighbour examples show
+n_neighbors_shown = 4  # how many neighbours are shown per query
+n_pca = 6  # how many images the PCA colouring of the features shows
+seed = 0  # which images the examples pick (random but reproducible)
+root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
+progress = True  # show progress bars
+
+# %% [markdown]
+# # Features and neighbours
+#
+# STEGO trains only a small head on top of a **frozen** backbone, so the backbone's patch features can be computed
+# once and kept on disk. This chapter builds that feature store for the train and val splits, then the table of
+# each image's nearest neighbours in feature space, from which STEGO draws the "positive" image pairs whose
+# feature correspondences it distils. Both are keyed artifacts: a second run with the same parameters reads them
+# back instead of recomputing them.
+
+# %%
+import time
+
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown
+from myst_nb import glue
+
+from stego_core import cache, knn, viz
+
+timings = []
+stores = {}
+tables = {}
+for split in ("train", "val"):
+    t0 = time.perf_counter()
+    stores[split] = cache.cache_features(dataset, split, backbone, res=res, crop=crop, weights=weights,
+                                         dataset_options=dataset_options, root=root, batch_size=batch_size,
+                                         device=device, progress=progress)
+    t1 = time.perf_counter()
+    tables[split] = knn.build_knn(stores[split], k=k, protocol=protocol, seed=seed, progress=progress)
+    t2 = time.perf_counter()
+    n = len(stores[split])
+    timings += [{"split": split, "stage": "features", "items": n, "seconds": t1 - t0, "items_per_s": n / (t1 - t0)},
+                {"split": split, "stage": "kNN table", "items": n, "seconds": t2 - t1, "items_per_s": n / (t2 - t1)}]
+timings = pd.DataFrame(timings)
+train = stores["train"]
+glue("n_train", len(stores["train"]), display=False)
+glue("n_val", len(stores["val"]), display=False)
+glue("dim", train.dim, display=False)
+glue("grid", Markdown(f"{train.grid[0]} × {train.grid[1]}"), display=False)
+glue("k_eff", tables["train"].shape[1], display=False)
+timings.round(3)
+
+# %% [markdown]
+# The store holds {glue:text}`n_train` training and {glue:text}`n_val` validation images; each image becomes a
+# {glue:md}`grid` grid of {glue:text}`dim`-dimensional patch features. (Timings near zero mean the artifact was
+# already there and was read back.)
+
+# %%
+viz.bar_chart(timings, "stage", "seconds", "split", title="wall time per stage (s)")
+
+# %% [markdown]
+# ## What the features see
+#
+# A feature map has hundreds of channels; its first three principal components, shown as red, green and blue, give
+# a picture of what the backbone separates. One PCA is fitted on all images shown, so equal colours mean similar
+# features across images. Regions of one class should share a colour if the features are to be clustered.
+
+# %%
+rng = np.random.default_rng(seed)
+shown = np.sort(rng.choice(len(train), size=min(n_pca, len(train)), replace=False))
+batch = train.read(shown)
+colours = viz.pca_rgb(batch["feats"], size=train.res)
+labelled = [viz.overlay(im, lab.numpy(), train.palette, 0.55) for im, lab in zip(batch["image"], batch["label"])]
+viz.show_images(
+    [pic for triple in zip(batch["image"], labelled, colours) for pic in triple],
+    [title for i in shown for title in (f"#{i}", f"#{i} labels", f"#{i} features (PCA)")],
+    width=140,
+)
+
+# %% [markdown]
+# ## Nearest neighbours
+#
+# Each row: a query image, then its nearest neighbours among the training images by cosine similarity of the
+# spatially averaged features (column 0 of the table is the image itself and is skipped). STEGO pairs each image
+# with one of its top neighbours and learns to agree with the backbone on which patches of the two images
+# correspond; the pairs are only useful if the neighbours share classes with the query.
+
+# %%
+queries = np.sort(rng.choice(len(train), size=min(n_queries, len(train)), replace=False))
+nns = tables["train"][queries, 1: 1 + n_neighbors_shown].numpy()
+rows = [np.concatenate([[q], row]) for q, row in zip(queries, nns)]
+pics = train.read(np.concatenate(rows))
+viz.show_images(
+    [viz.overlay(pics["image"][i], pics["label"][i].numpy(), train.palette, 0.3) for i in range(len(pics["image"]))],
+    [("query #" if j == 0 else f"neighbour {j}: #") + str(idx) for row in rows for j, idx in enumerate(row)],
+    width=120,
+    ncols=len(rows[0]),
+)

@@ -1,0 +1,314 @@
+"""Pictures and charts for the notebooks: label overlays, image grids, PCA colourings, Altair charts that render offline.
+
+Images here are uint8 ``[H, W, 3]`` numpy arrays (RGB). Charts are Altair charts with tooltips and a legend that
+highlights the clicked entries. Importing this module registers and enables the ``stego`` Altair renderer: it
+writes a chart as HTML that loads vega, vega-lite and vega-embed from the book's own ``vendor/`` folder (see
+``stego_core.study.vendor_js``), through require.js when the page has it (widget pages) and plain script tags
+otherwise; outside a built book (a live notebook) it falls back to the jsDelivr CDN.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import itertools
+import json
+from typing import Any, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+IGNORE_COLOR = (0, 0, 0)  # colour of ignored pixels (label -1) in colourised labels
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def to_image(img: Any) -> np.ndarray:
+    """An ImageNet-normalised float tensor/array [3,H,W] (a dataset item's ``img``) -> uint8 [H,W,3]."""
+    import torch
+
+    from .data import unnormalize
+
+    t = torch.as_tensor(img, dtype=torch.float32)
+    rgb01 = unnormalize(t)  # [3,H,W] in [0, 1]
+    return (rgb01.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)  # [3,H,W] -> [H,W,3]
+
+
+def colorize(label: Any, palette: Any) -> np.ndarray:
+    """Label map [H,W] (int, -1 = ignore) -> uint8 [H,W,3] with ``palette[label]`` (ignored pixels black)."""
+    label = np.asarray(label).astype(np.int64)
+    palette = np.asarray(palette, dtype=np.uint8)
+    out = np.empty(label.shape + (3,), dtype=np.uint8)
+    out[...] = IGNORE_COLOR
+    valid = (label >= 0) & (label < len(palette))
+    out[valid] = palette[label[valid]]
+    return out
+
+
+def overlay(image: Any, label: Any, palette: Any, alpha: float = 0.5) -> np.ndarray:
+    """Blend the colourised ``label`` over ``image`` (uint8 [H,W,3]); ignored pixels keep the image."""
+    image = np.asarray(image, dtype=np.uint8)
+    label = np.asarray(label).astype(np.int64)
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"overlay: image {image.shape[:2]} and label {label.shape} differ in size")
+    colors = colorize(label, palette).astype(np.float32)
+    mix = (1.0 - alpha) * image.astype(np.float32) + alpha * colors
+    valid = ((label >= 0) & (label < len(palette)))[..., None]
+    return np.where(valid, mix.round(), image).clip(0, 255).astype(np.uint8)
+
+
+def image_grid(images: Sequence[np.ndarray], ncols: int | None = None, *, pad: int = 2,
+               pad_value: int = 255) -> np.ndarray:
+    """Tile uint8 [H,W,3] images (same size) row by row into one image with ``pad`` pixels between them."""
+    images = [np.asarray(im, dtype=np.uint8) for im in images]
+    if not images:
+        raise ValueError("image_grid: no images")
+    h, w = images[0].shape[:2]
+    if any(im.shape[:2] != (h, w) for im in images):
+        raise ValueError("image_grid: images differ in size")
+    ncols = ncols or len(images)
+    nrows = -(-len(images) // ncols)
+    grid = np.full((nrows * h + (nrows - 1) * pad, ncols * w + (ncols - 1) * pad, 3), pad_value, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = im if im.ndim == 3 else im[..., None]
+    return grid
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """uint8 [H,W,3] (or [H,W]) -> ``data:image/png;base64,...``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _HTML:
+    """A bit of HTML that IPython displays as ``text/html`` (kept local: no IPython import needed to build it)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def _repr_html_(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"<HTML {len(self.text)} chars>"
+
+
+def show_images(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, *, width: int = 160,
+                ncols: int | None = None) -> _HTML:
+    """Small inline PNGs with captions, wrapped in a flex row (display it, or leave it as a cell's last value)."""
+    titles = list(titles) if titles is not None else [""] * len(images)
+    if len(titles) != len(images):
+        raise ValueError(f"show_images: {len(images)} images but {len(titles)} titles")
+    style = f"flex: 0 0 calc({100 / ncols:.3f}% - 8px);" if ncols else ""
+    figs = "".join(
+        f'<figure style="margin:0;{style}"><img src="{png_data_url(im)}" alt="{html.escape(t)}" '
+        f'style="width:{width}px;image-rendering:pixelated;display:block"/>'
+        f'<figcaption style="font-size:0.8em;text-align:center">{html.escape(t)}</figcaption></figure>'
+        for im, t in zip(images, titles))
+    return _HTML(f'<div class="stego-images" style="display:flex;flex-wrap:wrap;gap:8px">{figs}</div>')
+
+
+def pca_rgb(feats: Any, *, size: int | tuple[int, int] | None = None, q: float = 0.01) -> np.ndarray:
+    """The first 3 principal components of feature maps as RGB.
+
+    ``feats`` [C,h,w] -> uint8 [h,w,3], or [n,C,h,w] -> uint8 [n,h,w,3] with one PCA fitted on all n maps (so
+    colours are comparable across images). Each component is scaled to [0, 255] between its ``q`` and ``1-q``
+    quantiles; signs are fixed (largest loading positive). ``size`` upsamples (nearest) to (H, W).
+    """
+    x = np.asarray(feats.float() if hasattr(feats, "float") else feats, dtype=np.float64)
+    single = x.ndim == 3
+    if single:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"pca_rgb: expected feats [C,h,w] or [n,C,h,w], got shape {x.shape}")
+    n, c, h, w = x.shape
+    tokens = x.transpose(0, 2, 3, 1).reshape(-1, c)  # [n,C,h,w] -> [n*h*w, C]
+    tokens = tokens - tokens.mean(axis=0)
+    _, _, vt = np.linalg.svd(tokens, full_matrices=False)
+    comps = vt[:3]  # [3, C] (fewer when C < 3)
+    signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(axis=1)])
+    proj = tokens @ (comps * signs[:, None]).T  # [n*h*w, 3]
+    if proj.shape[1] < 3:
+        proj = np.pad(proj, ((0, 0), (0, 3 - proj.shape[1])))
+    lo, hi = np.quantile(proj, q, axis=0), np.quantile(proj, 1 - q, axis=0)
+    rgb = ((proj - lo) / np.where(hi > lo, hi - lo, 1.0)).clip(0, 1)
+    out = (rgb * 255).round().astype(np.uint8).reshape(n, h, w, 3)  # [n*h*w, 3] -> [n,h,w,3]
+    if size is not None:
+        hh, ww = (size, size) if isinstance(size, int) else size
+        rows = (np.arange(hh) * h // hh)
+        cols = (np.arange(ww) * w // ww)
+        out = out[:, rows][:, :, cols]
+    return out[0] if single else out
+
+
+# --------------------------------------------------------------------------------------------- data for charts
+
+
+def class_statistics(dataset: Any, n_images: int | None = None, *, progress: bool = True) -> pd.DataFrame:
+    """Pixel counts per class over the first ``n_images`` items (all when None): one row per class.
+
+    Columns: class, class_id, pixels, fraction (of labelled pixels), images (items where the class occurs),
+    color (hex). A final row ``ignore`` (class_id -1) counts unlabelled pixels.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(dataset) if not n_images else min(int(n_images), len(dataset))
+    k = dataset.n_classes
+    pixels = np.zeros(k + 1, dtype=np.int64)  # slot 0 = ignore (-1), slot c+1 = class c
+    images = np.zeros(k + 1, dtype=np.int64)
+    for i in tqdm(range(n), desc="counting labels", disable=not progress):
+        label = np.asarray(dataset[i]["label"]).astype(np.int64).ravel()
+        counts = np.bincount(np.clip(label, -1, k - 1) + 1, minlength=k + 1)
+        pixels += counts
+        images += counts > 0
+    labelled = max(int(pixels[1:].sum()), 1)
+    colors = hex_colors(dataset.palette)
+    rows = [{"class": name, "class_id": c, "pixels": int(pixels[c + 1]), "fraction": pixels[c + 1] / labelled,
+             "images": int(images[c + 1]), "color": colors[c]} for c, name in enumerate(dataset.class_names)]
+    rows.append({"class": "ignore", "class_id": -1, "pixels": int(pixels[0]), "fraction": pixels[0] / labelled,
+                 "images": int(images[0]), "color": "#000000"})
+    return pd.DataFrame(rows)
+
+
+def hex_colors(palette: Any) -> list[str]:
+    """uint8 [K,3] -> ["#rrggbb", ...]."""
+    return ["#%02x%02x%02x" % tuple(int(v) for v in rgb) for rgb in np.asarray(palette, dtype=np.uint8)]
+
+
+# --------------------------------------------------------------------------------------------- charts
+
+
+def label_legend(class_names: Sequence[str], palette: Any, *, title: str = "classes") -> alt.Chart:
+    """A legend-only chart: one coloured square per class, with the class name (and its id in the tooltip)."""
+    df = pd.DataFrame({"class": list(class_names), "class_id": range(len(class_names)),
+                       "color": hex_colors(palette)[: len(class_names)]})
+    return (alt.Chart(df, title=title).mark_square(size=180)
+            .encode(y=alt.Y("class:N", sort=None, axis=alt.Axis(title=None, domain=False, ticks=False)),
+                    color=alt.Color("color:N", scale=None),
+                    tooltip=["class", "class_id"])
+            .properties(width=20))
+
+
+def class_histogram_chart(df: pd.DataFrame, *, x: str = "class", y: str = "fraction", color: str = "color",
+                          column: str | None = None, title: str | None = None) -> alt.Chart:
+    """Bars per class (``df`` from :func:`class_statistics`) in the classes' own colours; click to highlight."""
+    pick = alt.selection_point(fields=[x], on="click", clear="dblclick")
+    tooltip = [c for c in df.columns if c not in (color,)]
+    enc = dict(x=alt.X(f"{x}:N", sort=None, title=None),
+               y=alt.Y(f"{y}:Q", title=y, axis=alt.Axis(format="%" if y == "fraction" else "")),
+               color=alt.Color(f"{color}:N", scale=None) if color in df.columns else alt.Color(f"{x}:N"),
+               opacity=alt.condition(pick, alt.value(1.0), alt.value(0.3)),
+               tooltip=tooltip)
+    chart = alt.Chart(df, title=title or "").mark_bar().encode(**enc).add_params(pick)
+    if column:
+        chart = chart.encode(column=alt.Column(f"{column}:N", title=None))
+    return chart.properties(width=alt.Step(28) if column else alt.Step(36), height=180)
+
+
+def line_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, tooltip: Sequence[str] | None = None,
+               title: str | None = None, log_x: bool = False, points: bool = True, width: int = 420,
+               height: int = 260) -> alt.Chart:
+    """Lines of ``y`` over ``x`` per ``color`` group; clicking legend entries highlights those lines."""
+    tooltip = list(tooltip) if tooltip is not None else [c for c in (color, x, y) if c]
+    scale = alt.Scale(type="log", base=2) if log_x else alt.Scale(zero=False)
+    enc: dict[str, Any] = dict(x=alt.X(f"{x}:Q", scale=scale), y=alt.Y(f"{y}:Q", scale=alt.Scale(zero=False)),
+                               tooltip=tooltip)
+    base = alt.Chart(df, title=title or "")
+    if color:
+        pick = alt.selection_point(fields=[color], bind="legend")
+        enc.update(color=alt.Color(f"{color}:N"), opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)))
+        chart = base.mark_line(point=points).encode(**enc).add_params(pick)
+    else:
+        chart = base.mark_line(point=points).encode(**enc)
+    return chart.properties(width=width, height=height)
+
+
+def bar_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, tooltip: Sequence[str] | None = None,
+              title: str | None = None, width: int = 360, height: int = 220) -> alt.Chart:
+    """Horizontal-label bars of ``y`` per ``x`` (e.g. timings per stage), coloured by ``color``."""
+    tooltip = list(tooltip) if tooltip is not None else list(df.columns)
+    enc: dict[str, Any] = dict(x=alt.X(f"{x}:N", sort=None, title=None), y=alt.Y(f"{y}:Q"), tooltip=tooltip)
+    if color:
+        pick = alt.selection_point(fields=[color], bind="legend")
+        enc.update(color=alt.Color(f"{color}:N"), xOffset=alt.XOffset(f"{color}:N"),
+                   opacity=alt.condition(pick, alt.value(1.0), alt.value(0.25)))
+        return alt.Chart(df, title=title or "").mark_bar().encode(**enc).add_params(pick).properties(
+            width=width, height=height)
+    return alt.Chart(df, title=title or "").mark_bar().encode(**enc).properties(width=width, height=height)
+
+
+# --------------------------------------------------------------------------------------------- offline renderer
+
+CDN = "https://cdn.jsdelivr.net/npm/"
+_counter = itertools.count()
+# Loads vega/vega-lite/vega-embed once per page, from <book root>/vendor/ when the page is part of a Sphinx build
+# (found from the documentation_options.js script's URL), else from the CDN; AMD (require.js) when it is present.
+_LOADER = """
+(function () {
+  var el = document.getElementById(%(id)s);
+  var spec = %(spec)s;
+  var opts = %(opts)s;
+  function fail(err) { el.innerHTML = '<pre class="stego-chart-error">chart failed: ' + err + '</pre>'; console.error(err); }
+  function draw(vegaEmbed) { vegaEmbed(el, spec, opts).catch(fail); }
+  var doc = document.querySelector('script[src*="documentation_options.js"]');
+  var root = doc ? new URL("../vendor/", doc.src).href : null;
+  var libs = root ? {vega: root + "vega/vega.min", "vega-lite": root + "vega-lite/vega-lite.min",
+                     "vega-embed": root + "vega-embed/vega-embed.min"}
+                  : {vega: "%(cdn)svega@%(vega)s/build/vega.min", "vega-lite": "%(cdn)svega-lite@%(vl)s/build/vega-lite.min",
+                     "vega-embed": "%(cdn)svega-embed@%(ve)s/build/vega-embed.min"};
+  if (window.vegaEmbed) { draw(window.vegaEmbed); return; }
+  if (typeof window.requirejs === "function" && window.define && window.define.amd) {
+    window.requirejs.config({paths: libs});
+    window.requirejs(["vega-embed"], draw, fail);
+    return;
+  }
+  if (!window.__stegoVega) {
+    window.__stegoVega = ["vega", "vega-lite", "vega-embed"].reduce(function (prev, name) {
+      return prev.then(function () {
+        return new Promise(function (resolve, reject) {
+          var s = document.createElement("script");
+          s.src = libs[name] + ".js";
+          s.onload = resolve;
+          s.onerror = function () { reject(new Error("could not load " + s.src)); };
+          document.head.appendChild(s);
+        });
+      });
+    }, Promise.resolve());
+  }
+  window.__stegoVega.then(function () { draw(window.vegaEmbed); }, fail);
+})();
+"""
+
+
+def chart_html(spec: dict, *, embed_options: dict | None = None) -> str:
+    """The HTML (a div and a script) that draws a Vega-Lite ``spec`` with vega-embed, offline inside the book."""
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    div = f"stego-chart-{digest}-{next(_counter)}"
+    opts = {"actions": {"export": True, "source": False, "compiled": False, "editor": False}, "renderer": "svg"}
+    opts.update(embed_options or {})
+    script = _LOADER % {
+        "id": json.dumps(div), "spec": json.dumps(spec, default=str).replace("</", "<\\/"),
+        "opts": json.dumps(opts), "cdn": CDN, "vega": alt.VEGA_VERSION, "vl": alt.VEGALITE_VERSION,
+        "ve": alt.VEGAEMBED_VERSION,
+    }
+    return f'<div id="{div}" class="stego-chart"></div>\n<script type="text/javascript">{script}</script>'
+
+
+def _render(spec: dict, **metadata: Any) -> dict:
+    return {"text/html": chart_html(spec, embed_options=metadata.get("embed_options")),
+            "text/plain": "<Altair chart>"}
+
+
+def enable_renderer() -> None:
+    """Make ``stego`` (offline-capable HTML, see the module doc) Altair's active renderer."""
+    alt.renderers.register("stego", _render)
+    alt.renderers.enable("stego")
+
+
+enable_renderer()

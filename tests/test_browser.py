@@ -1,0 +1,205 @@
+"""The built book in headless Chromium with the network cut: every page loads without JavaScript errors, every
+chart draws, widgets render; a screenshot per page goes to <build>/screenshots/.
+
+Uses Debian's /usr/bin/chromium through Playwright (never a downloaded browser). Without chromium the test is
+skipped, except under CI=true where it fails. Set STEGO_BOOK_HTML=path/to/_build/html to check an existing build
+(e.g. after `make book`) instead of building the smoke book.
+
+Page-specific checks: add a function ``check(page)`` to ``PAGE_CHECKS`` under the page's path relative to the html
+root (e.g. ``"book/chapters/05_explorer.html"``); it runs after the generic checks with the loaded page.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import pytest
+
+from stego_core import study
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+# Every chart on a page: vega-embed drew an SVG (or canvas) with at least one mark inside.
+CHARTS_DRAWN = """() => {
+  const charts = [...document.querySelectorAll('.stego-chart')];
+  return charts.every(el => el.querySelector('.chart-wrapper canvas, svg [class*="mark-"] > *')
+                             || el.querySelector('.stego-chart-error'));
+}"""
+
+
+def _check_widgets(page) -> None:
+    """Pages that carry ipywidgets state must show the widgets (here: tqdm's progress bars)."""
+    if page.locator('script[type="application/vnd.jupyter.widget-state+json"]').count():
+        page.wait_for_selector(".jupyter-widgets", timeout=20_000)
+        assert page.locator(".widget-progress, .jupyter-widgets").count() > 0
+
+
+def _check_math(page) -> None:
+    """MathJax (vendored) typeset the page's formulas."""
+    page.wait_for_selector("mjx-container", timeout=20_000)
+    assert page.locator("mjx-container mjx-math").count() > 0
+
+
+PAGE_CHECKS: dict[str, Callable] = {
+    "book/intro.html": _check_math,
+    "book/chapters/01_features.html": _check_widgets,
+}
+
+
+def _chromium_or_skip() -> None:
+    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        if ci:
+            pytest.fail("playwright is not installed (pip install -e '.[dev]')")
+        pytest.skip("playwright is not installed")
+    if not CHROMIUM.exists():
+        if ci:
+            pytest.fail(f"{CHROMIUM} is missing; install Debian's chromium (make system-deps)")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the browser checks need it")
+
+
+@pytest.fixture(scope="session")
+def html_root(tmp_path_factory) -> Path:
+    _chromium_or_skip()
+    if os.environ.get("STEGO_BOOK_HTML"):
+        return Path(os.environ["STEGO_BOOK_HTML"]).resolve()
+    base = tmp_path_factory.getbasetemp()
+    index = base / "smoke-book" / "_build" / "html" / "index.html"
+    if not index.exists():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
+            index = study.make_book("smoke", workdir=base / "smoke-book")
+    return index.parent
+
+
+@pytest.fixture(scope="session")
+def server(html_root):
+    handler = functools.partial(_QuietHandler, directory=str(html_root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test log clean
+        pass
+
+
+@pytest.fixture(scope="session")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def _pages(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.html")
+                  if p.relative_to(root).parts[0] not in ("_static", "vendor", "_sources"))
+
+
+def test_every_page_renders_offline(html_root, server, browser):
+    pages = _pages(html_root)
+    assert "book/chapters/00_data.html" in pages or os.environ.get("STEGO_BOOK_HTML")
+    shots = html_root.parent / "screenshots"
+    shots.mkdir(exist_ok=True)
+    problems: dict[str, list[str]] = {}
+    n_charts = 0
+    for rel in pages:
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, offline=False)
+        page = context.new_page()
+        found: list[str] = []
+        page.on("console", lambda msg, found=found: msg.type == "error" and found.append(f"console: {msg.text}"))
+        page.on("pageerror", lambda exc, found=found: found.append(f"pageerror: {exc}"))
+        page.on("response", lambda resp, found=found: resp.status >= 400 and found.append(
+            f"HTTP {resp.status}: {resp.url}"))
+
+        def route(r, found=found):
+            host = urlparse(r.request.url).hostname
+            if r.request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
+                r.continue_()
+            else:
+                found.append(f"blocked network request: {r.request.url}")
+                r.abort()
+
+        page.route("**/*", route)
+        page.goto(server + rel, wait_until="load")
+        page.wait_for_load_state("networkidle")
+        charts = page.locator(".stego-chart").count()
+        if charts:
+            page.wait_for_function(CHARTS_DRAWN, timeout=20_000)
+            errors = page.locator(".stego-chart-error").all_inner_texts()
+            found += [f"chart error: {e}" for e in errors]
+            drawn = page.locator('.stego-chart.vega-embed svg [class*="mark-"] > *').count()
+            assert drawn > 0, f"{rel}: {charts} charts but no marks drawn"
+            embeds = page.locator(".stego-chart.vega-embed").count()
+            assert embeds == charts, f"{rel}: {embeds} of {charts} charts were embedded"
+            n_charts += charts
+        if rel in PAGE_CHECKS:
+            PAGE_CHECKS[rel](page)
+        page.screenshot(path=str(shots / (rel.replace("/", "__").removesuffix(".html") + ".png")), full_page=True)
+        if found:
+            problems[rel] = found
+        context.close()
+    assert not problems, problems
+    if not os.environ.get("STEGO_BOOK_HTML"):
+        assert n_charts >= 3  # the smoke chapters hold 3 charts
+
+
+# --------------------------------------------------------------------------------------------- the explorer (05)
+# Added by the evaluation/explorer chapter: changing an explorer control swaps the pictures (no kernel involved).
+_EXPLORER_HREFS = "() => [...document.querySelectorAll('.stego-chart svg image')].map(e => e.getAttribute('href'))"
+
+
+def _explorer_hrefs_after(page, action) -> list[str]:
+    before = page.evaluate(_EXPLORER_HREFS)
+    action()
+    page.wait_for_function(f"(before) => JSON.stringify(({_EXPLORER_HREFS})()) !== JSON.stringify(before)",
+                           arg=before, timeout=10_000)
+    return page.evaluate(_EXPLORER_HREFS)
+
+
+def test_explorer_controls_change_the_pictures(html_root, server, browser):
+    rel = "book/chapters/05_explorer.html"
+    if not (html_root / rel).exists():
+        pytest.skip(f"{rel} is not part of this build")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.route("**/*", lambda r: r.continue_() if r.request.url.startswith((server, "data:", "blob:"))
+               else (errors.append(f"blocked {r.request.url}"), r.abort()))
+    page.goto(server + rel, wait_until="load")
+    page.wait_for_function(CHARTS_DRAWN, timeout=20_000)
+    page.wait_for_function("() => document.querySelectorAll('.stego-chart svg image').length >= 5", timeout=20_000)
+    first = page.evaluate(_EXPLORER_HREFS)
+    assert all(h.startswith("data:image/") for h in first)
+
+    method = page.locator('.stego-chart select[name="method"]')
+    options = method.locator("option").all_inner_texts()
+    assert len(options) >= 2
+    after_method = _explorer_hrefs_after(page, lambda: method.select_option(options[1]))
+    photos = [h for h in first if h.startswith("data:image/jpeg")]
+    assert [h for h in after_method if h.startswith("data:image/jpeg")] == photos  # same image, other prediction
+
+    item = page.locator('.stego-chart select[name="image_id"]')
+    after_item = _explorer_hrefs_after(page, lambda: item.select_option(index=1))
+    assert set(h for h in after_item if h.startswith("data:image/jpeg")).isdisjoint(photos)  # another photo
+    assert not errors, errors
+    context.close()

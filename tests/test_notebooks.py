@@ -1,0 +1,119 @@
+"""Smoke runs of the notebooks: the `smoke` profile executed with papermill, then the chapters' outputs checked."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from stego_core import study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def smoke_chapters(tmp_path_factory) -> Path:
+    """The smoke profile run once per session into <basetemp>/smoke-book (shared with the book and browser tests)."""
+    base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
+        workdir = study.prepare_workdir(base / "smoke-book")
+        study.run_profile("smoke", workdir=workdir)
+    return workdir / "book" / "chapters"
+
+
+def _outputs(nb, mime: str) -> list[str]:
+    return ["".join(o["data"][mime]) if isinstance(o["data"][mime], list) else o["data"][mime]
+            for c in nb.cells if c.cell_type == "code" for o in c.outputs if mime in o.get("data", {})]
+
+
+def _glued(nb) -> dict[str, str]:
+    """name -> text/plain of every glue() call (myst-nb stores them as papermill records)."""
+    out = {}
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            key = o.get("metadata", {}).get("scrapbook", {}).get("name")
+            if key:
+                data = o["data"]
+                out[key] = data.get("application/papermill.record/text/plain") or \
+                    data.get("application/papermill.record/text/markdown")
+    return out
+
+
+def _check_clean(nb, name):
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
+    assert not errors, f"{name} has error outputs: {errors[:1]}"
+    assert nb.metadata["stego_study"]["key"] == study.run_key(name, nb.metadata["stego_study"]["parameters"])
+    cells = nb.cells
+    params = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    injected = [i for i, c in enumerate(cells) if "injected-parameters" in c.metadata.get("tags", [])]
+    assert params == [0] and injected == [1]
+    assert "res = 64" in cells[1].source
+
+
+def test_data_notebook(smoke_chapters):
+    nb = nbformat.read(smoke_chapters / "00_data.ipynb", as_version=4)
+    _check_clean(nb, "00_data")
+    glued = _glued(nb)
+    assert glued["n_items"] == "8"  # the smoke profile's mosaic has 8 training scenes
+    assert int(glued["n_classes"]) >= 2
+    shares = float(glued["largest_share"]), float(glued["smallest_share"])
+    assert 0 < shares[1] <= shares[0] <= 100
+    html = _outputs(nb, "text/html")
+    charts = [h for h in html if 'class="stego-chart"' in h]
+    assert len(charts) == 2  # the label legend and the class histogram
+    spec = json.loads(charts[1].split("var spec = ", 1)[1].split(";\n", 1)[0])
+    assert spec["mark"]["type"] == "bar" and len(spec["datasets"][next(iter(spec["datasets"]))]) == int(glued["n_classes"])
+    # 2 examples x (image, overlay) as inline PNGs
+    assert sum(h.count("data:image/png;base64,") for h in html) == 4
+
+
+def test_features_notebook(smoke_chapters):
+    nb = nbformat.read(smoke_chapters / "01_features.ipynb", as_version=4)
+    _check_clean(nb, "01_features")
+    glued = _glued(nb)
+    assert glued["n_train"] == "8" and int(glued["n_val"]) > 0
+    assert int(glued["dim"]) > 0 and int(glued["k_eff"]) == 5
+    html = _outputs(nb, "text/html")
+    assert sum('class="stego-chart"' in h for h in html) == 1  # the timings chart
+    assert any("features (PCA)" in h for h in html) and any("neighbour 2" in h for h in html)
+    # the stores and their kNN tables are keyed artifacts under STEGO_ARTIFACTS
+    art = smoke_chapters.parents[2] / "smoke-artifacts" / "features"
+    stores = sorted(p.name for p in art.iterdir())
+    assert any(s.startswith("mosaic-train-efficientnet_lite0-64-") for s in stores)
+    assert any(s.startswith("mosaic-val-efficientnet_lite0-64-") for s in stores)
+    assert all((art / s / "knn-original.npy").exists() for s in stores)
+    # progress bars ran as widgets (the book test then checks the offline widget manager)
+    assert nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state")
+
+
+def test_rerun_is_skipped(smoke_chapters):
+    base = smoke_chapters.parents[1]
+    logs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEGO_ARTIFACTS", str(base.parent / "smoke-artifacts"))
+        results = study.run_profile("smoke", workdir=base, log=logs.append)
+    assert results and all(r.skipped for r in results)  # every notebook of the profile
+
+
+def test_costs_notebook(smoke_chapters):
+    from stego_core import costs
+
+    nb = nbformat.read(smoke_chapters / "08_costs.ipynb", as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
+    glued = _glued(nb)
+    expected = costs.cost_table(["potsdam"])  # the smoke profile's dataset, default precision and source
+    assert float(glued["biggest_store_gb"]) == pytest.approx(expected["feature store GB"].max())
+    assert int(glued["sweep_runs"]) == costs.study_hours("potsdam")["runs"]
+    html = _outputs(nb, "text/html")
+    assert sum('class="stego-chart"' in h for h in html) == 1  # GPU minutes per stage
+
+
+def test_parameters_notebook(smoke_chapters):
+    nb = nbformat.read(smoke_chapters / "09_parameters.ipynb", as_version=4)
+    html = "\n".join(_outputs(nb, "text/html"))
+    for name in ("00_data", "08_costs"):  # the smoke profile lists these two
+        for p in study.read_parameters(name):
+            assert f">{p.name}<" in html, (name, p.name)
+    assert "01_features" not in "".join(_outputs(nb, "text/markdown"))
