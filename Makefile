@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make book          run the '$(PROFILE)' profile's notebooks with papermill and build the book (HTML under _build/html)"
 	@echo "make test          run the whole test suite"
-	@echo "make system-deps   install the Debian packages the browser tests need (chromium; needs root)"
+	@echo "make system-deps   install the Debian packages the browser tests and the book need (chromium, npm; needs root)"
 	@echo "make benchmark     print the benchmark table (benchmarks/run.py)"
 
 $(BIN)/python:
@@ -39,6 +39,7 @@ benchmark: $(STAMP)
 system-deps:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core
+	command -v npm >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
 
 clean-book:
 	rm -rf _build book/chapters

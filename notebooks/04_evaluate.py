@@ -25,8 +25,8 @@ methods = ["stego", "dino"]  # which trained runs to evaluate: Table 2 has "steg
 code_dim = 0  # code dimension of the STEGO/PCA/RP/h-NNE runs; 0 means the preset's (24 for the demo)
 seed = 0  # seed of the runs to evaluate
 overrides = {}  # TrainConfig fields of the runs (e.g. {"steps": 4} in the tests); {} takes any finished run of the preset
-checkpoint = ""  # path to a released STEGO .ckpt to evaluate instead of the trained "stego" run; "" = the trained run
-baseline_checkpoint = ""  # path to a stego-studies DINO-baseline .ckpt instead of the trained "dino" run; "" = trained run
+checkpoint = ""  # path to a released STEGO .ckpt to evaluate instead of the trained "stego" run; empty means the trained run
+baseline_checkpoint = ""  # path to a stego-studies DINO-baseline .ckpt instead of the trained "dino" run; empty means the trained run
 trusted = False  # allow a full unpickle of the checkpoint files (only for files whose source you trust)
 protocol = "original"  # "original" (the reference's CRF image bytes and metrics) or "corrected"
 flip = True  # average the code of the image and its mirror image, as the paper's evaluation does
