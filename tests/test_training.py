@@ -1,0 +1,402 @@
+"""Tests of stego_core.training: presets, config validation, learning, checkpoints/resume, baselines, live source.
+
+The stores are tiny synthetic ones that follow the FeatureStore contract (features, labels, images, files beside
+them for the kNN table): 4 classes, 32-d token features = class prototype + per-image offset + noise on an 8x8
+grid, labels at 16x16. At code dim 3 a randomly initialised head loses most of the class structure; STEGO's
+correspondence loss recovers it, which is what the learning test checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stego_core.config import StegoError
+from stego_core.training import PRESETS, TrainConfig, load_run, make_config, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # these tensors are tiny: extra threads only add contention on the shared 2-core machine
+    torch.set_num_threads(1)
+    yield
+
+
+class FakeStore:
+    """In-memory store with the FeatureStore contract (read / iter_batches / meta / files beside it)."""
+
+    def __init__(self, path: Path, feats: torch.Tensor, label: torch.Tensor, image: np.ndarray, split: str):
+        self._path = Path(path)
+        self._path.mkdir(parents=True, exist_ok=True)
+        self.feats, self.label, self.image = feats.float(), label.long(), image
+        n, c, h, w = feats.shape
+        k = int(label.max()) + 1
+        self.meta = dict(dataset="synthetic", split=split, backbone="fakenet", res=int(label.shape[-1]),
+                         crop="center", n_classes=k, dim=c, grid=[h, w], n_items=n,
+                         class_names=[f"class{i}" for i in range(k)])
+
+    path = property(lambda self: self._path)
+    dim = property(lambda self: self.meta["dim"])
+    n_classes = property(lambda self: self.meta["n_classes"])
+
+    def __len__(self):
+        return self.feats.shape[0]
+
+    def read(self, indices):
+        idx = torch.as_tensor(np.asarray(indices)).long()
+        return dict(feats=self.feats[idx].clone(), label=self.label[idx].clone(), image=self.image[idx.numpy()],
+                    index=idx)
+
+    def iter_batches(self, batch_size, *, shuffle=False, seed=0):
+        for s in range(0, len(self), batch_size):
+            yield self.read(np.arange(s, min(s + batch_size, len(self))))
+
+    def has_file(self, name):
+        return (self._path / name).exists()
+
+    def save_array(self, name, arr):
+        np.save(self._path / name, arr)
+
+    def load_array(self, name):
+        return np.load(self._path / name)
+
+    def write_json(self, name, obj):
+        (self._path / name).write_text(json.dumps(obj))
+
+    def read_json(self, name):
+        return json.loads((self._path / name).read_text())
+
+    def remove_file(self, name):
+        (self._path / name).unlink(missing_ok=True)
+
+
+def _synthetic(n: int, seed: int, *, k: int = 4, c: int = 32, grid: int = 8, up: int = 2):
+    protos = torch.randn(k, c, generator=torch.Generator().manual_seed(1234))  # shared by train and val
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.empty(n, grid, grid, dtype=torch.long)
+    for i in range(n):  # two classes per image, split at a random column
+        a, b = torch.randperm(k, generator=g)[:2]
+        cut = int(torch.randint(2, grid - 1, (1,), generator=g))
+        tokens[i, :, :cut], tokens[i, :, cut:] = a, b
+    feats = protos[tokens].permute(0, 3, 1, 2)  # [n,g,g,c] -> [n,c,g,g]
+    feats = feats + 0.5 * torch.randn(n, c, 1, 1, generator=g) + 0.5 * torch.randn(n, c, grid, grid, generator=g)
+    label = tokens.repeat_interleave(up, 1).repeat_interleave(up, 2)  # [n,16,16]
+    label[:, 0, 0] = -1  # an ignored pixel
+    image = np.zeros((n, grid * up, grid * up, 3), np.uint8)
+    return feats, label, image
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    base = tmp_path_factory.mktemp("stores")
+    tr = FakeStore(base / "train", *_synthetic(64, 0), split="train")
+    va = FakeStore(base / "val", *_synthetic(32, 1), split="val")
+    return tr, va
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(dataset="synthetic", backbone="fakenet", code_dim=3, steps=40, batch_size=8, val_freq=20,
+                pos_intra_weight=0.1, pos_inter_weight=1.0, neg_inter_weight=0.15, pos_intra_shift=0.12,
+                pos_inter_shift=0.2, neg_inter_shift=1.0, lr=5e-3, feature_samples=7, neg_samples=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(result) -> dict[str, torch.Tensor]:
+    out = {f"cluster.{k}": v for k, v in result.cluster_probe.state_dict().items()}
+    out.update({f"linear.{k}": v for k, v in result.linear_probe.state_dict().items()})
+    if result.head is not None:
+        out.update({f"head.{k}": v for k, v in result.head.state_dict().items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_presets_carry_the_reference_values():
+    # spec §9.1 (README commands of the released checkpoints)
+    table = {
+        "cocostuff27": ("dino_vitb8", 90, 7000, 32, True, 0.1, 1.0, 0.1538476246415498, 0.12, 0.2, 1.0),
+        "cityscapes": ("dino_vitb8", 100, 7000, 32, False, 1.0, 0.577453483136995, 0.9058762625226623,
+                       0.45828472207, 0.1754346515479633, 0.31361241889448443),
+        "potsdam": ("dino_vits8", 70, 5000, 16, True, 0.67, 0.25, 0.63, 0.08, 0.02, 0.76),
+    }
+    for name, values in table.items():
+        cfg = make_config(name)
+        got = (cfg.backbone, cfg.code_dim, cfg.steps, cfg.batch_size, cfg.pointwise, cfg.pos_intra_weight,
+               cfg.pos_inter_weight, cfg.neg_inter_weight, cfg.pos_intra_shift, cfg.pos_inter_shift,
+               cfg.neg_inter_shift)
+        assert got == values, name
+        assert cfg.dataset == name and cfg.correspondence_weight == 1.0
+        # shared defaults (§9.2)
+        assert (cfg.lr, cfg.probe_lr, cfg.n_neighbors, cfg.feature_samples, cfg.neg_samples, cfg.val_freq,
+                cfg.zero_clamp, cfg.stabilize, cfg.extra_clusters, cfg.val_batch_size) == (
+            5e-4, 5e-3, 7, 11, 5, 100, True, False, 0, 8)
+    demo = make_config("demo", code_dim=6, seed=3)
+    assert (demo.dataset, demo.backbone, demo.code_dim, demo.seed) == ("mosaic", "efficientnet_lite0", 6, 3)
+    assert set(PRESETS) >= {"cocostuff27", "cityscapes", "potsdam", "demo"}
+
+
+def test_baselines_need_no_correspondence_weight():
+    assert make_config("potsdam", method="pca", code_dim=6).correspondence_weight == 0.0
+
+
+@pytest.mark.parametrize("call, param", [
+    (lambda: make_config("nope"), "preset"),
+    (lambda: make_config("demo", code_dim=0), "code_dim"),
+    (lambda: make_config("demo", methd="pca"), "overrides"),
+    (lambda: make_config("demo", method="umap"), "method"),
+    (lambda: make_config("demo", protocol="fixed"), "protocol"),
+    (lambda: make_config("demo", feature_source="disk"), "feature_source"),
+    (lambda: make_config("demo", steps=2.5), "steps"),
+    (lambda: make_config("demo", lr=0), "lr"),
+    (lambda: make_config("demo", pointwise="yes"), "pointwise"),
+])
+def test_bad_config_gives_one_clear_line(call, param):
+    with pytest.raises(StegoError) as info:
+        call()
+    msg = str(info.value)
+    assert msg.startswith(param + ":") and "\n" not in msg
+
+
+def test_missing_feature_cache_names_the_fix(tmp_path, stores):
+    with pytest.raises(StegoError, match=r"^train_store: .*cache_features"):
+        train(_cfg(), train_store=tmp_path / "no-such-store", val_store=stores[1], root=tmp_path, progress=False)
+
+
+def test_knn_table_of_wrong_length_is_refused(tmp_path, stores):
+    tr = FakeStore(tmp_path / "tr", *_synthetic(12, 5), split="train")
+    tr.save_array("knn-original.npy", np.zeros((11, 30), np.int64))
+    with pytest.raises(StegoError, match="wrong length") as info:
+        train(_cfg(), train_store=tr, val_store=stores[1], root=tmp_path, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_store_of_another_dataset_is_refused(tmp_path, stores):
+    with pytest.raises(StegoError, match="^train_store: .*dataset"):
+        train(_cfg(dataset="mosaic"), train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.fixture(scope="module")
+def stego_and_untrained(stores, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    tr, va = stores
+    stego = train(_cfg(steps=60, val_freq=30), train_store=tr, val_store=va, root=root, progress=False)
+    frozen = train(_cfg(steps=60, val_freq=30, correspondence_weight=0.0), train_store=tr, val_store=va,
+                   root=root, progress=False)
+    return stego, frozen, root
+
+
+def test_stego_learns_and_beats_the_untrained_head(stego_and_untrained):
+    stego, frozen, _ = stego_and_untrained
+    h = stego.history
+    total = h[h.metric == "loss/total"].value.to_numpy()
+    assert len(total) == 6 and total[-2:].mean() < total[:2].mean() - 0.3
+    inter = h[h.metric == "loss/pos_inter"].value.to_numpy()
+    assert np.isfinite(inter).all()
+    # same probe schedule, only the correspondence loss differs: STEGO separates the classes at D=3
+    assert stego.best["cluster/mIoU"] > frozen.best["cluster/mIoU"] + 15
+    assert stego.best["linear/mIoU"] > frozen.best["linear/mIoU"] + 15
+    # frozen head stayed at its initialisation (same seed -> same init as the STEGO run's head before training)
+    assert stego.head is not None and not stego.head.training
+
+
+def test_run_folder_checkpoints_rows_and_histograms(stego_and_untrained):
+    stego, _, root = stego_and_untrained
+    run_dir = stego.run_dir
+    assert run_dir.parent == Path(root) / "runs" and run_dir.name.startswith("synthetic-stego-d3-s0-")
+    for name in ("meta.json", "best.pt", "last.pt", "results.csv", "DONE", "code_corr.npz"):
+        assert (run_dir / name).exists(), name
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "done" and meta["config"]["code_dim"] == 3 and meta["best"] == stego.best
+    val = stego.history[stego.history.split == "val"]
+    assert sorted(val.step.unique()) == [30, 60]
+    assert stego.best["cluster/mIoU"] == val[val.metric == "cluster/mIoU"].value.max()
+
+    rows = pd.read_csv(run_dir / "results.csv")
+    assert set(rows.stage) == {"train", "best"} and set(rows.probe) == {"cluster", "linear"}
+    assert set(rows.metric) == {"mIoU", "Accuracy"} and (rows.method == "stego").all() and (~rows.crf).all()
+    best = rows[(rows.stage == "best") & (rows.probe == "cluster") & (rows.metric == "mIoU")]
+    assert best.value.item() == pytest.approx(stego.best["cluster/mIoU"]) and best.step.item() == stego.best["step"]
+
+    corr = stego.code_corr
+    assert set(corr) == {"intra", "inter", "neg"}
+    assert all(v.ndim == 1 and v.size > 100 and np.all(np.abs(v) <= 1 + 1e-5) for v in corr.values())
+    # a trained STEGO code: an image agrees with itself more than with random images
+    assert corr["intra"].mean() > corr["neg"].mean()
+
+
+def test_load_run_reproduces_the_best_validation(stego_and_untrained, stores):
+    from stego_core.training import _Features, _validate
+
+    stego, _, _ = stego_and_untrained
+    run = load_run(stego.run_dir)
+    assert run.step == stego.best["step"] and run.head is not None and not run.head.training
+    assert run.config.code_dim == 3
+    val = _Features(stores[1], live_backbone=None, preload_bytes=1 << 30)
+    again = _validate(run.config, run.head, run.cluster_probe, run.linear_probe, run.projection, val, 4)
+    for key in ("cluster/mIoU", "cluster/Accuracy", "linear/mIoU", "linear/Accuracy"):
+        assert again[key] == pytest.approx(stego.best[key])
+    code = run.code(stores[1].feats[:2])
+    assert code.shape == (2, 3, 8, 8)
+    last = load_run(stego.run_dir, which="last")
+    for k, v in last.cluster_probe.state_dict().items():
+        assert torch.equal(v, stego.cluster_probe.state_dict()[k])
+
+
+def test_finished_run_is_loaded_not_retrained(stego_and_untrained, stores):
+    stego, _, root = stego_and_untrained
+    calls = []
+    again = train(_cfg(steps=60, val_freq=30), train_store=stores[0], val_store=stores[1], root=root,
+                  progress=False, callback=lambda step, logs: calls.append(step))
+    assert calls == [] and again.run_dir == stego.run_dir and again.best == stego.best
+    for k, v in _weights(stego).items():
+        assert torch.equal(v, _weights(again)[k]), k
+    assert again.history.equals(stego.history)
+
+
+def test_resume_after_interrupt_gives_identical_weights(tmp_path, stores):
+    tr, va = stores
+    cfg = _cfg(steps=30, val_freq=10)
+    whole = train(cfg, train_store=tr, val_store=va, root=tmp_path / "a", progress=False)
+
+    # (1) stop cleanly after 13 steps, then resume
+    part = train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False, max_steps_this_call=13)
+    assert not part.completed and not (part.run_dir / "DONE").exists()
+    seen = []
+    rest = train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False,
+                 callback=lambda step, logs: seen.append(step))
+    assert seen[0] == 14 and seen[-1] == 30 and rest.completed
+
+    # (2) crash in the middle (exception from the callback): resume replays from the last checkpoint (step 20)
+    def crash(step, logs):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, train_store=tr, val_store=va, root=tmp_path / "c", progress=False, callback=crash)
+    crashed = train(cfg, train_store=tr, val_store=va, root=tmp_path / "c", progress=False)
+
+    ref = _weights(whole)
+    for other in (rest, crashed):
+        got = _weights(other)
+        assert ref.keys() == got.keys()
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), k
+        assert other.best == whole.best
+        assert other.history.equals(whole.history)
+        assert np.array_equal(other.code_corr["inter"], whole.code_corr["inter"])
+
+
+def test_resume_false_starts_over(tmp_path, stores):
+    cfg = _cfg(steps=10, val_freq=10)
+    first = train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
+    calls = []
+    second = train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False, resume=False,
+                   callback=lambda step, logs: calls.append(step))
+    assert calls == list(range(1, 11))
+    for k, v in _weights(first).items():
+        assert torch.equal(v, _weights(second)[k])  # seeded: the same run again
+
+
+def test_partner_is_drawn_from_ranks_one_to_n_neighbors(tmp_path, stores, monkeypatch):
+    """The kNN partner of item i is nns[i, r] with r in 1..n_neighbors, drawn afresh at every access."""
+    import stego_core.training as training
+
+    tr, va = stores
+    table = (np.arange(64)[:, None] + np.arange(30)[None, :]) % 64  # rank r of item i is item i + r (mod 64)
+    tr.save_array("knn-corrected.npy", table.astype(np.int64))
+    seen = []
+    real_get = training._Features.get
+
+    def spy(self, idx):
+        seen.append(torch.as_tensor(idx).clone())
+        return real_get(self, idx)
+
+    monkeypatch.setattr(training._Features, "get", spy)
+    try:
+        train(_cfg(steps=16, val_freq=16, protocol="corrected", n_neighbors=3), train_store=tr, val_store=va,
+              root=tmp_path, progress=False)
+    finally:
+        tr.remove_file("knn-corrected.npy")
+    pairs = list(zip(seen[0:32:2], seen[1:32:2]))  # (batch, partners) per training step
+    ranks = set()
+    for items, partners in pairs:
+        ranks.update(((partners - items) % 64).tolist())
+    assert ranks <= {1, 2, 3} and len(ranks) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# baselines and live features
+
+
+@pytest.mark.parametrize("method", ["dino", "pca", "rp", pytest.param("hnne", marks=pytest.mark.slow)])
+def test_baselines_train_probes_only(tmp_path, stores, method):
+    cfg = _cfg(method=method, code_dim=3, steps=20, val_freq=20, correspondence_weight=1.0)
+    res = train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
+    assert res.head is None and res.code_corr is None and res.config.correspondence_weight == 0.0
+    assert res.config.code_dim == (32 if method == "dino" else 3)
+    assert res.run_dir.name.startswith(f"synthetic-{method}-d{res.config.code_dim}-s0-")
+    h = res.history
+    assert "loss/pos_inter" not in set(h.metric)
+    assert res.best["cluster/mIoU"] > 0 and math.isfinite(res.best["linear/mIoU"])
+    loaded = load_run(res.run_dir)
+    if method == "dino":
+        assert loaded.projection is None and torch.equal(loaded.code(stores[1].feats[:1]), stores[1].feats[:1])
+    else:
+        assert loaded.projection is not None and loaded.code(stores[1].feats[:2]).shape == (2, 3, 8, 8)
+
+
+class _PoolNet(torch.nn.Module):
+    """A stand-in backbone made of elementwise maps and 2x2 average pooling only (batch-independent, exact)."""
+
+    name, dim, stride = "fakenet", 12, 2
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+        self.images_seen = 0
+
+    def forward(self, img):
+        self.images_seen += img.shape[0]
+        maps = torch.cat([img, img ** 2, torch.sin(2 * img), torch.cos(3 * img)], dim=1) * self.scale  # [B,12,H,W]
+        return torch.nn.functional.avg_pool2d(maps, 2)
+
+
+def test_live_features_match_cached_features(tmp_path):
+    """feature_source="live" runs the backbone on the stored images every step; with a store whose features
+    are exactly that backbone's output, both sources train the same weights."""
+    from stego_core.backbones import extract_features
+    from stego_core.data import normalize
+
+    net = _PoolNet()
+    stores = []
+    for split, n, seed in (("train", 24, 0), ("val", 8, 1)):
+        _, label, _ = _synthetic(n, seed)
+        g = torch.Generator().manual_seed(seed + 10)
+        colour = torch.randint(0, 256, (4, 3), generator=g)  # one colour per class, plus noise
+        img = (colour[label.clamp(min=0)] + torch.randint(0, 40, (n, 16, 16, 3), generator=g)).clamp(0, 255)
+        image = img.to(torch.uint8).numpy()  # [n,16,16,3]
+        feats = extract_features(net, normalize(torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255.0))
+        stores.append(FakeStore(tmp_path / split, feats, label, image, split=split))
+    cfg = _cfg(steps=12, val_freq=6, code_dim=4)
+    cached = train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
+    net.images_seen = 0
+    live = train(dataclasses.replace(cfg, feature_source="live"), train_store=stores[0], val_store=stores[1],
+                 root=tmp_path, progress=False, backbone=net)
+    assert live.run_dir != cached.run_dir
+    for k, v in _weights(cached).items():
+        assert torch.equal(v, _weights(live)[k]), k
+    assert live.best == cached.best
+    # 12 steps x 8 images x (batch + partner) + 2 validations x 8 images
+    assert net.images_seen == 12 * 8 * 2 + 2 * 8
