@@ -15,11 +15,13 @@
 dataset = "mosaic"  # which dataset: "mosaic" (offline demo, generated), "cocostuff27", "cityscapes", "potsdam", "directory"
 backbone = "efficientnet_lite0"  # frozen feature extractor: "efficientnet_lite0" (offline demo) or "dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16" (the paper)
 weights = None  # backbone weights: None for the default (bundled / timm hub), "random" (tests only) or a path to a weights file
-res = 224  # side of the square crop in pixels; 224 as in the paper (320 for evaluation in some of its runs)
-crop = "center"  # "center" (resize the short side, then crop), "none" (squash) or "five" (the prepared five-crop tree)
+res = 224  # side of the square training images in pixels; 224 as in the paper
+crop = "center"  # training crop: "center" (resize the short side, then crop), "none" (squash) or "five" (the prepared five-crop tree)
+val_res = None  # side of the validation images; None keeps res (the demo), the paper validates at 320
+val_crop = None  # validation crop; None keeps crop (the demo), the paper validates on the uncropped split ("center")
 dataset_options = {}  # extra loader options, e.g. {"n_images": 40} for mosaic; see stego_core.data
 batch_size = 16  # images per backbone call; raise it on a GPU
-device = "cpu"  # "cpu" or "cuda"
+device = "cpu"  # cpu, cuda, cuda:1 …; training and feature extraction run there
 k = 30  # neighbours per image in the kNN table; STEGO draws its positive pairs from the top 7 of 30
 protocol = "original"  # "original" (the paper's code, incl. channel dropout in the kNN descriptors) or "corrected"
 n_queries = 3  # how many query images the nearest-neighbour examples show
@@ -51,9 +53,10 @@ from stego_core import cache, knn, viz
 timings = []
 stores = {}
 tables = {}
-for split in ("train", "val"):
+sizes = {"train": (res, crop), "val": (val_res or res, val_crop or crop)}  # (res, crop) of each split's store
+for split, (split_res, split_crop) in sizes.items():
     t0 = time.perf_counter()
-    stores[split] = cache.cache_features(dataset, split, backbone, res=res, crop=crop, weights=weights,
+    stores[split] = cache.cache_features(dataset, split, backbone, res=split_res, crop=split_crop, weights=weights,
                                          dataset_options=dataset_options, root=root, batch_size=batch_size,
                                          device=device, progress=progress)
     t1 = time.perf_counter()
@@ -68,13 +71,18 @@ glue("n_train", len(stores["train"]), display=False)
 glue("n_val", len(stores["val"]), display=False)
 glue("dim", train.dim, display=False)
 glue("grid", Markdown(f"{train.grid[0]} × {train.grid[1]}"), display=False)
+glue("train_res", train.res, display=False)
+glue("val_res", stores["val"].res, display=False)
+glue("val_grid", Markdown(f"{stores['val'].grid[0]} × {stores['val'].grid[1]}"), display=False)
 glue("k_eff", tables["train"].shape[1], display=False)
 timings.round(3)
 
 # %% [markdown]
-# The store holds {glue:text}`n_train` training and {glue:text}`n_val` validation images; each image becomes a
-# {glue:md}`grid` grid of {glue:text}`dim`-dimensional patch features. (Timings near zero mean the artifact was
-# already there and was read back.)
+# The store holds {glue:text}`n_train` training and {glue:text}`n_val` validation images; each training image
+# ({glue:text}`train_res` px) becomes a {glue:md}`grid` grid of {glue:text}`dim`-dimensional patch features, each
+# validation image ({glue:text}`val_res` px) a {glue:md}`val_grid` grid. The paper trains at 224 px and validates
+# at 320 px; the head works on any grid, and validation upsamples its output to each label's size. (Timings near
+# zero mean the artifact was already there and was read back.)
 
 # %%
 viz.bar_chart(timings, "stage", "seconds", "split", title="wall time per stage (s)")

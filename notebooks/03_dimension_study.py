@@ -16,8 +16,10 @@ preset = "demo"  # training preset (stego_core.training.PRESETS): "demo" (mosaic
 dataset = None  # dataset of the feature stores; None keeps the preset's (the demo's is "mosaic"); change it only together with a matching preset
 backbone = None  # backbone of the feature stores; None keeps the preset's ("efficientnet_lite0" for the demo, DINO ViT-B/8 or S/8 for the paper)
 weights = None  # backbone weights when the feature stores must be built: None for the default, or a path to a weights file
-res = 224  # image side of the cached features (as in 01_features, so its stores are reused)
-crop = "center"  # crop of the cached features: "center", "none" or "five" (as in 01_features)
+res = 224  # image side of the cached training features (as in 01_features, so its stores are reused)
+crop = "center"  # crop of the cached training features: "center", "none" or "five" (as in 01_features)
+val_res = None  # image side of the validation features; None keeps res (the demo), the paper validates at 320
+val_crop = None  # crop of the validation features; None keeps crop (the demo), the paper: "center" (uncropped split)
 dataset_options = {}  # extra loader options of the stores (as in 01_features), e.g. {"n_images": 40} for mosaic
 methods = ["stego", "dino", "pca", "rp", "hnne"]  # which methods to sweep: STEGO head, DINO baseline (raw features), PCA, random projection, h-NNE (the paper: h-NNE on Cityscapes only)
 dims = None  # code dimensions D; None takes the study's list for the preset (stego_core.sweep.STUDY_DIMS) plus the backbone's full dimension C
@@ -27,6 +29,7 @@ n_fit_images = None  # training images whose tokens fit PCA / RP / h-NNE; None k
 protocol = "original"  # "original" (the study's code, incl. per-batch standardisation inside PCA/RP/h-NNE) or "corrected"
 overrides = {}  # further TrainConfig fields for every run, e.g. {"batch_size": 8} or {"n_neighbors": 4} on tiny data
 spread = "band"  # how Figure 4 shows the spread over seeds: "band", "errorbar" or "none"
+device = "cpu"  # cpu, cuda, cuda:1 …; training and feature extraction run there
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars (one per run when True)
 
@@ -56,16 +59,19 @@ from myst_nb import glue
 
 from stego_core import cache, config, figures, projections, sweep, training
 
-cache_options = dict(res=res, crop=crop, weights=weights, dataset_options=dataset_options)
+cache_options = {split: dict(res=split_res, crop=split_crop, weights=weights, dataset_options=dataset_options,
+                             device=device)
+                 for split, split_res, split_crop in (("train", res, crop), ("val", val_res or res, val_crop or crop))}
 run_overrides = {k: v for k, v in dict(dataset=dataset, backbone=backbone, steps=steps,
                                        n_fit_images=n_fit_images).items() if v is not None}
 base_config = training.make_config(preset, **{**overrides, **run_overrides})  # fails early on a bad override
 stores = {split: cache.cache_features(base_config.dataset, split, base_config.backbone, root=root,
-                                      progress=progress, **cache_options) for split in ("train", "val")}
+                                      progress=progress, **cache_options[split]) for split in ("train", "val")}
 C = stores["train"].dim
 dims_used = sorted(set(sweep.STUDY_DIMS.get(preset, ())) | {C}) if dims is None else list(dims)
 grid = sweep.SweepGrid(presets=[preset], methods=methods, dims=dims_used, seeds=seeds, protocol=protocol,
-                       overrides={**overrides, **run_overrides}, train_cache=cache_options, val_cache=cache_options)
+                       overrides={**overrides, **run_overrides}, train_cache=cache_options["train"],
+                       val_cache=cache_options["val"])
 specs = grid.runs()
 # PCA and h-NNE give at most C components: such cells are skipped (RP and STEGO may map up to any D)
 too_large = [s.name for s in specs if s.method in ("pca", "hnne") and s.code_dim > C]

@@ -15,8 +15,10 @@
 dataset = "mosaic"  # which dataset: "mosaic" (offline demo), "cocostuff27", "cityscapes", "potsdam", "directory"
 backbone = "efficientnet_lite0"  # backbone of the trained runs: "efficientnet_lite0" (demo) or a "dino_vit*" name
 weights = None  # backbone weights: None for the default, "random" (tests only) or a weights file
-res = 224  # image size of the feature caches (chapter 01)
-crop = "center"  # crop of the feature caches (chapter 01)
+res = 224  # image size of the training feature cache (chapter 01)
+crop = "center"  # crop of the training feature cache (chapter 01)
+val_res = None  # image size of the validation cache shown here; None keeps res (the demo), the paper validates at 320
+val_crop = None  # crop of the validation cache; None keeps crop (the demo), the paper: "center" (uncropped split)
 dataset_options = {}  # extra loader options of the caches, e.g. {"n_images": 40} for mosaic
 preset = "demo"  # training preset of the runs (stego_core.training.PRESETS); missing runs are trained with it
 methods = ["stego", "pca", "rp", "hnne", "dino"]  # methods offered: "stego", "pca", "rp", "hnne", "dino" (raw features)
@@ -29,6 +31,7 @@ first_image = 0  # index of the first validation image shown; the next ones foll
 workers = 2  # processes for DenseCRF
 size = 200  # pixel size of each panel in the explorer
 live = True  # also build the live panel (upload, recompute): needs a running kernel; the book turns it off
+device = "cpu"  # cpu, cuda, cuda:1 …; feature extraction runs there (missing runs train on the CPU)
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars
 
@@ -56,9 +59,10 @@ from myst_nb import glue
 from stego_core import backbones, cache, explorer
 
 train_store = cache.cache_features(dataset, "train", backbone, res=res, crop=crop, weights=weights,
-                                   dataset_options=dataset_options, root=root, progress=progress)
-val_store = cache.cache_features(dataset, "val", backbone, res=res, crop=crop, weights=weights,
-                                 dataset_options=dataset_options, root=root, progress=progress)
+                                   dataset_options=dataset_options, root=root, device=device, progress=progress)
+val_store = cache.cache_features(dataset, "val", backbone, res=val_res or res, crop=val_crop or crop,
+                                 weights=weights, dataset_options=dataset_options, root=root, device=device,
+                                 progress=progress)
 models = {}
 for method in methods:
     for dim in ([train_store.dim] if method == "dino" else [d for d in dims if method == "rp" or d <= train_store.dim]):
@@ -100,6 +104,6 @@ table[sorted(table.columns)].round(1)
 
 # %%
 if live:
-    display(explorer.live_explorer(data, backbones.load_backbone(backbone, weights), res=res, workers=1))
+    display(explorer.live_explorer(data, backbones.load_backbone(backbone, weights), res=val_store.res, workers=1))
 else:
     display(Markdown("*(live panel off: `live = False`)*"))

@@ -15,8 +15,10 @@
 dataset = "mosaic"  # which dataset: "mosaic" (offline demo), "cocostuff27", "cityscapes", "potsdam", "directory"
 backbone = "efficientnet_lite0"  # backbone of the feature caches and runs
 weights = None  # backbone weights: None for the default, "random" (tests only) or a weights file
-res = 224  # image size of the feature caches (chapter 01)
-crop = "center"  # crop of the feature caches
+res = 224  # image size of the training feature cache (chapter 01)
+crop = "center"  # crop of the training feature cache
+val_res = None  # image size of the validation cache and images; None keeps res (the demo), the paper validates at 320
+val_crop = None  # crop of the validation cache and images; None keeps crop (the demo), the paper: "center" (uncropped)
 dataset_options = {}  # extra loader options of the caches, e.g. {"n_images": 40} for mosaic
 preset = "demo"  # training preset of the runs compared (stego_core.training.PRESETS)
 seed = 0  # seed of the runs
@@ -29,7 +31,7 @@ n_neighbors = 7  # kNN partners per image that STEGO draws from (ranks 1..7)
 crf_images = 8  # validation images for the CRF quirk (each costs two CRF runs per probe and protocol)
 batch_sizes = [1, 8, 0]  # validation batch sizes for the per-batch standardisation check (0 means the whole split)
 workers = 2  # processes for DenseCRF
-device = "cpu"  # "cpu" or "cuda" for the backbone
+device = "cpu"  # cpu, cuda, cuda:1 …; feature extraction and the backbone run there (missing runs train on the CPU)
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars
 
@@ -50,7 +52,7 @@ import torch
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import backbones, cache, data, explorer, quirks, viz
+from stego_core import backbones, cache, data, explorer, quirks, training, viz
 from stego_core.evaluation import evaluate
 from stego_core.training import PRESETS
 
@@ -59,8 +61,9 @@ t_start = time.perf_counter()
 dim = code_dim or PRESETS[preset].get("code_dim", 24)
 train_store = cache.cache_features(dataset, "train", backbone, res=res, crop=crop, weights=weights,
                                    dataset_options=dataset_options, root=root, device=device, progress=progress)
-val_store = cache.cache_features(dataset, "val", backbone, res=res, crop=crop, weights=weights,
-                                 dataset_options=dataset_options, root=root, device=device, progress=progress)
+val_store = cache.cache_features(dataset, "val", backbone, res=val_res or res, crop=val_crop or crop,
+                                 weights=weights, dataset_options=dataset_options, root=root, device=device,
+                                 progress=progress)
 run_args = dict(train_store=train_store, val_store=val_store, seed=seed, root=root, progress=progress,
                 **overrides)
 rows = []
@@ -173,8 +176,10 @@ glue("n_crf", len(crf_items), display=False)
 
 # %%
 bb = backbones.load_backbone(backbone, weights, device=device)
-resized = {p: evaluate(bb, stego["original"].head, stego["original"].cluster_probe, stego["original"].linear_probe,
-                       data.load_dataset(dataset, "val", res=res, crop=crop, protocol=p, **dataset_options),
+on_device = training.load_run(stego["original"].run_dir, device=device)  # the run's modules beside the backbone
+resized = {p: evaluate(bb, on_device.head, on_device.cluster_probe, on_device.linear_probe,
+                       data.load_dataset(dataset, "val", res=val_res or res, crop=val_crop or crop, protocol=p,
+                                         **dataset_options),
                        flip=False, progress=False)
            for p in ("original", "corrected")}
 rows += [{"quirk": "3 nearest resize", "measure": f"STEGO val {probe} mIoU (eval images only)",

@@ -160,6 +160,9 @@ def evaluate_codes(batches: Iterable[Mapping[str, Any]], cluster_probe: Any, lin
     protocol: also passed to the metrics (``"corrected"`` counts predictions on extra clusters as errors).
     keep_predictions: how many images' predictions (cluster ids mapped to classes, linear classes, labels) to return.
 
+    A split without a single labelled pixel (e.g. a ``directory`` dataset without label files, all -1) is a
+    StegoError rather than NaN metrics.
+
     Returns a dict: ``"cluster/mIoU"``, ``"cluster/Accuracy"``, ``"linear/mIoU"``, ``"linear/Accuracy"`` (floats
     ×100), ``"cluster"`` and ``"linear"`` (the full ``UnsupervisedMetrics.compute()`` dicts with confusion
     matrices and per-class values), ``n_images``, ``crf``, ``protocol`` and, if asked, ``predictions``.
@@ -183,6 +186,7 @@ def evaluate_codes(batches: Iterable[Mapping[str, Any]], cluster_probe: Any, lin
     linear_metrics = UnsupervisedMetrics(n_classes, hungarian=False, protocol=protocol)
     kept: dict[str, list] = {"index": [], "cluster": [], "linear": [], "label": []}
     n_images = 0
+    n_labelled = 0  # pixels with a class in 0..K-1 (the metrics ignore every other pixel)
     modules = [m for m in (head, cluster_probe, linear_probe) if m is not None]
     states = [m.training for m in modules]
     for m in modules:
@@ -218,6 +222,7 @@ def evaluate_codes(batches: Iterable[Mapping[str, Any]], cluster_probe: Any, lin
             else:
                 linear_pred = linear_lp.argmax(1)
                 cluster_pred = cluster_lp.argmax(1)
+            n_labelled += int(((label >= 0) & (label < n_classes)).sum())
             linear_metrics.update(linear_pred, label)
             cluster_metrics.update(cluster_pred, label)
             if n_images < keep:
@@ -237,6 +242,9 @@ def evaluate_codes(batches: Iterable[Mapping[str, Any]], cluster_probe: Any, lin
             m.train(s)
     if n_images == 0:
         raise StegoError("batches: nothing to evaluate (empty dataset or loader)")
+    if n_labelled == 0:
+        raise StegoError(f"label: no labelled pixels in this split (all -1, or outside 0..{n_classes - 1}); metrics "
+                         f"need labels — use stego_core.segment.segment_images for unlabelled data")
     cluster = cluster_metrics.compute(class_names)
     linear = linear_metrics.compute(class_names)
     out: dict[str, Any] = {

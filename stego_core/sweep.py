@@ -203,7 +203,8 @@ def train_run(spec: RunSpec, *, run_dir: Path, root=None, progress: bool = False
     train_store = cache_features(cfg.dataset, "train", cfg.backbone, root=root, progress=progress,
                                  **spec.train_cache)
     val_store = cache_features(cfg.dataset, "val", cfg.backbone, root=root, progress=progress, **spec.val_cache)
-    result = train(cfg, train_store=train_store, val_store=val_store, root=root, progress=progress)
+    result = train(cfg, train_store=train_store, val_store=val_store, root=root, progress=progress,
+                   **{k: v for k, v in spec.train_cache.items() if k == "device"})  # caches' device also trains
     write_json_atomic(Path(run_dir) / "run.json", {"train_run_dir": str(result.run_dir), "best": result.best})
     return result
 

@@ -25,6 +25,10 @@ What one run does (stego-spec.md §2-§5, §7.1, §8.4):
 - Checkpoints hold the optimiser and RNG states, so a run interrupted (crash, kill, ``max_steps_this_call``) and
   resumed ends with the same weights as an uninterrupted one (bit-identical on CPU). ``results.csv`` (tidy rows,
   ``stego_core.results``) and a ``DONE`` marker are written at the end; a finished run is loaded, not retrained.
+- ``train(..., device="cuda")`` runs the head, the probes, the projections and every batch on that device (the
+  modules are initialised on the CPU first, so the initial weights do not depend on the device, though later
+  random draws and float sums do); the device is not part of the run's key. Checkpoints always hold CPU tensors,
+  so a run trained on a GPU loads anywhere (``load_run(run_dir, device=...)``).
 
 Protocols. ``"original"`` copies the reference: the kNN table built from channel-dropped descriptors (§4, quirk 1),
 a third channel dropout on the features that make the correspondence tensor F (§1.3, quirk 2), per-batch
@@ -35,6 +39,7 @@ count every prediction.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import pickle
@@ -72,6 +77,7 @@ __all__ = [
     "train",
     "load_run",
     "run_dir_for",
+    "resolve_device",
 ]
 
 METHODS = ("stego", "dino", "pca", "rp", "hnne")
@@ -155,7 +161,9 @@ class TrainConfig:
 
 
 # The README commands of the released checkpoints (spec §9.1). Coco and Cityscapes train on five-crops
-# (crop ratio .5) of the training images, Potsdam uncropped: that choice belongs to the feature cache.
+# (crop ratio .5) of the training images at 224 px, Potsdam uncropped at 224 px, and all three validate on the
+# uncropped val split at 320 px (§1.4, §6.4, §8.2): those choices belong to the feature caches (the train and val
+# stores may differ in resolution; validation upsamples the code to each label's size).
 PRESETS: dict[str, dict[str, Any]] = {
     "cocostuff27": dict(
         dataset="cocostuff27", backbone="dino_vitb8", code_dim=90, steps=7000, batch_size=32, pointwise=True,
@@ -191,8 +199,9 @@ def make_config(preset: str, **overrides: Any) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
+        hint = "; device is an argument of train(), not a config field" if "device" in unknown else ""
         raise StegoError(f"overrides: unknown TrainConfig field(s) {', '.join(unknown)}; "
-                         f"expected some of {', '.join(sorted(fields))}")
+                         f"expected some of {', '.join(sorted(fields))}{hint}")
     return TrainConfig(**{**PRESETS[preset], **overrides})
 
 
@@ -220,7 +229,7 @@ class TrainResult:
 
 @dataclass
 class LoadedRun:
-    """Modules of a finished (or interrupted) run, ready for evaluation (eval mode, CPU)."""
+    """Modules of a finished (or interrupted) run, ready for evaluation (eval mode, on ``device``)."""
 
     run_dir: Path
     config: TrainConfig
@@ -231,9 +240,11 @@ class LoadedRun:
     linear_probe: nn.Module
     projection: Any | None
     metrics: dict[str, float]  # validation metrics stored with the checkpoint
+    device: str = "cpu"  # where the modules live (load_run's device)
 
     def code(self, feats: Tensor) -> Tensor:
-        """feats [B,C,h,w] -> code [B,D,h,w] with this run's head or projection (no grad)."""
+        """feats [B,C,h,w] -> code [B,D,h,w] with this run's head or projection (no grad), on the run's device."""
+        feats = torch.as_tensor(feats).to(self.device)
         return _code_eval(self.config, self.head, self.projection, feats)
 
 
@@ -269,12 +280,55 @@ def run_dir_for(cfg: TrainConfig, train_store: Any, val_store: Any, root=None) -
     return artifact_dir("runs", cfg.run_name, key, root)
 
 
+def resolve_device(device: Any) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device`` -> ``torch.device``, checked to exist on
+    this machine (a one-line StegoError naming ``device`` otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise StegoError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StegoError(f"device: {str(device)!r} is not available here (torch.cuda.is_available() is False); "
+                             f"use device 'cpu' or run on a machine with a CUDA GPU")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise StegoError(f"device: {str(device)!r} does not exist; this machine has {n} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{n - 1})")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise StegoError(f"device: {str(device)!r} is not available here (torch.backends.mps.is_available() "
+                             f"is False); use device 'cpu'")
+        return dev
+    raise StegoError(f"device: {str(device)!r} is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def _cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU: device-independent checkpoints."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the type and a state dict's _metadata
+        for k, v in obj.items():
+            out[k] = _cpu(v)
+        return out
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_cpu(v) for v in obj)
+    return obj
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        torch.save(_cpu(obj), tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -306,10 +360,12 @@ class _Features:
     """Feature / label access for one store: preloaded when small, else read per batch; live mode runs the
     backbone on the stored (un-normalised uint8) images."""
 
-    def __init__(self, store: Any, *, live_backbone: nn.Module | None, preload_bytes: int):
+    def __init__(self, store: Any, *, live_backbone: nn.Module | None, preload_bytes: int,
+                 device: torch.device | str | None = None):
         self.store = store
         self.n = len(store)
         self.backbone = live_backbone
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._cache: dict[str, Tensor] | None = None
         meta = store.meta
         res = int(meta.get("res", 0)) or None
@@ -318,8 +374,8 @@ class _Features:
         per_item = 4 * c * (int(grid[0]) * int(grid[1]) if grid else 0) + 8 * (res or 0) ** 2
         if live_backbone is not None:
             per_item += 3 * (res or 0) ** 2
-        if per_item * self.n <= preload_bytes:
-            self._cache = self._read(torch.arange(self.n))
+        if per_item * self.n <= preload_bytes:  # preloaded onto the device: no host->device copy per step
+            self._cache = {k: v.to(self.device) for k, v in self._read(torch.arange(self.n)).items()}
 
     def _read(self, idx: Tensor) -> dict[str, Tensor]:
         rec = self.store.read(idx.numpy() if isinstance(idx, Tensor) else idx)
@@ -331,24 +387,28 @@ class _Features:
         return out
 
     def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(feats [n,C,h,w] float32, label [n,H,W] int64) of items ``idx``."""
-        rec = {k: v[idx] for k, v in self._cache.items()} if self._cache is not None else self._read(idx)
+        """(feats [n,C,h,w] float32, label [n,H,W] int64) of items ``idx``, on the device."""
+        idx = torch.as_tensor(idx)
+        if self._cache is not None:
+            rec = {k: v[idx.to(v.device)] for k, v in self._cache.items()}
+        else:
+            rec = {k: v.to(self.device) for k, v in self._read(idx).items()}
         if self.backbone is None:
             return rec["feats"], rec["label"]
         from .backbones import extract_features
         from .data import normalize
 
         img = normalize(rec["image"].permute(0, 3, 1, 2).float() / 255.0)  # [n,H,W,3] uint8 -> [n,3,H,W]
-        return extract_features(self.backbone, img).float(), rec["label"]
+        return extract_features(self.backbone, img).float().to(self.device), rec["label"]
 
 
-def _load_live_backbone(store: Any, backbone: nn.Module | None) -> nn.Module:
+def _load_live_backbone(store: Any, backbone: nn.Module | None, device: torch.device) -> nn.Module:
     if backbone is not None:
-        return backbone
+        return backbone.to(device)
     from .backbones import load_backbone
 
     meta = store.meta
-    return load_backbone(meta["backbone"], weights=meta.get("weights"))
+    return load_backbone(meta["backbone"], weights=meta.get("weights")).to(device)
 
 
 def _load_knn_table(store: Any, cfg: TrainConfig, progress: bool) -> Tensor:
@@ -514,6 +574,7 @@ def train(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     max_steps_this_call: int | None = None,
     preload_mb: int = 2048,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train one run (see the module docstring) and return its ``TrainResult``.
 
@@ -522,17 +583,22 @@ def train(
     root: artifacts root (default ``$STEGO_ARTIFACTS`` or ``<repo>/artifacts``).
     resume: continue from ``last.pt`` if the run folder has one; a run with ``DONE`` is loaded without training.
       ``resume=False`` starts over.
-    backbone: the backbone for ``feature_source="live"`` (default: loaded from the store's meta).
+    backbone: the backbone for ``feature_source="live"`` (default: loaded from the store's meta); moved to
+      ``device``.
     callback: called as ``callback(step, logs)`` after every step (``logs`` holds the synced training losses on
       logging steps, else is empty); an exception raised there stops the run (resume continues from the last
       checkpoint).
     max_steps_this_call: stop (with a checkpoint) after this many steps of this call; the run stays resumable.
-    preload_mb: load a store into memory when its features fit in this many MiB (else read per batch).
+    preload_mb: load a store into memory when its features fit in this many MiB (else read per batch); on a GPU
+      a preloaded store lives in GPU memory.
+    device: where the head, the probes, the projections and the batches live ("cpu", "cuda", "cuda:1", "mps");
+      not part of the run's key (checkpoints hold CPU tensors). A device this machine lacks is a StegoError.
     """
     if not isinstance(cfg, TrainConfig):
         raise StegoError(f"cfg: expected a TrainConfig (see make_config), got {type(cfg).__name__}")
     if max_steps_this_call is not None:
         check_int("max_steps_this_call", max_steps_this_call, minimum=1)
+    dev = resolve_device(device)
     train_store = _open_store(train_store, "train_store")
     val_store = _open_store(val_store, "val_store")
     in_dim, n_classes = _check_stores(cfg, train_store, val_store)
@@ -543,7 +609,7 @@ def train(
     ensure_writable(run_dir, "root")
     last_path, best_path, done_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "DONE"
     if resume and done_path.exists() and last_path.exists():
-        return _finished_result(run_dir, cfg)
+        return _finished_result(run_dir, cfg, dev)
     if not resume:
         for p in (done_path, last_path, best_path, run_dir / "results.csv", run_dir / "code_corr.npz"):
             p.unlink(missing_ok=True)
@@ -582,13 +648,16 @@ def train(
         val_src = project_store(projection, val_store, artifacts_root(root), progress=progress)
         step_projection = None
 
-    bb = _load_live_backbone(train_store, backbone) if live else None
+    bb = _load_live_backbone(train_store, backbone, dev) if live else None
     limit = int(preload_mb) << 20
-    train_feats = _Features(train_src, live_backbone=bb, preload_bytes=limit)
-    val_feats = _Features(val_src, live_backbone=bb, preload_bytes=limit)
+    train_feats = _Features(train_src, live_backbone=bb, preload_bytes=limit, device=dev)
+    val_feats = _Features(val_src, live_backbone=bb, preload_bytes=limit, device=dev)
 
     # ---- model, optimisers, loss ---------------------------------------------------------------------------
-    head, cluster_probe, linear_probe = _build_modules(cfg, in_dim, n_classes)
+    head, cluster_probe, linear_probe = _build_modules(cfg, in_dim, n_classes)  # initialised on the CPU
+    for m in (head, cluster_probe, linear_probe):
+        if m is not None:
+            m.to(dev)
     opt_head = torch.optim.Adam(head.parameters(), lr=cfg.lr) if head is not None else None
     opt_cluster = torch.optim.Adam(cluster_probe.parameters(), lr=cfg.probe_lr)
     opt_linear = torch.optim.Adam(linear_probe.parameters(), lr=cfg.probe_lr)
@@ -619,6 +688,8 @@ def train(
         opt_cluster.load_state_dict(ck["opt_cluster"])
         opt_linear.load_state_dict(ck["opt_linear"])
         torch.set_rng_state(ck["rng_torch"])
+        if dev.type == "cuda" and ck.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng_cuda"], dev)
         partner_gen.set_state(ck["rng_partner"])
         step, history, best, last_metrics = ck["step"], ck["history"], ck["best"], ck["last_metrics"]
 
@@ -630,6 +701,7 @@ def train(
             "opt_head": opt_head.state_dict() if opt_head is not None else None,
             "opt_cluster": opt_cluster.state_dict(), "opt_linear": opt_linear.state_dict(),
             "rng_torch": torch.get_rng_state(), "rng_partner": partner_gen.get_state(),
+            "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "history": history, "best": best, "last_metrics": last_metrics,
             "in_dim": in_dim, "n_classes": n_classes, "metrics": last_metrics,
         }, last_path)
@@ -749,8 +821,8 @@ def _corr_samples(terms: dict[str, Tensor]) -> dict[str, np.ndarray]:
     for key in ("intra", "inter", "neg"):
         flat = terms[f"corr_{key}"].reshape(-1)
         if flat.numel() > _CORR_SAMPLES:
-            flat = flat[torch.randperm(flat.numel(), generator=gen)[:_CORR_SAMPLES]]
-        out[key] = flat.numpy().astype(np.float32)
+            flat = flat[torch.randperm(flat.numel(), generator=gen)[:_CORR_SAMPLES].to(flat.device)]
+        out[key] = flat.detach().cpu().numpy().astype(np.float32)
     return out
 
 
@@ -780,9 +852,9 @@ def _write_results(cfg: TrainConfig, run_dir: Path, history: list[dict], best: d
     write_rows(run_dir, _rows_for_results(cfg, run_dir.name, history, best))
 
 
-def _finished_result(run_dir: Path, cfg: TrainConfig) -> TrainResult:
+def _finished_result(run_dir: Path, cfg: TrainConfig, device: torch.device) -> TrainResult:
     """TrainResult of a run that has DONE: modules from last.pt (final weights), history from the checkpoint."""
-    loaded = load_run(run_dir, which="last")
+    loaded = load_run(run_dir, which="last", device=device)
     ck = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
     corr_path = run_dir / "code_corr.npz"
     code_corr = None
@@ -795,11 +867,13 @@ def _finished_result(run_dir: Path, cfg: TrainConfig) -> TrainResult:
                        checkpoints={"best": run_dir / "best.pt", "last": run_dir / "last.pt"}, completed=True)
 
 
-def load_run(run_dir: str | os.PathLike, which: str = "best") -> LoadedRun:
+def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """The modules of a run folder written by ``train``: ``which="best"`` (best validation cluster mIoU, the
-    study's model selection) or ``"last"`` (final weights). Modules come back in eval mode on the CPU."""
+    study's model selection) or ``"last"`` (final weights). Modules come back in eval mode on ``device`` (the
+    checkpoints hold CPU tensors, so a run trained on a GPU loads on a CPU-only machine)."""
     run_dir = Path(run_dir)
     check_choice("which", which, ("best", "last"))
+    dev = resolve_device(device)
     meta = _read_meta(run_dir)
     path = run_dir / f"{which}.pt"
     if not path.exists():
@@ -821,10 +895,13 @@ def load_run(run_dir: str | os.PathLike, which: str = "best") -> LoadedRun:
     linear_probe.load_state_dict(ck["linear_probe"])
     cluster_probe.eval()
     linear_probe.eval()
+    for m in (head, cluster_probe, linear_probe):
+        if m is not None:
+            m.to(dev)
     projection = None
     if (run_dir / "projection.pkl").exists():
         with open(run_dir / "projection.pkl", "rb") as fh:
             projection = pickle.load(fh)
     return LoadedRun(run_dir=run_dir, config=cfg, meta=meta, step=int(ck["step"]), head=head,
                      cluster_probe=cluster_probe, linear_probe=linear_probe, projection=projection,
-                     metrics=dict(ck.get("metrics") or {}))
+                     metrics=dict(ck.get("metrics") or {}), device=str(dev))

@@ -156,3 +156,42 @@ def test_paper_table_has_sources_and_no_invented_numbers():
             for probe in ("cluster", "linear"):
                 for value in row[probe].values():
                     assert value is None or 0 < value <= 100
+
+
+def test_split_without_labels_is_an_error_not_nan(setup):
+    backbone, head, cluster_probe, linear_probe, ds = setup
+    code = torch.randn(2, D, 4, 4)
+    unlabelled = [{"code": code, "label": torch.full((2, 8, 8), -1, dtype=torch.long)} for _ in range(2)]
+    with pytest.raises(StegoError) as info:
+        evaluate_codes(unlabelled, cluster_probe, linear_probe, progress=False)
+    msg = str(info.value)
+    assert msg.startswith("label: no labelled pixels") and "segment_images" in msg and "\n" not in msg
+    out_of_range = [{"code": code, "label": torch.full((2, 8, 8), K, dtype=torch.long)}]  # only classes >= K
+    with pytest.raises(StegoError, match="^label: no labelled pixels"):
+        evaluate_codes(out_of_range, cluster_probe, linear_probe, progress=False)
+    for item in ds.items:  # the full protocol on an unlabelled dataset
+        item["label"] = torch.full_like(item["label"], -1)
+    with pytest.raises(StegoError, match="^label: no labelled pixels"):
+        evaluate(backbone, head, cluster_probe, linear_probe, ds, progress=False)
+    # one labelled pixel somewhere in the split is enough: finite metrics
+    some = unlabelled[:1] + [{"code": code, "label": torch.full((2, 8, 8), -1, dtype=torch.long)}]
+    some[1]["label"][0, 3, 3] = 1
+    res = evaluate_codes(some, cluster_probe, linear_probe, progress=False)
+    assert np.isfinite(res["linear/Accuracy"]) and res["linear"]["confusion"].sum() == 1
+
+
+def test_batches_of_different_resolutions_upsample_to_their_own_labels(setup):
+    """Validation at 320 px after training at 224 px: each batch's code goes to its own label size."""
+    _, _, cluster_probe, linear_probe, _ = setup
+    g = torch.Generator().manual_seed(3)
+    batches = [{"code": torch.randn(2, D, h, h, generator=g), "label": torch.randint(-1, K, (2, 4 * h, 4 * h),
+                                                                                      generator=g)}
+               for h in (7, 10)]  # e.g. 28 px and 40 px labels
+    res = evaluate_codes(batches, cluster_probe, linear_probe, progress=False)
+    lm = UnsupervisedMetrics(K, hungarian=False)
+    with torch.no_grad():
+        for b in batches:
+            up = F.interpolate(b["code"], size=b["label"].shape[-2:], mode="bilinear", align_corners=False)
+            lm.update(linear_probe(up).argmax(1), b["label"])
+    np.testing.assert_array_equal(res["linear"]["confusion"], lm.confusion)
+    assert res["n_images"] == 4

@@ -121,8 +121,6 @@ def test_without_labels_training_and_segmentation_still_work(unlabelled):
     assert len(out) == 3 and all(r.label_path.exists() for r in out)
 
 
-@pytest.mark.xfail(strict=True, reason="stego_core.evaluation.evaluate_codes returns NaN metrics without a word "
-                                       "when no pixel is labelled (owner: evaluation); see the report")
 def test_without_labels_evaluation_says_so(unlabelled):
     _, val_store, result = unlabelled
     run = training.load_run(result.run_dir)
@@ -136,6 +134,26 @@ def test_without_labels_evaluation_says_so(unlabelled):
             raised = exc
     said = [str(raised)] if raised is not None else [str(w.message) for w in caught]
     assert any("label" in text.lower() for text in said), said
+    assert raised is not None and str(raised).startswith("label: no labelled pixels") and "\n" not in str(raised)
+    assert "segment_images" in str(raised)  # names what to do instead
+
+
+def test_validation_store_at_a_larger_resolution(labelled):
+    """The paper's split of resolutions: train features at one size, validation at a larger one (224 / 320 px
+    there, 64 / 96 px here); training validates at the val store's label size and the evaluation agrees."""
+    base, train_store, _, _ = labelled
+    val_big = cache.cache_features("directory", "val", "efficientnet_lite0", res=96, crop="center",
+                                   dataset_options={"n_classes": 2, "class_names": CLASSES}, data_root=base / "data",
+                                   root=base / "artifacts", chunk_size=8, progress=False)
+    assert tuple(val_big.meta["grid"]) == (6, 6) and val_big.read([0])["label"].shape[-2:] == (96, 96)
+    result = training.train(_config(), train_store=train_store, val_store=val_big, root=base / "artifacts",
+                            progress=False, device="cpu")
+    assert result.completed and math.isfinite(result.best["cluster/mIoU"])
+    run = training.load_run(result.run_dir, device="cpu")
+    metrics = evaluation.evaluate_codes(val_big.iter_batches(2), run.cluster_probe, run.linear_probe,
+                                        head=run.head, progress=False)
+    assert metrics["cluster/mIoU"] == pytest.approx(run.metrics["cluster/mIoU"], abs=1e-6)
+    assert metrics["cluster"]["confusion"].sum() == int((val_big.read(range(3))["label"] >= 0).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,5 +181,16 @@ def test_paper_profiles(name):
     assert (preset.dataset, preset.backbone, preset.code_dim, preset.steps, preset.batch_size) == \
         (name, paper["backbone"], paper["code_dim"], paper["steps"], paper["batch_size"])
     for nb, params in runs:  # notebooks that take a preset get the paper's one
-        if any(p.name == "preset" for p in study.read_parameters(nb)):
+        names = {p.name for p in study.read_parameters(nb)}
+        if "preset" in names:
             assert params.get("preset") == name, nb
+        # train at 224 px (five-crop or whole tiles), validate on the uncropped val split at 320 px (§1.4, §6.4, §8.2)
+        if "val_res" in names:
+            assert params.get("val_res") == 320 and params.get("val_crop") == "center", nb
+            assert params.get("res") == 224 and params.get("crop") == paper["crop"], nb
+        if "device" in names:
+            assert params.get("device") == "cuda", nb
+    for nb in ("01_features", "03_dimension_study", "05_explorer", "07_quirks"):
+        assert values[nb]["val_res"] == 320 and values[nb]["val_crop"] == "center", nb
+    # the evaluation chapter finds the runs trained on 01's training cache
+    assert (values["04_evaluate"]["cache_res"], values["04_evaluate"]["cache_crop"]) == (224, paper["crop"])

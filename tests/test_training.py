@@ -400,3 +400,106 @@ def test_live_features_match_cached_features(tmp_path):
     assert live.best == cached.best
     # 12 steps x 8 images x (batch + partner) + 2 validations x 8 images
     assert net.images_seen == 12 * 8 * 2 + 2 * 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device and validation resolution
+
+
+def test_device_cpu_trains_like_the_default_and_checkpoints_hold_cpu_tensors(tmp_path, stores):
+    tr, va = stores
+    cfg = _cfg(steps=10, val_freq=5)
+    default = train(cfg, train_store=tr, val_store=va, root=tmp_path / "a", progress=False)
+    on_cpu = train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False,
+                   device=torch.device("cpu"))
+    assert on_cpu.run_dir.name == default.run_dir.name  # the device is not part of the run's key
+    for k, v in _weights(default).items():
+        assert torch.equal(v, _weights(on_cpu)[k]), k
+    ck = torch.load(on_cpu.run_dir / "last.pt", weights_only=False)  # no map_location: tensors must be CPU ones
+    assert all(t.device.type == "cpu" for t in ck["head"].values())
+    assert ck["opt_head"]["state"] and all(t.device.type == "cpu" for s in ck["opt_head"]["state"].values()
+                                           for t in s.values() if isinstance(t, torch.Tensor))
+    run = load_run(on_cpu.run_dir, device="cpu")
+    assert run.device == "cpu" and run.code(va.feats[:1]).device.type == "cpu"
+    # a finished run asked for again on "cpu" is loaded, not retrained
+    again = train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False, device="cpu")
+    assert again.best == on_cpu.best
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unavailable_device_is_one_clear_line(tmp_path, stores):
+    tr, va = stores
+    for device in ("cuda", "cuda:1", "banana"):
+        with pytest.raises(StegoError) as info:
+            train(_cfg(steps=2, val_freq=2), train_store=tr, val_store=va, root=tmp_path, progress=False,
+                  device=device)
+        msg = str(info.value)
+        assert msg.startswith("device:") and "\n" not in msg and device in msg, msg
+    assert not (tmp_path / "runs").exists()  # refused before any work
+    done = train(_cfg(steps=2, val_freq=2), train_store=tr, val_store=va, root=tmp_path, progress=False)
+    with pytest.raises(StegoError, match=r"^device: 'cuda' is not available"):
+        load_run(done.run_dir, device="cuda")
+    with pytest.raises(StegoError, match="device is an argument of train"):
+        make_config("demo", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_resumes_and_loads_on_the_cpu(tmp_path, stores):
+    tr, va = stores
+    cfg = _cfg(steps=20, val_freq=10)
+    whole = train(cfg, train_store=tr, val_store=va, root=tmp_path / "a", progress=False, device="cuda")
+    assert next(whole.head.parameters()).device.type == "cuda"
+    train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False, device="cuda",
+          max_steps_this_call=7)
+    rest = train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False, device="cuda")
+    for k, v in _weights(whole).items():
+        assert torch.equal(v, _weights(rest)[k]), k
+    run = load_run(whole.run_dir, which="last")  # a GPU run loads on a CPU
+    assert run.device == "cpu" and next(run.head.parameters()).device.type == "cpu"
+    for k, v in run.head.state_dict().items():
+        assert torch.equal(v, whole.head.state_dict()[k].cpu()), k
+    cpu = train(cfg, train_store=tr, val_store=va, root=tmp_path / "c", progress=False)
+    assert abs(cpu.best["cluster/mIoU"] - whole.best["cluster/mIoU"]) < 30  # same recipe, other RNG streams
+
+
+def test_validation_store_at_another_resolution(tmp_path, stores):
+    """The paper trains at 224 px and validates at 320 px: a val store with a larger token grid and larger labels
+    (12x12 tokens, 24x24 labels against 8x8 / 16x16) validates with the code upsampled to its own label size."""
+    from stego_core.training import _Features, _validate
+
+    tr, _ = stores
+    big = FakeStore(tmp_path / "val-24", *_synthetic(16, 7, grid=12), split="val")
+    assert big.meta["res"] == 24 and tr.meta["res"] == 16
+    res = train(_cfg(steps=40, val_freq=20), train_store=tr, val_store=big, root=tmp_path, progress=False)
+    assert res.completed and res.best["cluster/mIoU"] > 40 and res.best["linear/mIoU"] > 40
+    run = load_run(res.run_dir)
+    again = _validate(run.config, run.head, run.cluster_probe, run.linear_probe, run.projection,
+                      _Features(big, live_backbone=None, preload_bytes=1 << 30), 4)
+    assert again["cluster/mIoU"] == pytest.approx(res.best["cluster/mIoU"])
+    # the same weights score the same classes at the training resolution too (the code is resolution-free)
+    small = _validate(run.config, run.head, run.cluster_probe, run.linear_probe, run.projection,
+                      _Features(stores[1], live_backbone=None, preload_bytes=1 << 30), 4)
+    assert small["linear/mIoU"] > 40
+
+
+def test_sweep_default_run_trains_on_the_caches_device(tmp_path, monkeypatch):
+    """stego_core.sweep.train_run hands the feature caches' ``device`` (notebook 03's parameter) to train()."""
+    import stego_core.cache as cache
+    import stego_core.training as training
+    from stego_core.sweep import SweepGrid, run_sweep, train_run
+
+    seen = []
+
+    class Result:
+        run_dir, best = tmp_path / "runs" / "x", {"step": 1}
+
+    def fake_train(cfg, *, train_store, val_store, root, progress, device="cpu"):
+        seen.append(device)
+        return Result()
+
+    monkeypatch.setattr(cache, "cache_features", lambda *a, **kw: seen.append(("cache", kw.get("device"))))
+    monkeypatch.setattr(training, "train", fake_train)
+    grid = SweepGrid(presets=["demo"], methods=["pca"], dims=[3], seeds=[0], train_cache={"device": "cuda:1"},
+                     val_cache={"device": "cuda:1", "res": 320})
+    run_sweep(grid, root=tmp_path, run_fn=train_run, progress=False)
+    assert seen == [("cache", "cuda:1"), ("cache", "cuda:1"), "cuda:1"]
