@@ -79,7 +79,7 @@ if needs_runs:
     train_store = cache.cache_features(dataset, "train", backbone, res=cache_res or res, crop=cache_crop or crop,
                                        weights=weights, dataset_options=dataset_options, root=root, device=device,
                                        progress=progress)
-    val_store = cache.cache_features(dataset, "val", backbone, res=cache_res or res, crop=crop, weights=weights,
+    val_store = cache.cache_features(dataset, "val", backbone, res=res, crop=crop, weights=weights,
                                      dataset_options=dataset_options, root=root, device=device, progress=progress)
     live_backbone = backbones.load_backbone(backbone, weights, device=device)
 for method in methods:

@@ -31,7 +31,7 @@ first_image = 0  # index of the first validation image shown; the next ones foll
 workers = 2  # processes for DenseCRF
 size = 200  # pixel size of each panel in the explorer
 live = True  # also build the live panel (upload, recompute): needs a running kernel; the book turns it off
-device = "cpu"  # cpu, cuda, cuda:1 …; feature extraction runs there (missing runs train on the CPU)
+device = "cpu"  # cpu, cuda, cuda:1 …; feature extraction runs there (missing runs train there too)
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars
 
@@ -66,7 +66,7 @@ val_store = cache.cache_features(dataset, "val", backbone, res=val_res or res, c
 models = {}
 for method in methods:
     for dim in ([train_store.dim] if method == "dino" else [d for d in dims if method == "rp" or d <= train_store.dim]):
-        models[(method, dim)] = explorer.ensure_run(preset, train_store=train_store, val_store=val_store,
+        models[(method, dim)] = explorer.ensure_run(preset, train_store=train_store, val_store=val_store, device=device,
                                                     method=method, code_dim=dim, seed=seed, root=root,
                                                     progress=progress, **overrides)
 shown = list(range(first_image, min(first_image + n_images, len(val_store))))

@@ -31,7 +31,7 @@ n_neighbors = 7  # kNN partners per image that STEGO draws from (ranks 1..7)
 crf_images = 8  # validation images for the CRF quirk (each costs two CRF runs per probe and protocol)
 batch_sizes = [1, 8, 0]  # validation batch sizes for the per-batch standardisation check (0 means the whole split)
 workers = 2  # processes for DenseCRF
-device = "cpu"  # cpu, cuda, cuda:1 …; feature extraction and the backbone run there (missing runs train on the CPU)
+device = "cpu"  # cpu, cuda, cuda:1 …; feature extraction and the backbone run there (missing runs train there too)
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars
 
@@ -64,7 +64,7 @@ train_store = cache.cache_features(dataset, "train", backbone, res=res, crop=cro
 val_store = cache.cache_features(dataset, "val", backbone, res=val_res or res, crop=val_crop or crop,
                                  weights=weights, dataset_options=dataset_options, root=root, device=device,
                                  progress=progress)
-run_args = dict(train_store=train_store, val_store=val_store, seed=seed, root=root, progress=progress,
+run_args = dict(train_store=train_store, val_store=val_store, device=device, seed=seed, root=root, progress=progress,
                 **overrides)
 rows = []
 

@@ -91,7 +91,7 @@ def find_runs(root: str | os.PathLike | None = None, *, dataset: str | None = No
 
 def ensure_run(preset: str, *, train_store: Any, val_store: Any, method: str = "stego", code_dim: int | None = None,
                seed: int = 0, protocol: str = "original", which: str = "best", root: str | os.PathLike | None = None,
-               progress: bool = True, **overrides: Any) -> Any:
+               progress: bool = True, device: str = "cpu", **overrides: Any) -> Any:
     """A finished run of ``method`` (at ``code_dim``; None = the preset's) on these stores as a ``LoadedRun``.
 
     The newest finished run that matches (training store, method, dim, seed, protocol and every override, e.g.
@@ -109,7 +109,8 @@ def ensure_run(preset: str, *, train_store: Any, val_store: Any, method: str = "
     if not found.empty:
         return load_run(found.loc[0, "run_dir"], which=which)
     cfg = make_config(preset, method=method, code_dim=dim, seed=int(seed), protocol=protocol, **overrides)
-    result = train(cfg, train_store=train_store, val_store=val_store, root=root, progress=progress)
+    # A missing run trains on ``device``; the loaded modules stay on the CPU, where the explorer's drawing runs.
+    result = train(cfg, train_store=train_store, val_store=val_store, root=root, progress=progress, device=device)
     return load_run(result.run_dir, which=which)
 
 
