@@ -569,6 +569,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", help="take this profile's parameters for the notebook first (e.g. demo)")
     run.add_argument("--force", action="store_true", help="execute even when the chapter is current")
     run.add_argument("--workdir", help="book folder to write into (default: the checkout)")
+    sub.add_parser("segment", add_help=False,
+                   help="segment your own images with a trained run or a released checkpoint (see its --help)")
     book = sub.add_parser("book", help="run a profile's notebooks and build the book")
     book.add_argument("--profile", default="demo", help="notebooks/profiles/NAME.yaml or a YAML path (demo)")
     book.add_argument("--force", action="store_true", help="execute every notebook even when current")
@@ -581,6 +583,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stego-study`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["segment"]:  # its own argument parser: stego_core.segment
+        from .segment import main as segment_main
+
+        return segment_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "params":

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from stego_core import study
+from chapters import glued
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +30,7 @@ def chapter(tmp_path_factory):
 
 
 def _glued(nb) -> dict[str, str]:
-    out = {}
-    for c in nb.cells:
-        for o in c.get("outputs", []):
-            name = o.get("metadata", {}).get("scrapbook", {}).get("name")
-            if name:
-                data = o["data"]
-                out[name] = data.get("application/papermill.record/text/markdown") or \
-                    data.get("application/papermill.record/text/plain")
-    return out
+    return glued(nb, prefer="markdown")
 
 
 def _html(nb) -> list[str]:

@@ -7,6 +7,7 @@ import nbformat
 import pytest
 
 from stego_core import results, study
+from chapters import glued
 
 pytestmark = pytest.mark.slow
 
@@ -16,15 +17,7 @@ TINY = dict(dataset="mosaic", res=64, dataset_options={"n_images": 6, "scene_siz
 
 
 def _glued(nb) -> dict[str, str]:
-    out = {}
-    for c in nb.cells:
-        for o in c.get("outputs", []):
-            key = o.get("metadata", {}).get("scrapbook", {}).get("name")
-            if key:
-                data = o["data"]
-                out[key] = data.get("application/papermill.record/text/markdown") or \
-                    data.get("application/papermill.record/text/plain")
-    return out
+    return glued(nb, prefer="markdown")
 
 
 def _charts(nb) -> list[dict]:

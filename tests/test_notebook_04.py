@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from stego_core import study
+from chapters import glued
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +39,7 @@ def _read(chapters: Path, name: str):
 
 
 def _glued(nb) -> dict[str, str]:
-    out = {}
-    for c in nb.cells:
-        for o in c.get("outputs", []):
-            key = o.get("metadata", {}).get("scrapbook", {}).get("name")
-            if key:
-                data = o["data"]
-                out[key] = data.get("application/papermill.record/text/plain") or \
-                    data.get("application/papermill.record/text/markdown")
-    return out
+    return glued(nb, prefer="plain")
 
 
 def _html(nb) -> list[str]:

@@ -8,6 +8,7 @@ import nbformat
 import pytest
 
 from stego_core import study
+from chapters import glued
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +30,7 @@ def _outputs(nb, mime: str) -> list[str]:
 
 
 def _glued(nb) -> dict[str, str]:
-    """name -> text/plain of every glue() call (myst-nb stores them as papermill records)."""
-    out = {}
-    for c in nb.cells:
-        for o in c.get("outputs", []):
-            key = o.get("metadata", {}).get("scrapbook", {}).get("name")
-            if key:
-                data = o["data"]
-                out[key] = data.get("application/papermill.record/text/plain") or \
-                    data.get("application/papermill.record/text/markdown")
-    return out
+    return glued(nb, prefer="plain")
 
 
 def _check_clean(nb, name):

@@ -215,3 +215,12 @@ def test_kernel_spec_points_at_this_interpreter():
     spec = KernelSpecManager().get_kernel_spec(name)
     assert spec.argv[0] == sys.executable
     assert json.loads(json.dumps(spec.to_dict()))["language"] == "python"
+
+
+def test_segment_subcommand_hands_over_to_the_segment_cli(tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"not an image")
+    code = study.main(["segment", "--run", str(tmp_path / "no-such-run"), str(image), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no-such-run" in err and err.count("\n") == 1
