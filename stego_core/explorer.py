@@ -104,6 +104,10 @@ def ensure_run(preset: str, *, train_store: Any, val_store: Any, method: str = "
     check_choice("preset", preset, PRESETS)
     check_choice("protocol", protocol, PROTOCOLS)
     dim = int(code_dim if code_dim is not None else PRESETS[preset].get("code_dim", 70))
+    if method == "stego" and "correspondence_weight" not in overrides:
+        # A STEGO run means one trained with the correspondence loss: never pick up a probes-only control run
+        # (chapter 02's "untrained head", correspondence_weight 0) in its place.
+        overrides = {**overrides, "correspondence_weight": PRESETS[preset].get("correspondence_weight", 1.0)}
     found = find_runs(root, dataset=PRESETS[preset]["dataset"], backbone=PRESETS[preset]["backbone"], method=method,
                       code_dim=dim, seed=int(seed), protocol=protocol, train_store=train_store, **overrides)
     if not found.empty:

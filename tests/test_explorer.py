@@ -57,6 +57,19 @@ def test_ensure_run_reuses_finished_runs(setup):
     assert set(explorer.find_runs(root)["method"]) == {"stego", "pca", "dino"}
 
 
+def test_ensure_run_never_takes_a_probes_only_control_for_stego(setup):
+    from stego_core import training
+
+    args = {k: v for k, v in setup["args"].items() if k not in ("train_store", "val_store", "root", "progress")}
+    control = training.train(training.make_config("demo", method="stego", code_dim=6, correspondence_weight=0.0,
+                                                  **args),
+                             train_store=setup["train"], val_store=setup["val"], root=setup["root"], progress=False)
+    newest = explorer.find_runs(setup["root"], method="stego", code_dim=6, train_store=setup["train"])
+    assert newest.loc[0, "run_dir"] == control.run_dir  # the control run is the newest STEGO-method run
+    chosen = explorer.ensure_run("demo", method="stego", code_dim=6, **setup["args"])
+    assert chosen.run_dir == setup["models"][("stego", 6)].run_dir != control.run_dir
+
+
 def test_as_head_gives_the_runs_code(setup):
     feats = setup["val"].read(np.arange(3))["feats"].float()
     for (method, _), run in setup["models"].items():
