@@ -149,6 +149,17 @@ def _chunk_file(chunk: int, array: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------------
+def iter_store_batches(store: Any, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                       drop_last: bool = False) -> Iterator[dict[str, Any]]:
+    """Batches of ``store.read`` for any store with ``read`` and ``len``: in order, or a permutation from ``seed``."""
+    check_int("batch_size", batch_size, minimum=1)
+    n = len(store)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield store.read(order[start:start + batch_size])
+
+
 class FeatureStore:
     """A finished feature store: ``len(store)`` items of features, labels, RGB images and dataset indices.
 
@@ -292,12 +303,7 @@ class FeatureStore:
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                      drop_last: bool = False) -> Iterator[dict[str, Any]]:
         """Yield ``read`` dicts of ``batch_size`` items: in store order, or in a permutation drawn from ``seed``."""
-        check_int("batch_size", batch_size, minimum=1)
-        n = len(self)
-        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            yield self.read(order[start:start + batch_size])
+        return iter_store_batches(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
 
     def feats_all(self, *, max_gib: float = 8.0) -> torch.Tensor:
         """All features as one float32 Tensor [N,C,h,w] (for small stores, e.g. fitting PCA)."""

@@ -554,12 +554,9 @@ class ProjectedStore:
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                      drop_last: bool = False) -> Iterator[dict]:
         """Batches of ``read`` in store order, or in a permutation drawn from ``seed`` (as FeatureStore)."""
-        check_int("batch_size", batch_size, minimum=1)
-        n = len(self)
-        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            yield self.read(order[start:start + batch_size])
+        from .cache import iter_store_batches
+
+        return iter_store_batches(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
 
 
 def _projection_fingerprint(proj: _Projection) -> str:
