@@ -27,3 +27,17 @@ def golden():
         if cand.exists():
             return json.loads(cand.read_text())
     pytest.skip("golden-public.json not found")
+
+
+@pytest.fixture(scope="session")
+def smoke_html(tmp_path_factory):
+    """The smoke profile's book, built once per session into <basetemp>/smoke-book; its HTML folder."""
+    from stego_core import study
+
+    base = tmp_path_factory.getbasetemp()
+    index = base / "smoke-book" / "_build" / "html" / "index.html"
+    if not index.exists():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
+            index = study.make_book("smoke", workdir=base / "smoke-book")
+    return index.parent

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -11,18 +10,6 @@ from stego_core import study
 from stego_core.config import StegoError
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def smoke_html(tmp_path_factory) -> Path:
-    """<basetemp>/smoke-book built once per session (the browser test reuses it)."""
-    base = tmp_path_factory.getbasetemp()
-    index = base / "smoke-book" / "_build" / "html" / "index.html"
-    if not index.exists():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
-            index = study.make_book("smoke", workdir=base / "smoke-book")
-    return index.parent
 
 
 def test_strict_build_has_every_page(smoke_html):

@@ -20,7 +20,6 @@ from urllib.parse import urlparse
 
 import pytest
 
-from stego_core import study
 
 pytestmark = pytest.mark.slow
 
@@ -70,17 +69,11 @@ def _chromium_or_skip() -> None:
 
 
 @pytest.fixture(scope="session")
-def html_root(tmp_path_factory) -> Path:
+def html_root(request) -> Path:
     _chromium_or_skip()
     if os.environ.get("STEGO_BOOK_HTML"):
         return Path(os.environ["STEGO_BOOK_HTML"]).resolve()
-    base = tmp_path_factory.getbasetemp()
-    index = base / "smoke-book" / "_build" / "html" / "index.html"
-    if not index.exists():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
-            index = study.make_book("smoke", workdir=base / "smoke-book")
-    return index.parent
+    return request.getfixturevalue("smoke_html")  # built only when no book is given
 
 
 @pytest.fixture(scope="session")
