@@ -33,6 +33,12 @@ _PWC = "https://paperswithcode.com/paper/unsupervised-semantic-segmentation-by-2
 _PWC_NOTE = ("STEGO paper (Hamilton et al., ICLR 2022), unsupervised (cluster-probe) results as listed by Papers with "
              "Code for " + _PWC + " (the paper's Tables 1-2 report them after CRF)")
 
+def _not_found() -> dict[str, Any]:
+    """A Table 2 entry whose published numbers could not be found: every value None, with that as its source."""
+    return {"cluster": {"mIoU": None, "Accuracy": None}, "linear": {"mIoU": None, "Accuracy": None},
+            "source": "not found (see PAPER_TABLE2 docs)"}
+
+
 #: Reference numbers for the book's Table 2 (dataset -> method -> probe -> metric), each with its source.
 #: The stego-studies Table 2 (Koenig et al. 2023: released STEGO checkpoints vs the DINO baseline, evaluated with
 #: eval_segmentation.py and CRF) could not be found as text (the paper's stored pages end before the table and the
@@ -41,36 +47,24 @@ _PWC_NOTE = ("STEGO paper (Hamilton et al., ICLR 2022), unsupervised (cluster-pr
 PAPER_TABLE2: dict[str, dict[str, Any]] = {
     "cocostuff27": {
         "backbone": "dino_vitb8", "code_dim": 90,
-        "STEGO (stego-studies Table 2)": {"cluster": {"mIoU": None, "Accuracy": None},
-                                          "linear": {"mIoU": None, "Accuracy": None},
-                                          "source": "not found (see PAPER_TABLE2 docs)"},
-        "DINO (stego-studies Table 2)": {"cluster": {"mIoU": None, "Accuracy": None},
-                                         "linear": {"mIoU": None, "Accuracy": None},
-                                         "source": "not found (see PAPER_TABLE2 docs)"},
+        "STEGO (stego-studies Table 2)": _not_found(),
+        "DINO (stego-studies Table 2)": _not_found(),
         "STEGO paper": {"cluster": {"mIoU": 28.2, "Accuracy": 56.9},
                         "linear": {"mIoU": None, "Accuracy": None},
                         "source": _PWC_NOTE + " (COCO-Stuff-27, STEGO ViT-B/8)"},
     },
     "cityscapes": {
         "backbone": "dino_vitb8", "code_dim": 100,
-        "STEGO (stego-studies Table 2)": {"cluster": {"mIoU": None, "Accuracy": None},
-                                          "linear": {"mIoU": None, "Accuracy": None},
-                                          "source": "not found (see PAPER_TABLE2 docs)"},
-        "DINO (stego-studies Table 2)": {"cluster": {"mIoU": None, "Accuracy": None},
-                                         "linear": {"mIoU": None, "Accuracy": None},
-                                         "source": "not found (see PAPER_TABLE2 docs)"},
+        "STEGO (stego-studies Table 2)": _not_found(),
+        "DINO (stego-studies Table 2)": _not_found(),
         "STEGO paper": {"cluster": {"mIoU": 21.0, "Accuracy": 73.2},
                         "linear": {"mIoU": None, "Accuracy": None},
                         "source": _PWC_NOTE + " (Cityscapes test, STEGO)"},
     },
     "potsdam": {
         "backbone": "dino_vits8", "code_dim": 70,
-        "STEGO (stego-studies Table 2)": {"cluster": {"mIoU": None, "Accuracy": None},
-                                          "linear": {"mIoU": None, "Accuracy": None},
-                                          "source": "not found (see PAPER_TABLE2 docs)"},
-        "DINO (stego-studies Table 2)": {"cluster": {"mIoU": None, "Accuracy": None},
-                                         "linear": {"mIoU": None, "Accuracy": None},
-                                         "source": "not found (see PAPER_TABLE2 docs)"},
+        "STEGO (stego-studies Table 2)": _not_found(),
+        "DINO (stego-studies Table 2)": _not_found(),
         "STEGO paper": {"cluster": {"mIoU": None, "Accuracy": 77.0},
                         "linear": {"mIoU": None, "Accuracy": None},
                         "source": _PWC_NOTE + " (Potsdam-3, STEGO)"},
