@@ -86,6 +86,9 @@ class LinearProbe(nn.Module):
         return self.forward(code).argmax(dim=1)
 
 
+_IGNORE = -100  # label value cross_entropy skips (any label outside [0, K) is mapped to it)
+
+
 def linear_probe_loss(logits: Tensor, label: Tensor) -> Tensor:
     """Mean cross-entropy of ``logits`` [B,K,h,w], bilinearly upsampled (align_corners False) to ``label``
     [B,H,W], over the pixels with 0 <= label < K (-1 and anything else out of range are ignored).
@@ -102,9 +105,10 @@ def linear_probe_loss(logits: Tensor, label: Tensor) -> Tensor:
         raise StegoError(f"label: expected an integer tensor (int64, -1 = ignore), got dtype {label.dtype}")
     k = logits.shape[1]
     up = F.interpolate(logits, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
-    flat_logits = up.permute(0, 2, 3, 1).reshape(-1, k)  # [B,K,H,W] -> [B*H*W,K]
-    flat_label = label.to(up.device).reshape(-1).long()  # [B*H*W]
-    keep = (flat_label >= 0) & (flat_label < k)
+    label = label.to(up.device).long()
+    keep = (label >= 0) & (label < k)
     if not bool(keep.any()):
         return up.sum() * 0.0
-    return F.cross_entropy(flat_logits[keep], flat_label[keep])
+    # The reference gathers the valid pixels (logits[mask]) and averages their cross-entropy; ignore_index gives the
+    # same mean without copying [B*H*W, K] logits there and back (about half the probe step's time on a CPU).
+    return F.cross_entropy(up, torch.where(keep, label, torch.full_like(label, _IGNORE)), ignore_index=_IGNORE)
