@@ -357,6 +357,30 @@ def test_baselines_train_probes_only(tmp_path, stores, method):
         assert loaded.projection is not None and loaded.code(stores[1].feats[:2]).shape == (2, 3, 8, 8)
 
 
+@pytest.mark.parametrize("method, expected", [("hnne", 150), ("pca", None), ("rp", None)])
+def test_hnne_tokens_reach_the_fit(tmp_path, stores, monkeypatch, method, expected):
+    """hnne_tokens sets h-NNE's token sample (the demo fits on fewer than the study's 1e6); PCA and RP fit on
+    every token of the n_fit_images images."""
+    from stego_core import projections
+
+    seen = {}
+    real_fit = projections.fit_projection
+
+    def spy(method_, k, store, **kw):
+        seen.update(kw)
+        return real_fit("pca" if method_ == "hnne" else method_, k, store, **kw)  # hnne itself is slow
+
+    monkeypatch.setattr(projections, "fit_projection", spy)
+    cfg = _cfg(method=method, code_dim=3, steps=2, val_freq=2, hnne_tokens=150, n_fit_images=5)
+    train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
+    assert seen["n_tokens"] == expected and seen["n_images"] == 5
+
+
+def test_hnne_tokens_is_checked():
+    with pytest.raises(StegoError, match="hnne_tokens"):
+        _cfg(hnne_tokens=1)
+
+
 class _PoolNet(torch.nn.Module):
     """A stand-in backbone made of elementwise maps and 2x2 average pooling only (batch-independent, exact)."""
 
