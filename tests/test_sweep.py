@@ -5,7 +5,8 @@ import pytest
 
 from stego_core.config import StegoError
 from stego_core.results import write_rows
-from stego_core.sweep import STUDY_DIMS, RunSpec, SweepGrid, is_done, run_sweep, study_grid, train_run
+from stego_core.sweep import (STUDY_DIMS, ProcessExecutor, RunSpec, SweepGrid, is_done, local_executor, run_sweep,
+                               serial_executor, study_grid, train_run)
 
 
 class FakeRun:
@@ -112,6 +113,52 @@ def test_on_error_continue_and_custom_executor(tmp_path):
     assert not is_done(_grid().runs()[-1], tmp_path)
     with pytest.raises(StegoError, match="on_error"):
         run_sweep(_grid(), root=tmp_path, run_fn=fake, on_error="ignore")
+
+
+class WorkerRun(FakeRun):
+    """FakeRun that records the process and torch's thread count it ran with, and fails on one run name."""
+
+    def __init__(self, fail_name=None):
+        super().__init__()
+        self.fail_name = fail_name
+
+    def __call__(self, spec: RunSpec, *, run_dir: Path, root, progress):
+        import os
+
+        import torch
+
+        if spec.name == self.fail_name:
+            raise RuntimeError(f"broken run {spec.name}")
+        (Path(run_dir) / "worker.txt").write_text(f"{os.getpid()} {torch.get_num_threads()}")
+        super().__call__(spec, run_dir=run_dir, root=root, progress=progress)
+
+
+def test_process_executor_runs_in_single_threaded_workers(tmp_path):
+    import os
+
+    serial = run_sweep(_grid(), root=tmp_path / "serial", run_fn=FakeRun(), progress=False)
+    result = run_sweep(_grid(), root=tmp_path / "par", run_fn=WorkerRun(), executor=ProcessExecutor(2, threads=1),
+                       progress=False)
+    assert sorted(result.ran) == sorted(serial.ran) and len(result.ran) == 5
+    workers = {(s.run_dir(tmp_path / "par") / "worker.txt").read_text() for s in _grid().runs()}
+    pids = {w.split()[0] for w in workers}
+    assert str(os.getpid()) not in pids and 1 <= len(pids) <= 2
+    assert {w.split()[1] for w in workers} == {"1"}
+    cols = ["run_id", "probe", "metric", "step", "value"]
+    assert result.results.sort_values(cols)[cols].reset_index(drop=True).equals(
+        serial.results.sort_values(cols)[cols].reset_index(drop=True))
+    assert local_executor(1) is serial_executor and isinstance(local_executor(2), ProcessExecutor)
+
+
+def test_process_executor_reraises_a_failing_run_and_the_sweep_resumes(tmp_path):
+    bad = "mosaic-pca-d3-s0"
+    with pytest.raises(RuntimeError, match="broken run"):
+        run_sweep(_grid(), root=tmp_path, run_fn=WorkerRun(fail_name=bad), executor=ProcessExecutor(2, threads=1),
+                  progress=False)
+    assert not is_done(next(s for s in _grid().runs() if s.name == bad), tmp_path)
+    again = run_sweep(_grid(), root=tmp_path, run_fn=WorkerRun(), executor=ProcessExecutor(2, threads=1),
+                      progress=False)
+    assert bad in again.ran and len(again.ran) + len(again.skipped) == 5
 
 
 def test_default_run_fn_wires_cache_and_training(tmp_path, monkeypatch):
