@@ -26,10 +26,12 @@ dims = None  # code dimensions D; None takes the study's list for the preset (st
 seeds = [0]  # one run per seed and cell; the paper used one seed, the demo's numbers need 3+ seeds before small differences mean anything
 steps = None  # training steps per run; None keeps the preset's (demo 400, paper 7000 / 5000); lower it for a quick look
 n_fit_images = None  # training images whose tokens fit PCA / RP / h-NNE; None keeps the preset's (the paper: the first 5000)
+hnne_tokens = None  # h-NNE fits on a uniform sample of this many of those tokens; None keeps the preset's (the paper: 1e6; the demo: 12000, a quarter of its tokens as in the paper)
 protocol = "original"  # "original" (the study's code, incl. per-batch standardisation inside PCA/RP/h-NNE) or "corrected"
 overrides = {}  # further TrainConfig fields for every run, e.g. {"batch_size": 8} or {"n_neighbors": 4} on tiny data
 spread = "band"  # how Figure 4 shows the spread over seeds: "band", "errorbar" or "none"
 device = "cpu"  # cpu, cuda, cuda:1 …; training and feature extraction run there
+workers = 1  # runs trained at once, each in its own process sharing the CPU cores (the demo: 2 on 2 cores, about 1.5x faster); 1 runs them one after the other here
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars (one per run when True)
 
@@ -63,7 +65,8 @@ cache_options = {split: dict(res=split_res, crop=split_crop, weights=weights, da
                              device=device)
                  for split, split_res, split_crop in (("train", res, crop), ("val", val_res or res, val_crop or crop))}
 run_overrides = {k: v for k, v in dict(dataset=dataset, backbone=backbone, steps=steps,
-                                       n_fit_images=n_fit_images).items() if v is not None}
+                                       n_fit_images=n_fit_images, hnne_tokens=hnne_tokens).items()
+                 if v is not None}
 base_config = training.make_config(preset, **{**overrides, **run_overrides})  # fails early on a bad override
 stores = {split: cache.cache_features(base_config.dataset, split, base_config.backbone, root=root,
                                       progress=progress, **cache_options[split]) for split in ("train", "val")}
@@ -91,7 +94,8 @@ glue("dim_skip_note", Markdown(
 
 # %%
 t0 = time.perf_counter()
-swept = sweep.run_sweep(runnable, root=root, progress=progress, run_progress=False)
+swept = sweep.run_sweep(runnable, root=root, progress=progress, run_progress=False,
+                        executor=sweep.local_executor(workers))
 sweep_seconds = time.perf_counter() - t0
 table = figures.dimension_table(swept.results, protocol=protocol)
 glue("dim_n_ran", len(swept.ran), display=False)
