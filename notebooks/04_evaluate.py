@@ -148,6 +148,8 @@ glue("summary", Markdown("; ".join(summary) + "."), display=False)
 glue("n_val", n_val, display=False)
 glue("n_crf", n_crf if crf else 0, display=False)
 glue("eval_dataset", Markdown(f"`{dataset}`"), display=False)
+glue("eval_dataset_name", dataset, display=False)
+glue("table2_ours", ours.round(1), display=False)  # shown again on the Results part's Table 2 page
 ours.round(1)
 
 # %% [markdown]
@@ -167,7 +169,9 @@ paper = pd.DataFrame([
      "source": values["source"]}
     for ds_name, entry in PAPER_TABLE2.items() if dataset not in PAPER_TABLE2 or ds_name == dataset
     for entry_name, values in entry.items() if isinstance(values, dict)])
-paper.astype(object).where(paper.notna(), "n/a")
+paper_shown = paper.astype(object).where(paper.notna(), "n/a")
+glue("table2_paper", paper_shown, display=False)
+paper_shown
 
 # %% [markdown]
 # ## Which classes are found

@@ -45,7 +45,8 @@ from .config import StegoError, artifacts_root, check_choice, check_int
 from .results import PROBES, best_rows
 
 __all__ = ["METHOD_LABELS", "METHOD_COLORS", "SERIES_ORDER", "dimension_table", "dimension_ticks", "pivot_table",
-           "dimension_findings", "pca_variance_curves", "variance_frame", "variance_chart", "dimension_chart"]
+           "dimension_findings", "pca_variance_curves", "variance_findings", "variance_frame", "variance_chart",
+           "dimension_chart"]
 
 # display names of the methods (``results.method``) and their colours (seaborn "colorblind" indices 3, 0, 2, 6, 8)
 METHOD_LABELS: dict[str, str] = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO baseline"}
@@ -157,8 +158,9 @@ def dimension_findings(table: pd.DataFrame, dataset: str | None = None) -> dict[
 
     Keys: ``dataset``; ``dims`` (D where STEGO and PCA both ran); ``min_dim``; ``stego_cluster_min``,
     ``pca_cluster_min``, ``rp_cluster_min``, ``hnne_cluster_min`` (cluster mIoU at the smallest D);
-    ``stego_minus_pca_cluster_min``; ``stego_beats_pca_cluster`` / ``stego_beats_rp_cluster`` (at how many of the
-    common dims STEGO's cluster mIoU is higher) with ``n_dims_pca`` / ``n_dims_rp``; ``full_dim`` (the raw
+    ``stego_minus_pca_cluster_min``; ``stego_beats_pca_cluster`` / ``stego_beats_rp_cluster`` /
+    ``stego_beats_hnne_cluster`` (at how many of the common dims STEGO's cluster mIoU is higher) with ``n_dims_pca``
+    / ``n_dims_rp`` / ``n_dims_hnne``; ``hnne_beats_pca_cluster`` of ``n_dims_hnne_pca``; ``full_dim`` (the raw
     features' C, from the DINO baseline), ``pca_full_dim`` (largest PCA D), ``pca_linear_full``,
     ``dino_linear`` / ``dino_cluster`` (raw features), ``pca_linear_full_minus_dino``; ``stego_cluster_best`` and
     ``stego_cluster_best_dim``. Missing series give NaN (counts 0).
@@ -185,11 +187,15 @@ def dimension_findings(table: pd.DataFrame, dataset: str | None = None) -> dict[
     for m in ("stego", "pca", "rp", "hnne"):
         out[f"{m}_cluster_min"] = _value(mi, m, out["min_dim"], "cluster") if out["min_dim"] else float("nan")
     out["stego_minus_pca_cluster_min"] = out["stego_cluster_min"] - out["pca_cluster_min"]
-    for m in ("pca", "rp"):
+    for m in ("pca", "rp", "hnne"):
         shared = sorted(stego_dims & set(dims_of(m)))
         out[f"n_dims_{m}"] = len(shared)
         out[f"stego_beats_{m}_cluster"] = sum(_value(mi, "stego", d, "cluster") > _value(mi, m, d, "cluster")
                                               for d in shared)
+    shared = sorted(set(dims_of("hnne")) & set(dims_of("pca")))
+    out["n_dims_hnne_pca"] = len(shared)
+    out["hnne_beats_pca_cluster"] = sum(_value(mi, "hnne", d, "cluster") > _value(mi, "pca", d, "cluster")
+                                        for d in shared)
     dino_dims = dims_of("dino")
     out["full_dim"] = dino_dims[0] if dino_dims else None
     pca_dims = dims_of("pca", "linear")
@@ -238,6 +244,24 @@ def pca_variance_curves(root: str | os.PathLike | None = None) -> pd.DataFrame:
     dup = df["source"].duplicated(keep=False)
     df.loc[dup, "source"] = df.loc[dup, "source"] + " " + df.loc[dup, "folder"].str[-10:]
     return df
+
+
+def variance_findings(curves: Mapping[str, Any] | pd.DataFrame) -> dict[str, Any]:
+    """Figure 3's numbers for the first curve: ``source``, ``n_components`` (C), ``sixteenth`` and ``quarter`` (per
+    cent of the variance explained by the first C/16 and C/4 components) and ``k90`` (components needed for 90 %).
+    NaN / None without a curve."""
+    if isinstance(curves, pd.DataFrame):
+        curves = dict(zip(curves["source"], curves["ratio"])) if len(curves) else {}
+    if not curves:
+        return {"source": "none", "n_components": None, "sixteenth": float("nan"), "quarter": float("nan"),
+                "k90": None}
+    source, ratio = next(iter(curves.items()))
+    cumulative = np.cumsum(np.asarray(ratio, dtype=np.float64))
+    c = len(cumulative)
+    return {"source": str(source), "n_components": c,
+            "sixteenth": float(100 * cumulative[max(1, c // 16) - 1]),
+            "quarter": float(100 * cumulative[max(1, c // 4) - 1]),
+            "k90": int(np.searchsorted(cumulative, 0.9 - 1e-12) + 1)}
 
 
 def variance_frame(curves: Mapping[str, Any] | pd.DataFrame, *, n_points: int = 768) -> pd.DataFrame:

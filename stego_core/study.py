@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -467,6 +468,27 @@ def _toc_entries(node: Any):
             yield from _toc_entries(value)
 
 
+_PASTE = re.compile(r"(?:\{glue(?::\w+)?\}`|:doc:\s*)([^`\s]+?\.ipynb)(?:::|\s*$)", re.MULTILINE)
+
+
+def pasted_from(text: str) -> list[str]:
+    """The notebooks (paths relative to the page) that a MyST page pastes glue from: ``{glue:text}`path::key```
+    roles and ``:doc: path`` options of glue directives."""
+    return sorted(set(_PASTE.findall(text)))
+
+
+def page_ready(workdir: str | os.PathLike, entry: str) -> bool:
+    """Whether the _toc.yml ``entry`` can be built in ``workdir``: a chapter once it has been executed, a Markdown
+    page once every chapter it pastes glue from has been."""
+    workdir = Path(workdir)
+    if entry.startswith(CHAPTERS.as_posix() + "/"):
+        return (workdir / f"{entry}.ipynb").exists()
+    page = workdir / f"{entry}.md"
+    if not page.exists():
+        return True  # not a Markdown page of ours: Jupyter Book reports it if it is missing
+    return all((page.parent / ref).resolve().exists() for ref in pasted_from(page.read_text()))
+
+
 def _prune_toc(node: Any, keep: Callable[[str], bool]) -> Any:
     """The toc without the ``file:`` entries ``keep`` refuses (and without parts that end up empty)."""
     if isinstance(node, list):
@@ -496,9 +518,7 @@ def build_book(workdir: str | os.PathLike | None = None, *, strict: bool = True,
     toc = yaml.safe_load(toc_file.read_text())
 
     def executed(entry: str) -> bool:
-        if not entry.startswith(CHAPTERS.as_posix() + "/"):
-            return True
-        return (workdir / f"{entry}.ipynb").exists()
+        return page_ready(workdir, entry)
 
     absent = [e for e in _toc_entries(toc) if not executed(e)]
     args = []
@@ -552,9 +572,47 @@ def _unique_scripts(app, pagename, templatename, context, doctree) -> None:
         context["script_files"][:] = unique
 
 
+def _record_glue_sources(app, doctree) -> None:
+    """Remember which documents a page pastes glue from (myst-nb's pending glue references)."""
+    from myst_nb.ext.glue.utils import PendingGlueReference
+
+    env = app.env
+    if not hasattr(env, "stego_glue_sources"):
+        env.stego_glue_sources = {}
+    refs = {node.refdoc for node in doctree.findall(PendingGlueReference)}
+    if refs:
+        env.stego_glue_sources[env.docname] = refs
+    else:
+        env.stego_glue_sources.pop(env.docname, None)
+
+
+def _pages_pasting_from_changed(app, env, added, changed, removed) -> list[str]:
+    """Rebuild a page when a chapter it pastes from changed: Sphinx's incremental build would otherwise keep the
+    page's old numbers (the pasting happens when the page is written, from the chapter's glue cache)."""
+    touched = set(added) | set(changed) | set(removed)
+    sources = getattr(env, "stego_glue_sources", {})
+    return sorted(doc for doc, refs in sources.items() if refs & touched and doc in env.found_docs)
+
+
+def _purge_glue_sources(app, env, docname) -> None:
+    getattr(env, "stego_glue_sources", {}).pop(docname, None)
+
+
+def _merge_glue_sources(app, env, docnames, other) -> None:
+    if not hasattr(env, "stego_glue_sources"):
+        env.stego_glue_sources = {}
+    for doc in docnames:
+        if doc in getattr(other, "stego_glue_sources", {}):
+            env.stego_glue_sources[doc] = other.stego_glue_sources[doc]
+
+
 def setup(app) -> dict:
     """Sphinx extension hook (``_config.yml``: ``sphinx.extra_extensions: [stego_core.study]``)."""
     app.connect("html-page-context", _unique_scripts, priority=100)  # early: a later handler may end the event
+    app.connect("doctree-read", _record_glue_sources)
+    app.connect("env-get-outdated", _pages_pasting_from_changed)
+    app.connect("env-purge-doc", _purge_glue_sources)
+    app.connect("env-merge-info", _merge_glue_sources)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 

@@ -99,6 +99,12 @@ class _HTML:
         return f"<HTML {len(self.text)} chars>"
 
 
+def note(text: str) -> _HTML:
+    """A one-paragraph note as ``text/html`` (e.g. "No results yet."), which a page of the book can paste from
+    another page's glue (Markdown outputs cannot be pasted across pages)."""
+    return _HTML(f'<p class="stego-note">{html.escape(text)}</p>')
+
+
 def show_images(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, *, width: int = 160,
                 ncols: int | None = None) -> _HTML:
     """Small inline PNGs with captions, wrapped in a flex row (display it, or leave it as a cell's last value)."""

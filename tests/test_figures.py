@@ -99,6 +99,8 @@ def test_findings_and_pivot_table():
     assert f["stego_cluster_min"] == pytest.approx(_score("stego", 3, "cluster", "mIoU", 0, 200))
     assert f["stego_minus_pca_cluster_min"] == pytest.approx(10.0)
     assert f["stego_beats_pca_cluster"] == f["n_dims_pca"] == len(DIMS)
+    assert f["stego_beats_hnne_cluster"] == f["n_dims_hnne"] == len(DIMS)
+    assert f["n_dims_hnne_pca"] == len(DIMS) and f["hnne_beats_pca_cluster"] == 0  # h-NNE scores 25 < PCA's 30
     assert f["pca_linear_full_minus_dino"] == pytest.approx(
         _score("pca", 112, "linear", "mIoU", 0, 200) - _score("dino", C, "linear", "mIoU", 0, 200))
     # make PCA win at D = 6: the count drops by one
@@ -112,6 +114,17 @@ def test_findings_and_pivot_table():
     assert list(wide.columns[:5]) == ["dataset", "method", "D", "linear mIoU", "cluster mIoU"]
     assert len(wide) == 4 * len(DIMS) + 1
     assert "cluster mIoU ± std" in figures.pivot_table(figures.dimension_table(_results(seeds=(0, 1)))).columns
+
+
+def test_variance_findings_reads_the_first_curve():
+    ratio = np.array([0.4] + [0.6 / 31] * 31)  # C = 32: one strong component, the rest equal
+    f = figures.variance_findings({"toy": ratio, "other": ratio[::-1]})
+    assert f["source"] == "toy" and f["n_components"] == 32
+    assert f["sixteenth"] == pytest.approx(100 * (0.4 + 0.6 / 31))  # C/16 = 2 components
+    assert f["quarter"] == pytest.approx(100 * (0.4 + 7 * 0.6 / 31))  # C/4 = 8 components
+    assert f["k90"] == 27  # 0.4 + 26 * 0.6/31 = 0.903 >= 0.9 > 0.4 + 25 * 0.6/31
+    empty = figures.variance_findings({})
+    assert empty["k90"] is None and math.isnan(empty["quarter"])
 
 
 def test_dimension_ticks():

@@ -70,3 +70,13 @@ def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
     assert g6["res_n_runs"] == "8" and g6["res_n_curves"] == "1"
     assert float(g6["res_stego_cluster_min"]) == pytest.approx(float(glued["dim_stego_cluster_min"]))
     assert len(_charts(nb6)) == 3  # Figure 3, Figure 4, accuracies (no h-NNE runs: a note instead)
+
+    # in the book the Results pages paste the figures: 06 then glues them without drawing them itself
+    quiet = study.run_notebook("06_results", {"slider": False, "show_figures": False}, workdir=tmp_path / "book")
+    nb6q = nbformat.read(quiet.output, as_version=4)
+    assert not _errors(nb6q) and _charts(nb6q) == []
+    gq = _glued(nb6q)
+    for key in ("fig3", "fig4", "fig_accuracy", "fig_hnne", "fig4_table"):
+        assert key in gq, key
+    assert gq["res_var_n_components"] == g6["res_var_n_components"] == "96"  # 6 images x 4 x 4 tokens < C
+    assert gq["res_stego_beats_pca_cluster"] == g6["res_stego_beats_pca_cluster"]

@@ -171,6 +171,38 @@ print("double", 2 * x)
 
 
 @pytest.mark.slow
+def test_pages_that_paste_from_unexecuted_chapters_are_left_out(tmp_path):
+    text = ("See {glue:text}`chapters/02_a.ipynb::x:.1f` and {glue:text}`../chapters/04_b.ipynb::n:s`.\n"
+            "```{glue:any} fig\n:doc: ../chapters/06_c.ipynb\n```\n{glue:text}`local_key` {doc}`other`\n")
+    assert study.pasted_from(text) == ["../chapters/04_b.ipynb", "../chapters/06_c.ipynb", "chapters/02_a.ipynb"]
+    (tmp_path / "book" / "results").mkdir(parents=True)
+    (tmp_path / "book" / "chapters").mkdir()
+    (tmp_path / "book" / "results" / "fig.md").write_text(
+        "# Fig\n```{glue:any} fig\n:doc: ../chapters/06_c.ipynb\n```\n")
+    (tmp_path / "book" / "plain.md").write_text("# Plain\nNo glue here.\n")
+    assert study.page_ready(tmp_path, "book/plain")
+    assert not study.page_ready(tmp_path, "book/results/fig")
+    assert not study.page_ready(tmp_path, "book/chapters/06_c")
+    (tmp_path / "book" / "chapters" / "06_c.ipynb").write_text("{}")
+    assert study.page_ready(tmp_path, "book/results/fig") and study.page_ready(tmp_path, "book/chapters/06_c")
+
+
+def test_the_book_pages_paste_only_from_chapters_in_the_toc():
+    import yaml
+
+    root = study.repo_root()
+    entries = set(study._toc_entries(yaml.safe_load((root / "_toc.yml").read_text())))
+    pasting = set()
+    for entry in entries:
+        page = root / f"{entry}.md"
+        if page.exists():
+            for ref in study.pasted_from(page.read_text()):
+                target = (page.parent / ref).resolve().relative_to(root).with_suffix("").as_posix()
+                assert target in entries, f"{entry} pastes from {ref}, which is not in _toc.yml"
+                pasting.add(entry)
+    assert {"book/findings", "book/results/table2", "book/results/figure4"} <= pasting
+
+
 def test_run_notebook_executes_skips_when_current_and_reports_failures(tmp_path):
     nb = tmp_path / "tiny.py"
     nb.write_text(_TINY)
