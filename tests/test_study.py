@@ -187,6 +187,21 @@ def test_pages_that_paste_from_unexecuted_chapters_are_left_out(tmp_path):
     assert study.page_ready(tmp_path, "book/results/fig") and study.page_ready(tmp_path, "book/chapters/06_c")
 
 
+def test_pages_are_rebuilt_when_a_chapter_they_paste_from_changes():
+    from types import SimpleNamespace
+
+    env = SimpleNamespace(found_docs={"book/findings", "book/results/table2", "book/intro"},
+                          stego_glue_sources={"book/findings": {"book/chapters/02", "book/chapters/06"},
+                                              "book/results/table2": {"book/chapters/04"},
+                                              "book/gone": {"book/chapters/06"}})
+    outdated = study._pages_pasting_from_changed
+    assert outdated(None, env, set(), {"book/chapters/06"}, set()) == ["book/findings"]
+    assert outdated(None, env, {"book/chapters/04"}, set(), set()) == ["book/results/table2"]
+    assert outdated(None, env, set(), {"book/chapters/00"}, set()) == []
+    study._purge_glue_sources(None, env, "book/findings")
+    assert outdated(None, env, set(), {"book/chapters/06"}, set()) == []
+
+
 def test_the_book_pages_paste_only_from_chapters_in_the_toc():
     import yaml
 
