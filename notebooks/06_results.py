@@ -23,10 +23,12 @@ show_figures = True  # draw the figures on this page too; the book's profiles se
 # %% [markdown]
 # # Collecting the results
 #
-# This chapter trains nothing: it reads the results store (every `results.csv` written by the training runs under
-# the artifacts folder) and the cached PCA fits, and draws the study's figures from them. Each number is the
-# validation score at the step a run selected itself (its highest validation cluster mIoU), averaged over seeds;
-# the runs come from the dimension study (and from any other training chapter run on the same artifacts).
+# This chapter trains nothing: it reads the results store (the `results.csv` written by every training run under
+# the artifacts folder), keeps the runs of the dimension study's sweeps, and draws the study's figures from them
+# and from the cached PCA fits. Other runs on the same artifacts (the untrained-head control of the training
+# chapter, the protocol variants of the quirks chapter) share a method, dimension and seed with sweep runs but
+# are not part of the comparison. Each number is the validation score at the step a run selected itself (its
+# highest validation cluster mIoU), averaged over seeds.
 #
 # In the book the figures are shown, with their reading, in the Results part: {doc}`../results/figure3`,
 # {doc}`../results/figure4` and {doc}`../results/appendix`; this page keeps the complete table of numbers. With
@@ -37,9 +39,9 @@ import numpy as np
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import figures, results, viz
+from stego_core import figures, sweep, viz
 
-store = results.load_results(root)
+store = sweep.load_sweep_results(root)
 table = figures.dimension_table(store, protocol=protocol)
 curves = figures.pca_variance_curves(root)
 datasets = list(dict.fromkeys(table["dataset"]))

@@ -25,6 +25,7 @@ RP on all datasets, h-NNE on Cityscapes, the DINO baseline once per seed).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,11 +35,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import PROTOCOLS, StegoError, artifact_dir, check_choice, check_int, config_hash, write_json_atomic
+from .config import (PROTOCOLS, StegoError, artifact_dir, artifacts_root, check_choice, check_int, config_hash,
+                     write_json_atomic)
 from .results import empty_results, load_results, summarise
 
 __all__ = ["SWEEP_METHODS", "STUDY_DIMS", "STUDY_METHODS", "RunSpec", "SweepGrid", "SweepResult", "study_grid",
-           "run_sweep", "train_run", "serial_executor", "ProcessExecutor", "local_executor", "is_done"]
+           "run_sweep", "train_run", "serial_executor", "ProcessExecutor", "local_executor", "is_done",
+           "sweep_run_ids", "load_sweep_results"]
 
 SWEEP_METHODS = ("stego", "dino", "pca", "rp", "hnne")
 ON_ERROR = ("raise", "continue")
@@ -306,10 +309,42 @@ class SweepResult:
         return summarise(self.results)
 
 
-def _rows_of(df: pd.DataFrame, specs: Sequence[RunSpec]) -> pd.DataFrame:
-    """The rows of ``df`` that belong to the given runs (matched on dataset, backbone, method, dim, seed, protocol)."""
+def _trained_run_id(spec: RunSpec, root=None) -> str | None:
+    """The training run folder a finished sweep run recorded (``run.json`` of ``train_run``), else None."""
+    record = spec.run_dir(root) / "run.json"
+    if not record.exists():
+        return None
+    return Path(json.loads(record.read_text())["train_run_dir"]).name
+
+
+def sweep_run_ids(root=None) -> set[str]:
+    """The training runs of every finished sweep under ``<root>/sweeps`` (their ``run_id`` in the results store)."""
+    base = artifacts_root(root) / "sweeps"
+    ids = set()
+    for record in sorted(base.glob("*/run.json")) if base.exists() else []:
+        if (record.parent / "DONE").exists():
+            ids.add(Path(json.loads(record.read_text())["train_run_dir"]).name)
+    return ids
+
+
+def load_sweep_results(root=None) -> pd.DataFrame:
+    """The results store restricted to the runs of finished sweeps: what the study's figures show. Other training
+    runs on the same artifacts (chapter 02's untrained-head control, chapter 07's protocol variants) share a
+    method, dimension and seed with sweep runs but are not part of the comparison."""
+    df = load_results(root)
+    return df[df["run_id"].isin(sweep_run_ids(root))].reset_index(drop=True)
+
+
+def _rows_of(df: pd.DataFrame, specs: Sequence[RunSpec], root=None) -> pd.DataFrame:
+    """The rows of ``df`` that belong to the given runs: by the training run each recorded when it finished, else
+    (a custom ``run_fn`` that records none) matched on dataset, backbone, method, dim, seed and protocol."""
     if df.empty or not specs:
         return empty_results() if df.empty else df.iloc[0:0]
+    recorded = {s.name: _trained_run_id(s, root) for s in specs}
+    by_id = df[df["run_id"].isin({r for r in recorded.values() if r is not None})]
+    specs = [s for s in specs if recorded[s.name] is None]
+    if not specs:
+        return by_id.reset_index(drop=True)
     keys = pd.DataFrame([{"dataset": s.config["dataset"], "backbone": s.config["backbone"], "method": s.method,
                           "seed": s.seed, "protocol": s.config["protocol"], "_dim": s.code_dim} for s in specs])
     keys = keys.drop_duplicates()
@@ -317,7 +352,7 @@ def _rows_of(df: pd.DataFrame, specs: Sequence[RunSpec]) -> pd.DataFrame:
         {c: "string" for c in ("dataset", "backbone", "method", "protocol")}),
         on=["dataset", "backbone", "method", "seed", "protocol"], how="inner")
     dim_ok = merged["_dim"].isna() | (merged["code_dim"].astype("float64") == merged["_dim"].astype("float64"))
-    idx = merged.loc[dim_ok.fillna(False).astype(bool), "index"].unique()
+    idx = set(merged.loc[dim_ok.fillna(False).astype(bool), "index"].unique()) | set(by_id.index)
     return df.loc[sorted(idx)].reset_index(drop=True)
 
 
@@ -359,5 +394,5 @@ def run_sweep(grid: SweepGrid | Iterable[RunSpec], *, root=None, run_fn: Callabl
             bar.set_postfix_str(name)
             bar.update(1)
     return SweepResult(specs=specs, skipped=skipped, ran=ran, failed=failed,
-                       results=_rows_of(load_results(root), specs))
+                       results=_rows_of(load_results(root), specs, root))
 

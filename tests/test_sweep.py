@@ -1,12 +1,13 @@
 """The sweep runner: expansion, keyed run folders, skipping finished runs, resuming after an interruption."""
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from stego_core.config import StegoError
-from stego_core.results import write_rows
-from stego_core.sweep import (STUDY_DIMS, ProcessExecutor, RunSpec, SweepGrid, is_done, local_executor, run_sweep,
-                               serial_executor, study_grid, train_run)
+from stego_core.results import load_results, write_rows
+from stego_core.sweep import (STUDY_DIMS, ProcessExecutor, RunSpec, SweepGrid, is_done, load_sweep_results,
+                               local_executor, run_sweep, serial_executor, study_grid, train_run)
 
 
 class FakeRun:
@@ -113,6 +114,38 @@ def test_on_error_continue_and_custom_executor(tmp_path):
     assert not is_done(_grid().runs()[-1], tmp_path)
     with pytest.raises(StegoError, match="on_error"):
         run_sweep(_grid(), root=tmp_path, run_fn=fake, on_error="ignore")
+
+
+class RecordingRun(FakeRun):
+    """FakeRun that trains "into" <root>/runs/<name>-trained and records it in run.json, as train_run does."""
+
+    def __call__(self, spec: RunSpec, *, run_dir: Path, root, progress):
+        import json
+
+        trained = Path(root) / "runs" / f"{spec.name}-trained"
+        trained.mkdir(parents=True, exist_ok=True)
+        super().__call__(spec, run_dir=trained, root=root, progress=progress)
+        df = pd.read_csv(trained / "results.csv")
+        df["run_id"] = trained.name
+        write_rows(trained, df.to_dict("records"))
+        (Path(run_dir) / "run.json").write_text(json.dumps({"train_run_dir": str(trained)}))
+
+
+def test_results_leave_out_other_runs_with_the_same_method_dim_and_seed(tmp_path):
+    """A control run (e.g. chapter 02's untrained head) shares method, dim, seed and protocol with a sweep run but
+    must not be averaged into the sweep's numbers."""
+    result = run_sweep(_grid(), root=tmp_path, run_fn=RecordingRun(), progress=False)
+    stray = tmp_path / "runs" / "mosaic-pca-d3-s0-control"
+    FakeRun()(_grid().runs()[1], run_dir=stray, root=tmp_path, progress=False)
+    df = pd.read_csv(stray / "results.csv").assign(run_id=stray.name, value=999.0)
+    write_rows(stray, df.to_dict("records"))
+
+    again = run_sweep(_grid(), root=tmp_path, run_fn=RecordingRun(), progress=False)
+    assert len(again.skipped) == 5 and set(again.results["run_id"]) == set(result.results["run_id"])
+    assert stray.name not in set(again.results["run_id"]) and (again.results["value"] < 999).all()
+    swept = load_sweep_results(tmp_path)
+    assert set(swept["run_id"]) == {f"{s.name}-trained" for s in _grid().runs()}
+    assert stray.name in set(load_results(tmp_path)["run_id"])
 
 
 class WorkerRun(FakeRun):
