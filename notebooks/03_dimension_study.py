@@ -117,10 +117,8 @@ pca = projections.fit_projection("pca", 1, stores["train"], n_images=base_config
                                  root=config.artifacts_root(root), progress=progress)
 ratio = pca.explained_variance_ratio_
 source = f"{base_config.dataset} / {base_config.backbone}"
-cumulative = np.cumsum(ratio)
-glue("dim_var_quarter", float(100 * cumulative[max(1, len(ratio) // 4) - 1]), display=False)
-glue("dim_var_sixteenth", float(100 * cumulative[max(1, len(ratio) // 16) - 1]), display=False)
-glue("dim_var_k90", int(np.searchsorted(cumulative, 0.9) + 1), display=False)
+for key, value in figures.variance_findings({source: ratio}).items():
+    glue(f"dim_var_{key}", value, display=False)
 figures.variance_chart(figures.variance_frame({source: ratio}))
 
 # %% [markdown]

@@ -261,7 +261,7 @@ def variance_findings(curves: Mapping[str, Any] | pd.DataFrame) -> dict[str, Any
     return {"source": str(source), "n_components": c,
             "sixteenth": float(100 * cumulative[max(1, c // 16) - 1]),
             "quarter": float(100 * cumulative[max(1, c // 4) - 1]),
-            "k90": int(np.searchsorted(cumulative, 0.9 - 1e-12) + 1)}
+            "k90": int(np.searchsorted(cumulative, 0.9) + 1)}
 
 
 def variance_frame(curves: Mapping[str, Any] | pd.DataFrame, *, n_points: int = 768) -> pd.DataFrame:
