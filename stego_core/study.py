@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -517,9 +518,7 @@ def build_book(workdir: str | os.PathLike | None = None, *, strict: bool = True,
     toc_file = workdir / "_toc.yml"
     toc = yaml.safe_load(toc_file.read_text())
 
-    def executed(entry: str) -> bool:
-        return page_ready(workdir, entry)
-
+    executed = functools.partial(page_ready, workdir)
     absent = [e for e in _toc_entries(toc) if not executed(e)]
     args = []
     if absent:
@@ -572,38 +571,39 @@ def _unique_scripts(app, pagename, templatename, context, doctree) -> None:
         context["script_files"][:] = unique
 
 
+def _glue_sources(env) -> dict[str, set[str]]:
+    """page -> the documents it pastes glue from, kept on the Sphinx environment (pickled with it)."""
+    if not hasattr(env, "stego_glue_sources"):
+        env.stego_glue_sources = {}
+    return env.stego_glue_sources
+
+
 def _record_glue_sources(app, doctree) -> None:
     """Remember which documents a page pastes glue from (myst-nb's pending glue references)."""
     from myst_nb.ext.glue.utils import PendingGlueReference
 
-    env = app.env
-    if not hasattr(env, "stego_glue_sources"):
-        env.stego_glue_sources = {}
+    sources = _glue_sources(app.env)
     refs = {node.refdoc for node in doctree.findall(PendingGlueReference)}
     if refs:
-        env.stego_glue_sources[env.docname] = refs
+        sources[app.env.docname] = refs
     else:
-        env.stego_glue_sources.pop(env.docname, None)
+        sources.pop(app.env.docname, None)
 
 
 def _pages_pasting_from_changed(app, env, added, changed, removed) -> list[str]:
     """Rebuild a page when a chapter it pastes from changed: Sphinx's incremental build would otherwise keep the
     page's old numbers (the pasting happens when the page is written, from the chapter's glue cache)."""
     touched = set(added) | set(changed) | set(removed)
-    sources = getattr(env, "stego_glue_sources", {})
-    return sorted(doc for doc, refs in sources.items() if refs & touched and doc in env.found_docs)
+    return sorted(doc for doc, refs in _glue_sources(env).items() if refs & touched and doc in env.found_docs)
 
 
 def _purge_glue_sources(app, env, docname) -> None:
-    getattr(env, "stego_glue_sources", {}).pop(docname, None)
+    _glue_sources(env).pop(docname, None)
 
 
 def _merge_glue_sources(app, env, docnames, other) -> None:
-    if not hasattr(env, "stego_glue_sources"):
-        env.stego_glue_sources = {}
-    for doc in docnames:
-        if doc in getattr(other, "stego_glue_sources", {}):
-            env.stego_glue_sources[doc] = other.stego_glue_sources[doc]
+    theirs = _glue_sources(other)
+    _glue_sources(env).update({doc: theirs[doc] for doc in docnames if doc in theirs})
 
 
 def setup(app) -> dict:

@@ -309,9 +309,9 @@ class SweepResult:
         return summarise(self.results)
 
 
-def _trained_run_id(spec: RunSpec, root=None) -> str | None:
-    """The training run folder a finished sweep run recorded (``run.json`` of ``train_run``), else None."""
-    record = spec.run_dir(root) / "run.json"
+def _trained_run_id(sweep_run_dir: Path) -> str | None:
+    """The training run a sweep run recorded in its ``run.json`` (written by ``train_run``), else None."""
+    record = sweep_run_dir / "run.json"
     if not record.exists():
         return None
     return Path(json.loads(record.read_text())["train_run_dir"]).name
@@ -320,11 +320,8 @@ def _trained_run_id(spec: RunSpec, root=None) -> str | None:
 def sweep_run_ids(root=None) -> set[str]:
     """The training runs of every finished sweep under ``<root>/sweeps`` (their ``run_id`` in the results store)."""
     base = artifacts_root(root) / "sweeps"
-    ids = set()
-    for record in sorted(base.glob("*/run.json")) if base.exists() else []:
-        if (record.parent / "DONE").exists():
-            ids.add(Path(json.loads(record.read_text())["train_run_dir"]).name)
-    return ids
+    done = sorted(marker.parent for marker in base.glob("*/DONE")) if base.exists() else []
+    return {run_id for run_id in map(_trained_run_id, done) if run_id is not None}
 
 
 def load_sweep_results(root=None) -> pd.DataFrame:
@@ -340,7 +337,7 @@ def _rows_of(df: pd.DataFrame, specs: Sequence[RunSpec], root=None) -> pd.DataFr
     (a custom ``run_fn`` that records none) matched on dataset, backbone, method, dim, seed and protocol."""
     if df.empty or not specs:
         return empty_results() if df.empty else df.iloc[0:0]
-    recorded = {s.name: _trained_run_id(s, root) for s in specs}
+    recorded = {s.name: _trained_run_id(s.run_dir(root)) for s in specs}
     by_id = df[df["run_id"].isin({r for r in recorded.values() if r is not None})]
     specs = [s for s in specs if recorded[s.name] is None]
     if not specs:
