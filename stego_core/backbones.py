@@ -693,6 +693,24 @@ class Dinov3Backbone(NewerViTBackbone):
         return self._to_feats(x, gh, gw)  # [B,C,gh,gw]
 
 
+_RULE_TEXT = {"offset": "position table resized by DINO's rule", "exact": "position table resized exactly",
+              "rope": "none needed (rotary)"}
+
+
+def newer_vits_table() -> Any:
+    """A pandas DataFrame describing ``NEWER_VITS`` for the book: name, timm tag, patch, width C, prefix tokens
+    (CLS + registers), patch tokens at 224 px, the rule for other input sizes, input statistics, offline file."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "backbone": name, "timm tag": spec.timm_name, "patch": spec.stride, "C": spec.dim,
+        "CLS + registers": 1 + spec.registers, "tokens at 224 px": (224 // spec.stride) ** 2,
+        "other input sizes": _RULE_TEXT[spec.pos_rule],
+        "input statistics": "ImageNet" if tuple(spec.mean) == _IMAGENET_MEAN else "SAT-493M",
+        "offline weights file": spec.url.rsplit("/", 1)[-1],
+    } for name, spec in NEWER_VITS.items()])
+
+
 def _download_hint(spec: NewerViTSpec) -> str:
     if spec.family == "dinov2":
         return f"download the official DINOv2 checkpoint ({spec.url}) where there is internet"
@@ -798,4 +816,4 @@ def _load_newer_vit(name: str, spec: NewerViTSpec, weights: str | os.PathLike | 
 __all__ = ["BACKBONES", "BackboneSpec", "Backbone", "EfficientNetBackbone", "DinoViTBackbone", "load_backbone",
            "extract_features", "interpolate_pos_embed", "bundled_efficientnet_file",
            "NewerViTSpec", "NEWER_VITS", "NEWER_BACKBONES", "POS_RULES", "NewerViTBackbone", "Dinov2Backbone",
-           "Dinov3Backbone", "resample_dinov2_pos_embed"]
+           "Dinov3Backbone", "resample_dinov2_pos_embed", "newer_vits_table"]

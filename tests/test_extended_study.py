@@ -133,3 +133,88 @@ def test_extended_profiles_are_the_papers_but_for_the_backbone(profile):
                 assert params[key] % stride == 0, (nb, key)
         if "preset" in params:
             assert params["preset"] == profile, nb
+
+
+# ----------------------------------------------------------------------------------------------- results page
+def _table(rows):
+    """A dimension_table-shaped frame from (dataset, backbone, method, D, probe, mean) tuples (mIoU, one seed)."""
+    import pandas as pd
+
+    from stego_core import figures
+
+    return pd.DataFrame([{"dataset": d, "backbone": b, "method": m, "series": figures.METHOD_LABELS[m], "code_dim": k,
+                          "protocol": "original", "probe": p, "metric": "mIoU", "mean": v, "std": 0.0, "lo": v,
+                          "hi": v, "n_seeds": 1, "best_step": 100} for d, b, m, k, p, v in rows])
+
+
+def _cells(dataset, backbone, stego, pca, rp, raw, width):
+    rows = [(dataset, backbone, "dino", width, p, raw) for p in ("cluster", "linear")]
+    for method, values in (("stego", stego), ("pca", pca), ("rp", rp)):
+        rows += [(dataset, backbone, method, d, p, v) for d, v in values.items() for p in ("cluster", "linear")]
+    return rows
+
+
+def test_findings_never_mix_backbones_and_compare_per_backbone():
+    from stego_core import figures
+
+    paper = _cells("potsdam", "dino_vits8", {3: 40.0, 6: 45.0}, {3: 30.0, 6: 50.0}, {3: 20.0, 6: 25.0}, 35.0, 384)
+    newer = _cells("potsdam", "dinov3_vits16", {3: 60.0, 6: 62.0}, {3: 61.0, 6: 63.0}, {3: 10.0, 6: 70.0}, 55.0, 384)
+    other = _cells("cityscapes", "dino_vitb8", {3: 1.0}, {3: 2.0}, {3: 3.0}, 4.0, 768)
+    table = _table(paper + newer + other)
+    # the paper's backbone is quoted by default; the DINOv3 numbers only when asked for
+    f = figures.dimension_findings(table, "potsdam")
+    assert f["backbone"] == "dino_vits8" and f["stego_cluster_min"] == 40.0 and f["stego_beats_pca_cluster"] == 1
+    g = figures.dimension_findings(table, "potsdam", "dinov3_vits16")
+    assert (g["stego_cluster_min"], g["pca_cluster_min"], g["stego_beats_pca_cluster"], g["stego_beats_rp_cluster"]) \
+        == (60.0, 61.0, 0, 1)
+    assert g["dino_cluster"] == 55.0 and g["stego_cluster_best"] == 62.0
+    with pytest.raises(StegoError, match="backbone"):
+        figures.dimension_findings(table, "potsdam", "dinov2_vits14")
+    # the page's rows: only datasets with a newer backbone, with all their backbones, the paper's first
+    rows = figures.extended_study_rows(table)
+    assert set(rows["dataset"]) == {"potsdam"} and set(rows["backbone"]) == {"dino_vits8", "dinov3_vits16"}
+    comparison = figures.backbone_comparison(rows)
+    assert list(comparison["backbone"]) == ["dino_vits8", "dinov3_vits16"]
+    assert list(comparison["STEGO above PCA (dims)"]) == ["1 of 2", "0 of 2"]
+    assert list(comparison["STEGO above RP (dims)"]) == ["2 of 2", "1 of 2"]
+    assert list(comparison["PCA cluster mIoU at smallest D"]) == [30.0, 61.0]
+    assert "potsdam (dino_vits8, dinov3_vits16)" in figures.extended_study_status(rows)
+    # a store without newer backbones: nothing to show, and the status says what to do
+    none = figures.extended_study_rows(_table(paper))
+    assert none.empty and "commands below" in figures.extended_study_status(none)
+
+
+def test_registry_table_for_the_book():
+    from stego_core.backbones import newer_vits_table
+
+    table = newer_vits_table()
+    row = table.set_index("backbone").loc["dinov2_vitb14_reg"]
+    assert (row["patch"], row["C"], row["CLS + registers"], row["tokens at 224 px"]) == (14, 768, 5, 256)
+    assert row["offline weights file"] == "dinov2_vitb14_reg4_pretrain.pth"
+    assert table.set_index("backbone").loc["dinov3_vitl16_sat", "input statistics"] == "SAT-493M"
+    assert len(table) == 8
+
+
+@pytest.mark.slow
+def test_smoke_book_explains_the_extended_study(smoke_html):
+    """The smoke book has no extended-study runs: the page states the question, lists the backbones and gives the
+    command, with no comparison numbers; the cost chapter adds the newer backbones' (estimated) rows."""
+    import re
+
+    import nbformat
+
+    from chapters import glued
+
+    html = (smoke_html / "book" / "results" / "newer_backbones.html").read_text()
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", " ", html, flags=re.S)))
+    assert "Beyond the paper: newer backbones" in text
+    assert "holds no dimension-study runs on a DINOv2 or DINOv3 backbone" in text
+    assert "No rows yet." in text and "stego-chart" not in html  # no comparison, no chart
+    assert "stego-study book --profile cocostuff27_dinov3" in text
+    for name, tag in (("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2.lvd142m"),
+                      ("dinov3_vitl16_sat", "vit_large_patch16_dinov3.sat493m")):
+        assert name in text and tag in text
+    nb = nbformat.read(smoke_html.parents[1] / "book" / "chapters" / "08_costs.ipynb", as_version=4)
+    hours = float(glued(nb)["extended_sweep_hours"])
+    expected = sum(costs.study_hours(p)["total_h"] for p in ("potsdam_dinov2", "potsdam_dinov3", "potsdam_dinov3_sat"))
+    assert int(glued(nb)["extended_presets"]) == 3 and hours == pytest.approx(expected)
