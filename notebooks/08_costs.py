@@ -16,7 +16,7 @@ datasets = ["cocostuff27", "cityscapes", "potsdam"]  # which of the paper's data
 precision = "bf16"  # backbone precision of the estimate: "bf16" (fused attention, this project on a GPU) or "fp32" (the original code's style)
 source = "cache"  # where training reads features: "cache" (the feature store, this project's way) or "live" (backbone every step, as the original)
 seeds = 1  # seeds per configuration in the sweep estimate; the study used one
-backbones = None  # backbones of the per-backbone table (names of stego_core.costs.BACKBONE_SHAPES); None = each dataset's paper backbone and the DINOv2 / DINOv3 of its extended-study presets
+backbones = None  # backbones of the per-backbone table (names of stego_core.costs.BACKBONE_SHAPES); None takes each dataset's paper backbone and the DINOv2 / DINOv3 of its extended-study presets
 
 # %% [markdown]
 # # What the paper-scale runs cost
