@@ -85,6 +85,15 @@ def test_newer_backbone_costs_by_hand():
         costs.dataset_costs("potsdam", backbone="resnet50")
 
 
+def test_cost_model_shapes_agree_with_the_registry():
+    from stego_core.backbones import NEWER_VITS
+
+    for name, spec in NEWER_VITS.items():
+        width, patch, blocks = costs.BACKBONE_SHAPES[name]
+        assert (width, patch) == (spec.dim, spec.stride) and costs.PREFIX_TOKENS.get(name, 1) == 1 + spec.registers
+        assert blocks == (24 if "vitl" in name else 12), name  # ViT-L has 24 blocks, ViT-S/B 12
+
+
 def test_backbone_table_and_extended_sweeps():
     table = costs.backbone_table(["potsdam"])
     assert list(table["backbone"]) == ["dino_vits8", "dinov2_vits14_reg", "dinov3_vits16", "dinov3_vitl16_sat"]
