@@ -13,7 +13,7 @@
 
 # %% tags=["parameters"]
 dataset = "mosaic"  # which dataset: "mosaic" (offline demo, generated), "cocostuff27", "cityscapes", "potsdam", "directory"
-backbone = "efficientnet_lite0"  # frozen feature extractor: "efficientnet_lite0" (offline demo) or "dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16" (the paper)
+backbone = "efficientnet_lite0"  # frozen feature extractor: "efficientnet_lite0" (offline demo) or "dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16" (the paper); beyond the paper "dinov2_vits14", "dinov2_vitb14" (+ "_reg"), "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vitl16_sat" (res a multiple of their patch, 14 or 16)
 weights = None  # backbone weights: None for the default (bundled / timm hub), "random" (tests only) or a path to a weights file
 res = 224  # side of the square training images in pixels; 224 as in the paper
 crop = "center"  # training crop: "center" (resize the short side, then crop), "none" (squash) or "five" (the prepared five-crop tree)

@@ -120,3 +120,23 @@ glue("fig_hnne", fig_hnne, display=show_figures)
 
 # %%
 figures.pivot_table(table) if len(table) else Markdown("No results yet.")
+
+# %% [markdown]
+# ## Beyond the paper: newer backbones
+#
+# The datasets whose dimension study also ran on a DINOv2 or DINOv3 backbone (the extended study's profiles), with
+# every backbone of those datasets side by side; the Results page "Beyond the paper: newer backbones" shows them.
+
+# %%
+from stego_core import backbones
+
+glue("bb_registry", backbones.newer_vits_table().style.hide(axis="index"), display=False)
+newer = figures.extended_study_rows(table)
+glue("bb_status", viz.note(figures.extended_study_status(newer)), display=False)
+fig_backbones = figures.dimension_chart(newer, metrics=("mIoU",), methods=main_methods, spread=spread,
+                                        slider=slider) if len(newer) else viz.note("No chart yet: it needs those runs.")
+glue("fig_backbones", fig_backbones, display=show_figures)
+bb_table = figures.backbone_comparison(newer).style.hide(axis="index").format(precision=1) if len(newer) \
+    else viz.note("No rows yet.")
+glue("bb_table", bb_table, display=show_figures)
+Markdown(figures.extended_study_status(newer))

@@ -16,6 +16,7 @@ datasets = ["cocostuff27", "cityscapes", "potsdam"]  # which of the paper's data
 precision = "bf16"  # backbone precision of the estimate: "bf16" (fused attention, this project on a GPU) or "fp32" (the original code's style)
 source = "cache"  # where training reads features: "cache" (the feature store, this project's way) or "live" (backbone every step, as the original)
 seeds = 1  # seeds per configuration in the sweep estimate; the study used one
+backbones = None  # backbones of the per-backbone table (names of stego_core.costs.BACKBONE_SHAPES); None takes each dataset's paper backbone and the DINOv2 / DINOv3 of its extended-study presets
 
 # %% [markdown]
 # # What the paper-scale runs cost
@@ -93,3 +94,24 @@ sweep.round(2)
 # %% [markdown]
 # All {glue:text}`sweep_runs` runs together take about {glue:text}`sweep_hours:.1f` GPU hours under these
 # assumptions (DenseCRF for the final evaluation runs on CPU cores and is not included).
+
+# %% [markdown]
+# ## Newer backbones (beyond the paper)
+#
+# The extended study repeats the paper's runs with DINOv2 and DINOv3 backbones (the profiles
+# `cocostuff27_dinov2`, `potsdam_dinov3_sat`, …; the Results page "Beyond the paper: newer backbones"). None of
+# them was measured: their images per second and GPU times below are the ViT-B/8 measurements scaled by each
+# backbone's FLOPs (its width C, its blocks, and its tokens: patches of 14 or 16 px plus the CLS and register
+# tokens), so they are estimates that assume the same efficiency per FLOP (column `basis`). The feature store
+# follows from the token grid and the width. A patch-14 backbone validates at 322 px, the multiple of 14 nearest 320.
+
+# %%
+per_backbone = costs.backbone_table(datasets, backbones, precision=precision, source=source)
+extended = per_backbone[(per_backbone["preset"] != "") & (per_backbone["preset"] != per_backbone["dataset"])]
+glue("extended_sweep_hours", float(extended["sweep GPU h"].sum()), display=False)
+glue("extended_presets", len(extended), display=False)
+per_backbone.round(2)
+
+# %% [markdown]
+# The {glue:text}`extended_presets` extended-study sweeps of these datasets would take about
+# {glue:text}`extended_sweep_hours:.1f` GPU hours together under these assumptions (an estimate, as above).

@@ -12,6 +12,9 @@ Registry ``BACKBONES`` (name -> spec) and ``load_backbone(name, weights=None, *,
   40-45), and it extracts at ~60 images/s on 2 cores; a multi-scale 8+16+32 map (472 channels, 28x28) made the task
   too easy (raw mIoU ~59) and training 5x slower. ``EfficientNetBackbone.classify`` keeps the ImageNet classifier
   reachable so tests can prove the weights are real.
+- ``dinov2_vits14`` / ``dinov2_vitb14`` (+ ``_reg``, with 4 register tokens) and ``dinov3_vits16`` /
+  ``dinov3_vitb16`` / ``dinov3_vitl16`` / ``dinov3_vitl16_sat``: the newer DINO ViTs of the extended study
+  (``NEWER_VITS``; their own section below says how they are built, sized and loaded).
 - ``dino_vits8`` / ``dino_vits16`` / ``dino_vitb8`` / ``dino_vitb16``: DINO ViTs built from timm modules
   (``vit_{small,base}_patch{8,16}_224.dino``). The token pass is written here (patch_embed.proj, CLS token,
   positional embedding, pos_drop, blocks, final norm) so the positional embedding follows DINO's own interpolation
@@ -37,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,7 +426,8 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, *, device
                   protocol: str = "original") -> Backbone:
     """Build a frozen backbone from the registry ``BACKBONES``.
 
-    name: "efficientnet_lite0" (offline demo) or "dino_vits8" / "dino_vits16" / "dino_vitb8" / "dino_vitb16".
+    name: "efficientnet_lite0" (offline demo) or "dino_vits8" / "dino_vits16" / "dino_vitb8" / "dino_vitb16";
+        the DINOv2 / DINOv3 names of ``NEWER_VITS`` are built by ``_load_newer_vit`` (their section below).
     weights: None = default (EfficientNet: the bundled ImageNet file; DINO: timm hub, StegoError when offline),
         "random" = random initialisation (tests), or a path to a local weights file (see the module docstring).
     device: where the module lives ("cpu", "cuda", "cuda:1", ...).
@@ -433,6 +439,8 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, *, device
         raise StegoError(f"weights: expected None, 'random' or a file path, got {type(weights).__name__}")
     dev = _resolve_device(device)
     spec = BACKBONES[name]
+    if isinstance(spec, NewerViTSpec):
+        return _load_newer_vit(name, spec, weights, dev, protocol)
     import timm
 
     if spec.family == "efficientnet":
@@ -464,5 +472,348 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, *, device
     return DinoViTBackbone(vit, name, source, protocol=protocol).to(dev)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# newer DINO ViTs: DINOv2 (with and without registers) and DINOv3, the backbones of the extended study
+#
+# Built from timm 1.0 architectures (DINOv2: ``VisionTransformer``; DINOv3: ``Eva`` with DINOv3's rotary
+# embedding). As for DINO v1 the token pass is written here, so what reaches the features is explicit:
+# - input: the pipeline's ImageNet-normalised image, re-normalised with the network's own statistics when they
+#   differ (only the satellite DINOv3, whose statistics are mean (0.430, 0.411, 0.296), std (0.213, 0.156, 0.143));
+# - tokens: [CLS, registers..., patches (row-major)]; the features are the last block's patch tokens after the
+#   final LayerNorm, CLS and registers dropped, reshaped to [B, C, H/p, W/p];
+# - other input sizes (any multiple of the patch, non-square too): DINOv2 resizes its 37 x 37 positional table
+#   (trained at 518 px) to the token grid by its own repository's rule for that checkpoint: DINO's rule for the
+#   plain models (bicubic with scale factor (g + 0.1)/37, no antialiasing: ``interpolate_offset=0.1``) and the exact
+#   size with antialiasing for the register models (``interpolate_offset=0``, ``interpolate_antialias=True``, which
+#   is also timm's ``dynamic_img_size`` rule); ``protocol="corrected"`` uses the exact, antialiased resize for both.
+#   At 224 px the table is always resized (37 -> 16). DINOv3 has no positional table: its rotary embedding works on
+#   patch coordinates normalised to [-1, 1] per axis, so any grid needs no resizing (and ``protocol`` changes
+#   nothing).
+# Weights: None = timm's hub tag (offline: a StegoError naming the file to download), "random", or a local file in
+# one of these layouts (anything else is refused with the keys it lacks or does not know):
+# - DINOv2: the official hub checkpoints ``dinov2_vit{s,b}14[_reg4]_pretrain.pth`` (keys ``cls_token``,
+#   ``pos_embed`` [1, 1 + 37*37, C], ``mask_token``, ``register_tokens`` for the register models,
+#   ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*``,
+#   ``norm.*``); DINOv2 training checkpoints (``{"teacher": ...}`` of ``teacher_checkpoint.pth`` or
+#   ``{"model": {"teacher.backbone.*": ...}}``, ``backbone.`` prefixes, chunked ``blocks.<chunk>.<N>.`` keys;
+#   DINO/iBOT heads ignored with a warning); timm state dicts / safetensors (``reg_token``, a patch-only
+#   ``pos_embed`` for the register models). Mapping: ``mask_token`` dropped; ``register_tokens`` -> ``reg_token``
+#   and, for the register models, the CLS entry of ``pos_embed`` folded into ``cls_token`` (DINOv2 adds it to the
+#   CLS token only and never resizes it), as timm's models keep it.
+# - DINOv3: the official ``dinov3_vit{s,b,l}16_pretrain_{lvd1689m,sat493m}-<hash>.pth`` (keys ``cls_token``,
+#   ``storage_tokens``, ``mask_token``, ``rope_embed.periods``, ``blocks.N.attn.qkv.{weight,bias,bias_mask}``,
+#   ``blocks.N.ls{1,2}.gamma``, ... ``norm.*``, ``local_cls_norm.*`` in the satellite model) and timm state dicts /
+#   safetensors. Mapping: ``storage_tokens`` -> ``reg_token``, ``ls1/ls2.gamma`` -> ``gamma_1/gamma_2``; dropped:
+#   ``mask_token``, ``rope_embed.periods`` (recomputed from the same base 100), ``bias_mask``, ``cls_norm`` /
+#   ``local_cls_norm`` (they normalise only CLS and register tokens, which the features drop) and ``qkv.bias``,
+#   whose key third DINOv3 masks out and whose query and value thirds must be zero (timm's S/B/L architectures have
+#   no qkv bias; a file with non-zero ones is refused). DINOv3 training checkpoints (sharded) and Hugging Face
+#   ``transformers`` layouts (``embeddings.*``) are not read.
+
+
+@dataclass(frozen=True)
+class NewerViTSpec(BackboneSpec):
+    """A DINOv2 / DINOv3 registry entry: ``BackboneSpec`` plus what its token pass and weights need."""
+
+    registers: int = 0  # register ("storage") tokens after CLS; dropped with it from the features
+    pos_rule: str = "rope"  # "offset" (DINO's resize), "exact" (exact antialiased resize) or "rope" (none needed)
+    mean: tuple[float, float, float] = _IMAGENET_MEAN  # input statistics the network was trained with
+    std: tuple[float, float, float] = _IMAGENET_STD
+
+
+POS_RULES = ("offset", "exact", "rope")
+_DINOV2_FILES = "https://dl.fbaipublicfiles.com/dinov2"
+_DINOV3_REQUEST = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+_SAT_MEAN, _SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)  # DINOv3 SAT-493M input statistics
+
+# url: DINOv2, the official checkpoint; DINOv3, the official file name (Meta hands out its URL on request)
+NEWER_VITS: dict[str, NewerViTSpec] = {
+    "dinov2_vits14": NewerViTSpec("vit_small_patch14_dinov2.lvd142m", 384, 14, "dinov2",
+                                  f"{_DINOV2_FILES}/dinov2_vits14/dinov2_vits14_pretrain.pth", 0, "offset"),
+    "dinov2_vitb14": NewerViTSpec("vit_base_patch14_dinov2.lvd142m", 768, 14, "dinov2",
+                                  f"{_DINOV2_FILES}/dinov2_vitb14/dinov2_vitb14_pretrain.pth", 0, "offset"),
+    "dinov2_vits14_reg": NewerViTSpec("vit_small_patch14_reg4_dinov2.lvd142m", 384, 14, "dinov2",
+                                      f"{_DINOV2_FILES}/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth", 4, "exact"),
+    "dinov2_vitb14_reg": NewerViTSpec("vit_base_patch14_reg4_dinov2.lvd142m", 768, 14, "dinov2",
+                                      f"{_DINOV2_FILES}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth", 4, "exact"),
+    "dinov3_vits16": NewerViTSpec("vit_small_patch16_dinov3.lvd1689m", 384, 16, "dinov3",
+                                  "dinov3_vits16_pretrain_lvd1689m-08c60483.pth", 4, "rope"),
+    "dinov3_vitb16": NewerViTSpec("vit_base_patch16_dinov3.lvd1689m", 768, 16, "dinov3",
+                                  "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth", 4, "rope"),
+    "dinov3_vitl16": NewerViTSpec("vit_large_patch16_dinov3.lvd1689m", 1024, 16, "dinov3",
+                                  "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth", 4, "rope"),
+    "dinov3_vitl16_sat": NewerViTSpec("vit_large_patch16_dinov3.sat493m", 1024, 16, "dinov3",
+                                      "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth", 4, "rope", _SAT_MEAN, _SAT_STD),
+}
+BACKBONES.update(NEWER_VITS)
+NEWER_BACKBONES: tuple[str, ...] = tuple(NEWER_VITS)
+
+
+def resample_dinov2_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int, *, n_prefix: int = 1,
+                              rule: str = "offset") -> torch.Tensor:
+    """Resize a DINOv2 positional table to a ``grid_h x grid_w`` token grid (row-major).
+
+    pos_embed: [1, n_prefix + n*n, C], the ``n_prefix`` entries (CLS; 0 for timm's register models, whose table
+    covers only the patches) first and kept as they are. rule "offset": DINOv2's rule for its plain models (bicubic,
+    ``scale_factor=((grid_h + 0.1)/n, (grid_w + 0.1)/n)``, no antialiasing); "exact": its rule for the register
+    models and timm's (bicubic to exactly ``(grid_h, grid_w)`` with antialiasing). Both align_corners False and both
+    return the table unchanged when the grid is already n x n. Returns [1, n_prefix + grid_h*grid_w, C].
+    """
+    check_choice("rule", rule, ("offset", "exact"))
+    if not isinstance(pos_embed, torch.Tensor) or pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise StegoError(f"pos_embed: expected a tensor [1, n_prefix + n*n, C], got "
+                         f"{tuple(pos_embed.shape) if isinstance(pos_embed, torch.Tensor) else type(pos_embed)}")
+    if isinstance(n_prefix, bool) or not isinstance(n_prefix, int) or not 0 <= n_prefix < pos_embed.shape[1]:
+        raise StegoError(f"n_prefix: expected an integer in [0, {pos_embed.shape[1] - 1}], got {n_prefix!r}")
+    n_grid = pos_embed.shape[1] - n_prefix
+    n = math.isqrt(n_grid)
+    if n * n != n_grid:
+        raise StegoError(f"pos_embed: expected {n_prefix} prefix entries + a square grid, got {pos_embed.shape[1]}")
+    for param, g in (("grid_h", grid_h), ("grid_w", grid_w)):
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise StegoError(f"{param}: expected a positive integer, got {g!r}")
+    if grid_h == n and grid_w == n:
+        return pos_embed
+    dim = pos_embed.shape[2]
+    grid = pos_embed[:, n_prefix:].reshape(1, n, n, dim).permute(0, 3, 1, 2)  # [1,n*n,C] -> [1,C,n,n]
+    if rule == "offset":
+        grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / n, (grid_w + 0.1) / n), mode="bicubic",
+                             align_corners=False)
+    else:
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False, antialias=True)
+    if tuple(grid.shape[-2:]) != (grid_h, grid_w):
+        raise RuntimeError(f"pos_embed resize produced a {tuple(grid.shape[-2:])} grid, expected {(grid_h, grid_w)}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)  # [1,C,gh,gw] -> [1,gh*gw,C]
+    return torch.cat([pos_embed[:, :n_prefix], grid], dim=1)  # [1,n_prefix+gh*gw,C]
+
+
+class NewerViTBackbone(Backbone):
+    """Shared part of the DINOv2 / DINOv3 backbones: checks, input statistics, fused attention.
+
+    Attributes beyond ``Backbone``'s: family ("dinov2" | "dinov3"), registers, protocol and pos_rule (the resize
+    rule in use: the checkpoint's own under "original", "exact" for DINOv2 under "corrected", "rope" for DINOv3).
+    """
+
+    def __init__(self, vit: nn.Module, name: str, weights: str = "random", *, protocol: str = "original") -> None:
+        check_choice("name", name, NEWER_VITS)
+        spec = NEWER_VITS[name]
+        super().__init__(name, spec.dim, spec.stride, weights)
+        self.protocol = check_choice("protocol", protocol, PROTOCOLS)
+        self.family = spec.family
+        self.registers = spec.registers
+        self.pos_rule = "exact" if (spec.pos_rule == "offset" and protocol == "corrected") else spec.pos_rule
+        self.vit = vit
+        patch = tuple(vit.patch_embed.proj.kernel_size)
+        prefix = int(getattr(vit, "num_prefix_tokens", -1))
+        if patch != (spec.stride, spec.stride) or vit.embed_dim != spec.dim or prefix != 1 + spec.registers:
+            raise StegoError(f"name: {name} expects patch {spec.stride}, width {spec.dim} and {1 + spec.registers} "
+                             f"prefix tokens; the module has patch {patch}, width {vit.embed_dim} and {prefix}")
+        # ImageNet-normalised img -> the network's statistics: x = (img * std_in + mean_in - mean) / std
+        self.renormalise = tuple(spec.mean) != _IMAGENET_MEAN or tuple(spec.std) != _IMAGENET_STD
+        std, mean = torch.tensor(spec.std), torch.tensor(spec.mean)
+        self.register_buffer("in_scale", (torch.tensor(_IMAGENET_STD) / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", ((torch.tensor(_IMAGENET_MEAN) - mean) / std).view(1, 3, 1, 1),
+                             persistent=False)
+        self.freeze()
+
+    def _net_input(self, img: torch.Tensor) -> torch.Tensor:
+        if not self.renormalise:
+            return img
+        return img * self.in_scale.to(img.dtype) + self.in_shift.to(img.dtype)  # [B,3,H,W]
+
+    def _patch_tokens(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.vit.patch_embed.proj(self._net_input(img))  # [B,C,gh,gw]
+        return self.vit.patch_embed.norm(x.flatten(2).transpose(1, 2))  # [B,C,gh,gw] -> [B,gh*gw,C]
+
+    def _prefix_tokens(self, batch: int) -> list[torch.Tensor]:
+        vit = self.vit
+        tokens = [vit.cls_token.expand(batch, -1, -1)]  # [B,1,C]
+        if getattr(vit, "reg_token", None) is not None:
+            tokens.append(vit.reg_token.expand(batch, -1, -1))  # [B,R,C]
+        return tokens
+
+    def _to_feats(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        x = x[:, 1 + self.registers:]  # drop CLS and registers: [B,gh*gw,C]
+        return x.transpose(1, 2).reshape(x.shape[0], self.dim, gh, gw)  # [B,gh*gw,C] -> [B,C,gh,gw]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, registers={self.registers}, pos_rule={self.pos_rule!r}"
+
+    @contextlib.contextmanager
+    def fused_attention(self, enabled: bool = True) -> Iterator[None]:
+        """Temporarily switch every attention layer to (or from) ``F.scaled_dot_product_attention``."""
+        layers = [m for m in self.vit.modules() if hasattr(m, "fused_attn")]
+        before = [m.fused_attn for m in layers]
+        try:
+            for m in layers:
+                m.fused_attn = enabled
+            yield
+        finally:
+            for m, flag in zip(layers, before):
+                m.fused_attn = flag
+
+
+class Dinov2Backbone(NewerViTBackbone):
+    """DINOv2 ViT (timm ``vit_*_patch14[_reg4]_dinov2``) with its positional table resized per input grid."""
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        gh, gw = self._check_img(img)
+        self.train(False)
+        vit = self.vit
+        x = self._patch_tokens(img)  # [B,gh*gw,C]
+        prefix = self._prefix_tokens(x.shape[0])
+        no_embed_class = bool(getattr(vit, "no_embed_class", False))  # register models: the table skips CLS
+        rule = "exact" if self.pos_rule == "exact" else "offset"
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            pos = resample_dinov2_pos_embed(vit.pos_embed.float(), gh, gw, n_prefix=0 if no_embed_class else 1,
+                                            rule=rule)  # [1,(1+)gh*gw,C]
+        if no_embed_class:
+            x = torch.cat(prefix + [x + pos.to(x.dtype)], dim=1)  # [B,1+R+gh*gw,C]
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos.to(x.dtype)  # [B,1+gh*gw,C]
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+        x = vit.norm(vit.blocks(x))
+        return self._to_feats(x, gh, gw)  # [B,C,gh,gw]
+
+
+class Dinov3Backbone(NewerViTBackbone):
+    """DINOv3 ViT (timm ``vit_*_patch16_dinov3``): rotary position embedding computed for each input grid."""
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        gh, gw = self._check_img(img)
+        self.train(False)
+        vit = self.vit
+        x = self._patch_tokens(img)  # [B,gh*gw,C]
+        x = torch.cat(self._prefix_tokens(x.shape[0]) + [x], dim=1)  # [B,1+R+gh*gw,C]
+        rope = vit.rope.get_embed(shape=(gh, gw))  # sin/cos per patch of the gh x gw grid
+        x = vit.norm_pre(vit.pos_drop(x))
+        for block in vit.blocks:
+            x = block(x, rope=rope)
+        x = vit.norm(x)
+        return self._to_feats(x, gh, gw)  # [B,C,gh,gw]
+
+
+_RULE_TEXT = {"offset": "position table resized by DINO's rule", "exact": "position table resized exactly",
+              "rope": "none needed (rotary)"}
+
+
+def newer_vits_table() -> Any:
+    """A pandas DataFrame describing ``NEWER_VITS`` for the book: name, timm tag, patch, width C, prefix tokens
+    (CLS + registers), patch tokens at 224 px, the rule for other input sizes, input statistics, offline file."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "backbone": name, "timm tag": spec.timm_name, "patch": spec.stride, "C": spec.dim,
+        "CLS + registers": 1 + spec.registers, "tokens at 224 px": (224 // spec.stride) ** 2,
+        "other input sizes": _RULE_TEXT[spec.pos_rule],
+        "input statistics": "ImageNet" if tuple(spec.mean) == _IMAGENET_MEAN else "SAT-493M",
+        "offline weights file": spec.url.rsplit("/", 1)[-1],
+    } for name, spec in NEWER_VITS.items()])
+
+
+def _download_hint(spec: NewerViTSpec) -> str:
+    if spec.family == "dinov2":
+        return f"download the official DINOv2 checkpoint ({spec.url}) where there is internet"
+    return (f"download timm's https://huggingface.co/timm/{spec.timm_name}/resolve/main/model.safetensors (or "
+            f"Meta's {spec.url}, on request at {_DINOV3_REQUEST}) where there is internet")
+
+
+def _dinov2_state_dict(sd: dict[str, torch.Tensor], vit: nn.Module) -> dict[str, torch.Tensor]:
+    """Official / training-checkpoint DINOv2 keys -> timm's (see the section comment)."""
+    out = {}
+    for key, value in sd.items():
+        if key == "mask_token":
+            continue
+        out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)] = value  # chunked blocks.<chunk>.<N>. -> blocks.<N>.
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        pos = out.get("pos_embed")
+        if getattr(vit, "no_embed_class", False) and pos is not None and "cls_token" in out \
+                and pos.shape[1] == vit.pos_embed.shape[1] + 1:
+            out["cls_token"] = out["cls_token"] + pos[:, :1]  # the CLS position, added to CLS alone
+            out["pos_embed"] = pos[:, 1:]  # [1,1+n*n,C] -> [1,n*n,C]
+    return out
+
+
+def _dinov3_state_dict(sd: dict[str, torch.Tensor], vit: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Official DINOv3 keys -> timm's (see the section comment)."""
+    target = vit.state_dict()
+    out = {}
+    for key, value in sd.items():
+        if key == "mask_token" or key.endswith(".bias_mask") or key.startswith(("rope_embed.", "cls_norm.",
+                                                                               "local_cls_norm.")):
+            continue
+        key = re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", key.replace("storage_tokens", "reg_token"))
+        if key.endswith(".attn.qkv.bias") and key not in target:
+            q_bias, _, v_bias = value.chunk(3)  # the key third is masked out by DINOv3 (bias_mask)
+            if torch.count_nonzero(q_bias) or torch.count_nonzero(v_bias):
+                raise StegoError(f"weights: {path} has non-zero query/value biases in {key}, which this "
+                                 f"architecture does not have; expected the released DINOv3 S/B/L weights "
+                                 f"(zero biases) or timm's state dict")
+            continue
+        out[key] = value
+    return out
+
+
+def _load_newer_vit_weights(vit: nn.Module, path: Path, spec: NewerViTSpec) -> None:
+    """Load a DINOv2 / DINOv3 file in one of the layouts of the section comment, checking every tensor."""
+    sd, layout = _unwrap_state_dict(_read_weights_file(path), path)
+    if any(k.startswith("teacher.") for k in sd):  # DINOv2 training checkpoint {"model": {"teacher.backbone.*"}}
+        sd, layout = {k[len("teacher."):]: v for k, v in sd.items() if k.startswith("teacher.")}, "teacher"
+    sd = {_strip_prefixes(k): v for k, v in sd.items()}
+    if any(k.startswith("embeddings.") for k in sd):
+        raise StegoError(f"weights: {path} is in the Hugging Face transformers layout (embeddings.*), which is not "
+                         f"read; pass the official {spec.family.upper()} checkpoint or timm's state dict")
+    sd = {k: v for k, v in sd.items() if k != "head" and not k.startswith("head.")}
+    sd = _dinov2_state_dict(sd, vit) if spec.family == "dinov2" else _dinov3_state_dict(sd, vit, path)
+    target = vit.state_dict()
+    missing = [k for k in target if k not in sd]
+    if missing:
+        raise StegoError(f"weights: {path} lacks {len(missing)} backbone tensors (e.g. {', '.join(missing[:3])}); "
+                         f"is it a {spec.family.upper()} checkpoint of this architecture ({spec.timm_name}, "
+                         f"{spec.registers} registers)?")
+    unexpected = [k for k in sd if k not in target]
+    if unexpected:
+        if layout == "teacher":  # DINO/iBOT heads of a training checkpoint are not backbone weights
+            warnings.warn(f"weights: ignoring {len(unexpected)} non-backbone tensors in {path} "
+                          f"(e.g. {', '.join(unexpected[:3])})", stacklevel=4)
+        else:
+            raise StegoError(f"weights: {path} has {len(unexpected)} tensors {spec.timm_name} does not know "
+                             f"(e.g. {', '.join(unexpected[:3])}); expected a {spec.family.upper()} checkpoint of "
+                             f"this architecture ({spec.registers} registers)")
+    for k, v in target.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise StegoError(f"weights: {path} tensor {k} has shape {tuple(sd[k].shape)}, the model expects "
+                             f"{tuple(v.shape)} (wrong architecture or patch size?)")
+    vit.load_state_dict({k: sd[k] for k in target}, strict=True)
+
+
+def _load_newer_vit(name: str, spec: NewerViTSpec, weights: str | os.PathLike | None, dev: torch.device,
+                    protocol: str) -> NewerViTBackbone:
+    """``load_backbone`` for the DINOv2 / DINOv3 names: hub, random or local weights, recorded in ``.weights``."""
+    import timm
+
+    if weights is None:
+        try:
+            vit = timm.create_model(spec.timm_name, pretrained=True)
+        except Exception as exc:  # noqa: BLE001 - offline, no cache, gated, HTTP errors: all mean "no hub weights"
+            offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+            raise StegoError(f"weights: cannot get {spec.timm_name} from the Hugging Face hub{offline}: "
+                             f"{_one_line(exc)}; {_download_hint(spec)} and pass weights='/path/to/file'") from None
+        source = "hub"
+    elif weights == "random":
+        vit = timm.create_model(spec.timm_name, pretrained=False)
+        source = "random"
+    else:
+        skip = {"weight_init": "skip"} if spec.family == "dinov2" else {}  # every tensor gets loaded
+        vit = timm.create_model(spec.timm_name, pretrained=False, **skip)
+        _load_newer_vit_weights(vit, Path(weights), spec)
+        source = str(weights)
+    cls = Dinov2Backbone if spec.family == "dinov2" else Dinov3Backbone
+    return cls(vit, name, source, protocol=protocol).to(dev)
+
+
 __all__ = ["BACKBONES", "BackboneSpec", "Backbone", "EfficientNetBackbone", "DinoViTBackbone", "load_backbone",
-           "extract_features", "interpolate_pos_embed", "bundled_efficientnet_file"]
+           "extract_features", "interpolate_pos_embed", "bundled_efficientnet_file",
+           "NewerViTSpec", "NEWER_VITS", "NEWER_BACKBONES", "POS_RULES", "NewerViTBackbone", "Dinov2Backbone",
+           "Dinov3Backbone", "resample_dinov2_pos_embed", "newer_vits_table"]

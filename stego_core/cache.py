@@ -427,6 +427,19 @@ def _compute_chunk(dataset: Any, backbone: Any, start: int, stop: int, *, batch_
     return {a: np.concatenate(parts[a]) for a in ARRAYS}
 
 
+def _check_res_fits(res: Any, backbone: Any) -> None:
+    """StegoError naming ``res`` unless it is a multiple of the backbone's stride (its patch size for a ViT)."""
+    from .backbones import BACKBONES
+
+    res = check_int("res", res, minimum=1)
+    stride = BACKBONES[backbone].stride if isinstance(backbone, str) else getattr(backbone, "stride", None)
+    if isinstance(stride, int) and stride > 0 and res % stride:
+        name = backbone if isinstance(backbone, str) else getattr(backbone, "name", type(backbone).__name__)
+        below, above = max(stride, res - res % stride), res - res % stride + stride
+        raise StegoError(f"res: {res} px is not a multiple of {stride}, the patch size of {name}; "
+                         f"expected a multiple such as {below} or {above}")
+
+
 def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int | None = None,
                    crop: str = "center", weights: str | None = None, dataset_options: dict | None = None,
                    data_root: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
@@ -465,6 +478,8 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
     else:
         raise StegoError(f"backbone: expected a backbone name or a module with .dim and .stride, "
                          f"got {type(backbone).__name__}")
+    if isinstance(dataset, str) and res is not None:  # the backbone sees res x res images: whole patches only
+        _check_res_fits(res, backbone)
     ds, ds_name, split, res = _resolve_dataset(dataset, split, res, crop, options, data_root)
     n_items = len(ds)
     if n_items < 1:

@@ -32,17 +32,25 @@ Assumptions (``DATASET_FACTS``, ``REFERENCE``, and the function arguments):
   split, which is charged to the caching stage.
 - Evaluation: the val split at 320 px, two backbone passes per image (flip). DenseCRF runs on CPU cores and is not
   part of the GPU time (the reference ran it in 14 processes).
+- Newer backbones (the extended study; ``backbone_table``): DINOv2 ViT-S/B with patch 14 and DINOv3 ViT-S/B/L with
+  patch 16 are costed with the same formula and the same anchors. Nothing was measured on them: their images/s,
+  step times and GPU minutes are the ViT-B/8 measurements scaled by the FLOPs ratio, so they are estimates (they
+  assume the same efficiency per FLOP; a 1024-wide ViT-L probably runs its larger matrices somewhat more
+  efficiently). Their token count N adds the register tokens (4) to the CLS token, and the 24 blocks of ViT-L count
+  twice as many; DINOv3's rotary embedding and DINOv2's resized positional table cost well under 1 % and are ignored.
+  A patch-14 backbone validates at 322 px (``eval_res``: the multiple of the patch nearest 320), 23 x 23 tokens.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .config import check_choice, check_int
 
 __all__ = ["DatasetFacts", "DATASET_FACTS", "REFERENCE", "PRECISIONS", "FEATURE_SOURCES", "BACKBONE_SHAPES",
-           "vit_flops", "throughput", "feature_bytes_per_image", "five_crop_bytes", "step_seconds",
-           "dataset_costs", "cost_table", "study_hours", "format_bytes"]
+           "PREFIX_TOKENS", "vit_flops", "block_gflops", "throughput", "feature_bytes_per_image", "five_crop_bytes",
+           "step_seconds", "eval_res", "dataset_costs", "cost_table", "study_hours", "backbone_table", "format_bytes"]
 
 PRECISIONS = ("fp32", "bf16")  # "fp32": the original's style (unfused attention); "bf16": fused attention
 FEATURE_SOURCES = ("cache", "live")
@@ -81,6 +89,17 @@ BACKBONE_SHAPES: dict[str, tuple[int, int, int]] = {
     "dino_vits8": (384, 8, 12), "dino_vits16": (384, 16, 12),
     "dino_vitb8": (768, 8, 12), "dino_vitb16": (768, 16, 12),
 }
+# the newer backbones of the extended study (stego_core.backbones.NEWER_VITS) and their tokens besides the patches
+BACKBONE_SHAPES.update({
+    "dinov2_vits14": (384, 14, 12), "dinov2_vitb14": (768, 14, 12),
+    "dinov2_vits14_reg": (384, 14, 12), "dinov2_vitb14_reg": (768, 14, 12),
+    "dinov3_vits16": (384, 16, 12), "dinov3_vitb16": (768, 16, 12),
+    "dinov3_vitl16": (1024, 16, 24), "dinov3_vitl16_sat": (1024, 16, 24),
+})
+PREFIX_TOKENS: dict[str, int] = {  # CLS + register tokens; 1 (CLS alone) for every backbone not listed
+    "dinov2_vits14_reg": 5, "dinov2_vitb14_reg": 5, "dinov3_vits16": 5, "dinov3_vitb16": 5, "dinov3_vitl16": 5,
+    "dinov3_vitl16_sat": 5,
+}
 
 # The measurements every time estimate is scaled from (H200, ViT-B/8, 224 px; architecture notes "Scale").
 REFERENCE: dict[str, Any] = {
@@ -109,10 +128,17 @@ def _tokens(backbone: str, res: int) -> int:
 
 def vit_flops(backbone: str, res: int) -> float:
     """Forward multiply-adds (x2 = FLOPs) of the ViT's blocks for one res x res image: blocks * (24 N C^2 + 4 N^2 C)
-    with N = patch tokens + 1 (CLS). Only ratios of this number are used."""
+    with N = patch tokens + 1 (CLS) + registers (``PREFIX_TOKENS``). Only ratios of this number are used."""
     width, _, blocks = _shape(backbone)
-    n = _tokens(backbone, res) + 1
+    n = _tokens(backbone, res) + PREFIX_TOKENS.get(backbone, 1)
     return 2.0 * blocks * (24.0 * n * width ** 2 + 4.0 * n ** 2 * width)
+
+
+def block_gflops(backbone: str, res: int) -> float:
+    """Forward GFLOPs (2 FLOPs per multiply-add) of the ViT's blocks for one res x res image:
+    blocks * (24 N C^2 + 4 N^2 C) / 1e9 (qkv, projection and MLP: 12 N C^2 multiply-adds; attention: 2 N^2 C).
+    ``vit_flops`` is twice this number; only its ratios are used."""
+    return vit_flops(backbone, res) / 2 / 1e9
 
 
 def throughput(backbone: str, res: int, precision: str = "bf16") -> float:
@@ -152,17 +178,29 @@ def step_seconds(backbone: str, batch_size: int, source: str = "cache", precisio
     return ms / 1000.0 * batch_size / REFERENCE["step_batch"]
 
 
+def eval_res(backbone: str, res: int = 320) -> int:
+    """The evaluation size of a backbone: the multiple of its patch nearest ``res`` (ties upwards); 320 for the
+    paper's patch 8 / 16, 322 for DINOv2's patch 14."""
+    _, patch, _ = _shape(backbone)
+    check_int("res", res, minimum=1)
+    return max(patch, patch * int(math.floor(res / patch + 0.5)))
+
+
 def dataset_costs(dataset: str, *, precision: str = "bf16", source: str = "cache", train_res: int = 224,
-                  val_res: int = 320, k: int | None = None) -> dict[str, Any]:
+                  val_res: int | None = None, k: int | None = None, backbone: str | None = None) -> dict[str, Any]:
     """Disk bytes and GPU seconds of every stage of one dataset's paper run (one STEGO training run).
 
     precision: of the backbone passes ("fp32" original style, "bf16" fused); source: where training reads
     features ("cache" = the feature store, "live" = two backbone passes per step, no store needed).
+    val_res: None = ``eval_res(backbone)`` (320 px for the paper's backbones). backbone: None = the paper's for the
+    dataset; another name of ``BACKBONE_SHAPES`` costs the same run on that backbone (an estimate, module doc).
     """
     check_choice("dataset", dataset, DATASET_FACTS)
     facts = DATASET_FACTS[dataset]
     k = REFERENCE["knn_k"] if k is None else check_int("k", k, minimum=1)
-    bb = facts.backbone
+    bb = facts.backbone if backbone is None else backbone
+    _shape(bb)
+    val_res = eval_res(bb) if val_res is None else val_res
     n_train, n_val = facts.train_items, facts.val_images
     cache_train = n_train * feature_bytes_per_image(bb, train_res)
     cache_val = n_val * feature_bytes_per_image(bb, val_res)
@@ -184,18 +222,65 @@ def dataset_costs(dataset: str, *, precision: str = "bf16", source: str = "cache
 
 def study_hours(dataset: str, *, precision: str = "bf16", seeds: int = 1) -> dict[str, Any]:
     """GPU hours of the paper's dimension sweep for one dataset (``stego_core.sweep.study_grid``) on cached
-    features: the cache is built once, then every run pays its steps at the cached step time."""
-    from .sweep import study_grid
+    features: the cache is built once, then every run pays its steps at the cached step time.
+
+    dataset: a paper dataset, or a preset of the extended study (e.g. "potsdam_dinov3_sat": its dataset's sweep on
+    its backbone, ``stego_core.training.NEWER_BACKBONE_PRESETS``).
+    """
+    from .sweep import STUDY_DIMS, study_grid
+    from .training import PRESETS
 
     check_int("seeds", seeds, minimum=1)
+    check_choice("dataset", dataset, [p for p in STUDY_DIMS if PRESETS[p]["dataset"] in DATASET_FACTS])
     runs = study_grid(dataset, seeds=tuple(range(seeds))).runs()
-    bb = DATASET_FACTS[dataset].backbone
+    name, bb = PRESETS[dataset]["dataset"], PRESETS[dataset]["backbone"]
     train_s = sum(int(r.config["steps"]) * step_seconds(bb, int(r.config["batch_size"]), "cache", precision)
                   for r in runs)
-    once = dataset_costs(dataset, precision=precision, source="cache")
+    once = dataset_costs(name, precision=precision, source="cache", backbone=bb)
     return {"dataset": dataset, "runs": len(runs), "cache_h": once["cache_gpu_s"] / 3600, "train_h": train_s / 3600,
             "eval_h": len(runs) * once["eval_gpu_s"] / 3600,
             "total_h": (once["cache_gpu_s"] + train_s + len(runs) * once["eval_gpu_s"]) / 3600}
+
+
+def backbone_table(datasets: Iterable[str] = tuple(DATASET_FACTS), backbones: Iterable[str] | None = None, *,
+                   precision: str = "bf16", source: str = "cache") -> Any:
+    """A pandas DataFrame, one row per dataset and backbone: the backbone's shape, its block GFLOPs per 224 px image
+    (``block_gflops``) and their ratio to ViT-B/8's, images/s at 224 px, the feature store, one paper run's GPU
+    minutes and, where the study has a preset for that dataset and backbone, the dimension sweep's GPU hours.
+    ``basis`` says which numbers are measured (ViT-B/8 at 224 px) and which are scaled from them by FLOPs
+    (estimates).
+
+    backbones: names of ``BACKBONE_SHAPES``; None = per dataset, the paper's backbone and those of the study's
+    presets for it (the extended study's DINOv2 / DINOv3).
+    """
+    import pandas as pd
+
+    from .sweep import STUDY_DIMS
+    from .training import PRESETS
+
+    chosen = None if backbones is None else list(backbones)
+    anchor = vit_flops(REFERENCE["backbone"], REFERENCE["res"])
+    rows = []
+    for name in datasets:
+        check_choice("datasets", name, DATASET_FACTS)
+        of_presets = [PRESETS[p]["backbone"] for p in STUDY_DIMS if PRESETS[p]["dataset"] == name]
+        for bb in chosen if chosen is not None else list(dict.fromkeys([DATASET_FACTS[name].backbone, *of_presets])):
+            width, patch, blocks = _shape(bb)
+            c = dataset_costs(name, precision=precision, source=source, backbone=bb)
+            gpu = c["cache_gpu_s"] + c["train_gpu_s"] + c["eval_gpu_s"]
+            presets = [p for p in STUDY_DIMS if PRESETS[p]["dataset"] == name and PRESETS[p]["backbone"] == bb]
+            rows.append({
+                "dataset": name, "backbone": bb, "C": width, "patch": patch, "blocks": blocks,
+                "tokens at 224 px": _tokens(bb, 224), "eval px": eval_res(bb),
+                "GFLOPs per image": block_gflops(bb, 224), "FLOPs vs ViT-B/8": vit_flops(bb, 224) / anchor,
+                "images/s": throughput(bb, 224, precision), "feature store GB": c["feature_store_bytes"] / 1e9,
+                "paper run GPU min": gpu / 60,
+                "sweep GPU h": study_hours(presets[0], precision=precision)["total_h"] if presets else math.nan,
+                "preset": presets[0] if presets else "",
+                "basis": "anchor: measured on an H200 at 224 px" if bb == REFERENCE["backbone"]
+                else "estimate: scaled by FLOPs",
+            })
+    return pd.DataFrame(rows)
 
 
 def format_bytes(n: float) -> str:

@@ -8,8 +8,11 @@ Data:
   cluster mIoU, as the study's figure script), averaged over seeds: ``mean``, ``std`` (ddof 1; 0 for one seed),
   ``lo`` / ``hi`` (mean ∓ std), ``n_seeds``, and the display name ``series`` (``METHOD_LABELS``). Only validation
   rows of the training-time validation (no CRF) enter, as in the paper's Figure 4.
-- ``dimension_findings(table, dataset)``: the headline numbers of the study on one dataset (STEGO against PCA and RP
-  in cluster mIoU per dimension; PCA's linear-probe mIoU at the full dimension against the raw-feature baseline).
+- ``dimension_findings(table, dataset, backbone=None)``: the headline numbers of the study on one dataset and one of
+  its backbones (STEGO against PCA and RP in cluster mIoU per dimension; PCA's linear-probe mIoU at the full
+  dimension against the raw-feature baseline).
+- Beyond the paper: ``extended_study_rows(table)`` (the datasets with runs on a DINOv2 / DINOv3 backbone, all their
+  backbones), ``backbone_comparison(table)`` (the findings per dataset and backbone) and ``extended_study_status``.
 - ``pivot_table(table, metric)``: the same numbers as a readable wide table (one row per series and dimension).
 - ``pca_variance_curves(root)``: the explained-variance ratios of every PCA fit cached by ``fit_projection`` under
   ``<root>/projections/pca-*`` (the PCA that the PCA runs used), one curve per feature source;
@@ -46,7 +49,7 @@ from .results import PROBES, best_rows
 
 __all__ = ["METHOD_LABELS", "METHOD_COLORS", "SERIES_ORDER", "dimension_table", "dimension_ticks", "pivot_table",
            "dimension_findings", "pca_variance_curves", "variance_findings", "variance_frame", "variance_chart",
-           "dimension_chart"]
+           "dimension_chart", "extended_study_rows", "backbone_comparison", "extended_study_status"]
 
 # display names of the methods (``results.method``) and their colours (seaborn "colorblind" indices 3, 0, 2, 6, 8)
 METHOD_LABELS: dict[str, str] = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO baseline"}
@@ -153,10 +156,13 @@ def _value(table: pd.DataFrame, method: str, dim: int | None, probe: str, metric
     return float(rows["mean"].iloc[0]) if len(rows) else float("nan")
 
 
-def dimension_findings(table: pd.DataFrame, dataset: str | None = None) -> dict[str, Any]:
-    """The study's headline comparisons on one dataset (mIoU, seed means).
+def dimension_findings(table: pd.DataFrame, dataset: str | None = None, backbone: str | None = None) -> dict[str, Any]:
+    """The study's headline comparisons on one dataset (mIoU, seed means) and one of its backbones.
 
-    Keys: ``dataset``; ``dims`` (D where STEGO and PCA both ran); ``min_dim``; ``stego_cluster_min``,
+    backbone: None = the dataset's only backbone; where it has several (the paper's and the extended study's
+    DINOv2 / DINOv3 runs in one store), the first of the paper's backbones (any not in
+    ``stego_core.backbones.NEWER_BACKBONES``), else the first name. Two backbones are never mixed.
+    Keys: ``dataset``, ``backbone``; ``dims`` (D where STEGO and PCA both ran); ``min_dim``; ``stego_cluster_min``,
     ``pca_cluster_min``, ``rp_cluster_min``, ``hnne_cluster_min`` (cluster mIoU at the smallest D);
     ``stego_minus_pca_cluster_min``; ``stego_beats_pca_cluster`` / ``stego_beats_rp_cluster`` /
     ``stego_beats_hnne_cluster`` (at how many of the common dims STEGO's cluster mIoU is higher) with ``n_dims_pca``
@@ -174,13 +180,19 @@ def dimension_findings(table: pd.DataFrame, dataset: str | None = None) -> dict[
     if dataset not in names:
         raise StegoError(f"dataset: {dataset!r} has no rows in the table; expected one of {names}")
     t = table[table["dataset"] == dataset]
+    here = sorted(set(t["backbone"].astype(str)))
+    if backbone is None:
+        backbone = _default_backbone(here)
+    elif backbone not in here:
+        raise StegoError(f"backbone: {dataset!r} has no rows for {backbone!r}; expected one of {here}")
+    t = t[t["backbone"] == backbone]
     mi = t[t["metric"] == "mIoU"]
 
     def dims_of(method: str, probe: str = "cluster") -> list[int]:
         return sorted(int(d) for d in mi[(mi["method"] == method) & (mi["probe"] == probe)]["code_dim"])
 
     stego_dims = set(dims_of("stego"))
-    out: dict[str, Any] = {"dataset": dataset}
+    out: dict[str, Any] = {"dataset": dataset, "backbone": backbone}
     common = sorted(stego_dims & set(dims_of("pca")))
     out["dims"] = common
     out["min_dim"] = common[0] if common else (min(stego_dims) if stego_dims else None)
@@ -211,6 +223,70 @@ def dimension_findings(table: pd.DataFrame, dataset: str | None = None) -> dict[
     else:
         out["stego_cluster_best"], out["stego_cluster_best_dim"] = float("nan"), None
     return out
+
+
+def _default_backbone(names: Sequence[str]) -> str | None:
+    """The backbone a dataset's findings quote when none is named: the first of the paper's, else the first."""
+    from .backbones import NEWER_BACKBONES
+
+    names = sorted(names)
+    paper = [n for n in names if n not in NEWER_BACKBONES]
+    return (paper or names or [None])[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# beyond the paper: newer backbones
+
+
+def extended_study_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``dimension_table`` for every dataset that has runs on a newer backbone (DINOv2 / DINOv3,
+    ``stego_core.backbones.NEWER_BACKBONES``), with all of that dataset's backbones so they can be compared."""
+    from .backbones import NEWER_BACKBONES
+
+    _check_table(table)
+    datasets = set(table.loc[table["backbone"].isin(NEWER_BACKBONES), "dataset"])
+    return table[table["dataset"].isin(datasets)].reset_index(drop=True)
+
+
+def backbone_comparison(table: pd.DataFrame) -> pd.DataFrame:
+    """Figure 4's headline comparison per dataset and backbone of ``dimension_table`` (``dimension_findings`` of
+    each): the raw features' C, cluster mIoU at the smallest common D for STEGO, PCA and RP, at how many of the
+    common dimensions STEGO's cluster mIoU is above PCA's and RP's, and the raw features' and STEGO's best cluster
+    mIoU. One row per (dataset, backbone), the paper's backbone of a dataset first."""
+    from .backbones import NEWER_BACKBONES
+
+    _check_table(table)
+    rows = []
+    pairs = table[["dataset", "backbone"]].drop_duplicates().astype(str)
+    pairs = pairs.assign(_newer=pairs["backbone"].isin(NEWER_BACKBONES)).sort_values(
+        ["dataset", "_newer", "backbone"], kind="stable")
+    for dataset, backbone in zip(pairs["dataset"], pairs["backbone"]):
+        f = dimension_findings(table, dataset, backbone)
+        rows.append({
+            "dataset": dataset, "backbone": backbone, "C": f["full_dim"], "smallest D": f["min_dim"],
+            "STEGO cluster mIoU at smallest D": f["stego_cluster_min"],
+            "PCA cluster mIoU at smallest D": f["pca_cluster_min"],
+            "RP cluster mIoU at smallest D": f["rp_cluster_min"],
+            "STEGO above PCA (dims)": f"{f['stego_beats_pca_cluster']} of {f['n_dims_pca']}",
+            "STEGO above RP (dims)": f"{f['stego_beats_rp_cluster']} of {f['n_dims_rp']}",
+            "raw features cluster mIoU": f["dino_cluster"], "best STEGO cluster mIoU": f["stego_cluster_best"],
+        })
+    out = pd.DataFrame(rows)
+    return out.round(2) if len(out) else out
+
+
+def extended_study_status(table: pd.DataFrame) -> str:
+    """One sentence on what the results store holds for the extended study (``extended_study_rows``)."""
+    from .backbones import NEWER_BACKBONES
+
+    _check_table(table)
+    newer = table[table["backbone"].isin(NEWER_BACKBONES)]
+    if newer.empty:
+        return ("This build's results store holds no dimension-study runs on a DINOv2 or DINOv3 backbone, so there is "
+                "nothing to compare yet: the commands below produce them.")
+    parts = [f"{dataset} ({', '.join(sorted(set(part['backbone'])))})"
+             for dataset, part in table.groupby("dataset", sort=True)]
+    return "Dimension-study runs on a newer backbone, with every backbone of their datasets: " + "; ".join(parts) + "."
 
 
 def pca_variance_curves(root: str | os.PathLike | None = None) -> pd.DataFrame:

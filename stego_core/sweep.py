@@ -41,7 +41,7 @@ from .results import empty_results, load_results, summarise
 
 __all__ = ["SWEEP_METHODS", "STUDY_DIMS", "STUDY_METHODS", "RunSpec", "SweepGrid", "SweepResult", "study_grid",
            "run_sweep", "train_run", "serial_executor", "ProcessExecutor", "local_executor", "is_done",
-           "sweep_run_ids", "load_sweep_results"]
+           "sweep_run_ids", "load_sweep_results", "dimension_ladder"]
 
 SWEEP_METHODS = ("stego", "dino", "pca", "rp", "hnne")
 ON_ERROR = ("raise", "continue")
@@ -60,6 +60,28 @@ STUDY_METHODS: dict[str, tuple[str, ...]] = {
     "potsdam": ("stego", "dino", "pca", "rp"),
     "demo": ("stego", "dino", "pca", "rp"),
 }
+
+
+def dimension_ladder(width: int, code_dim: int) -> tuple[int, ...]:
+    """The study's dimensions for a backbone of width C and a preset's code dimension D (descending): C itself, every
+    3·2^k below C, and D. It gives the paper's lists (C = 768, D = 90 / 100; C = 384, D = 70)."""
+    check_int("width", width, minimum=1)
+    check_int("code_dim", code_dim, minimum=1)
+    dims = {width, code_dim} | {3 * 2 ** k for k in range(0, 20) if 3 * 2 ** k < width}
+    return tuple(sorted(dims, reverse=True))
+
+
+# Beyond the paper: the extended study's presets (training.NEWER_BACKBONE_PRESETS, each a paper preset on a DINOv2 or
+# DINOv3 backbone): the paper's ladder for the backbone's width C and the preset's scaled code dimension D, and the
+# paper preset's methods.
+_EXTENDED_STUDY: dict[str, tuple[str, int, int]] = {  # preset -> (paper preset, C, D)
+    "cocostuff27_dinov2": ("cocostuff27", 768, 90), "cocostuff27_dinov3": ("cocostuff27", 768, 90),
+    "cityscapes_dinov2": ("cityscapes", 768, 100), "cityscapes_dinov3": ("cityscapes", 768, 100),
+    "potsdam_dinov2": ("potsdam", 384, 70), "potsdam_dinov3": ("potsdam", 384, 70),
+    "potsdam_dinov3_sat": ("potsdam", 1024, 187),
+}
+STUDY_DIMS.update({preset: dimension_ladder(c, d) for preset, (_, c, d) in _EXTENDED_STUDY.items()})
+STUDY_METHODS.update({preset: STUDY_METHODS[paper] for preset, (paper, _, _) in _EXTENDED_STUDY.items()})
 
 
 @dataclass

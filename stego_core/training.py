@@ -71,6 +71,8 @@ __all__ = [
     "FEATURE_SOURCES",
     "TrainConfig",
     "PRESETS",
+    "NEWER_BACKBONE_PRESETS",
+    "scaled_code_dim",
     "make_config",
     "TrainResult",
     "LoadedRun",
@@ -197,6 +199,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         val_freq=100, n_fit_images=240, hnne_tokens=12_000,
     ),
 }
+
+
+# Beyond the paper (the extended study, book page "Beyond the paper: newer backbones"): each paper preset on a DINOv2
+# and a DINOv3 backbone of the paper's size for that dataset (ViT-B for COCO-Stuff and Cityscapes, ViT-S for Potsdam)
+# and, for Potsdam's aerial tiles, the DINOv3 ViT-L trained on satellite images (SAT-493M). DINOv2 is the variant
+# with registers: the plain DINOv2 grows high-norm artefact tokens in background patches ("Vision Transformers Need
+# Registers"), and STEGO distils exactly those patch-to-patch feature correlations. Everything but the backbone and
+# the code dimension is the paper preset's; the code dimension scales with the backbone's width C,
+# round(D_paper * C / C_paper): the paper's 90 / 100 / 70 at equal width, 187 on the 1024-wide ViT-L.
+NEWER_BACKBONE_PRESETS: dict[str, tuple[str, str]] = {  # preset -> (paper preset, backbone)
+    "cocostuff27_dinov2": ("cocostuff27", "dinov2_vitb14_reg"),
+    "cocostuff27_dinov3": ("cocostuff27", "dinov3_vitb16"),
+    "cityscapes_dinov2": ("cityscapes", "dinov2_vitb14_reg"),
+    "cityscapes_dinov3": ("cityscapes", "dinov3_vitb16"),
+    "potsdam_dinov2": ("potsdam", "dinov2_vits14_reg"),
+    "potsdam_dinov3": ("potsdam", "dinov3_vits16"),
+    "potsdam_dinov3_sat": ("potsdam", "dinov3_vitl16_sat"),
+}
+
+
+def scaled_code_dim(paper_preset: str, backbone: str) -> int:
+    """The paper preset's code dimension scaled to ``backbone``'s width: round(D * C_backbone / C_paper)."""
+    from .backbones import BACKBONES
+
+    check_choice("paper_preset", paper_preset, PRESETS)
+    check_choice("backbone", backbone, BACKBONES)
+    paper = PRESETS[paper_preset]
+    return int(round(paper["code_dim"] * BACKBONES[backbone].dim / BACKBONES[paper["backbone"]].dim))
+
+
+PRESETS.update({name: {**PRESETS[paper], "backbone": backbone, "code_dim": scaled_code_dim(paper, backbone)}
+                for name, (paper, backbone) in NEWER_BACKBONE_PRESETS.items()})
 
 
 def make_config(preset: str, **overrides: Any) -> TrainConfig:
