@@ -46,11 +46,13 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from .config import (
+    STAGES,
     StegoError,
     artifacts_root,
     check_int,
     config_hash,
     ensure_writable,
+    stage_command,
 )
 
 STORE_VERSION = 1
@@ -356,7 +358,7 @@ def _store_folder(name: str, cfg: dict, root: str | os.PathLike | None) -> _Fold
         return folder
     base = artifacts_root(str(root)[len("file://"):] if _is_url(root) else root)
     ensure_writable(base, "root")
-    folder = _Folder(base / "features" / f"{name}-{config_hash(cfg)}")
+    folder = _Folder(base / STAGES["features"] / f"{name}-{config_hash(cfg)}")
     ensure_writable(folder.root, "root")
     return folder
 
@@ -431,7 +433,7 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
                    crop: str = "center", weights: str | None = None, dataset_options: dict | None = None,
                    data_root: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
                    chunk_size: int = 64, batch_size: int = 16, device: str | torch.device = "cpu",
-                   amp: bool = False, num_workers: int = 0, progress: bool = True) -> FeatureStore:
+                   amp: bool = False, num_workers: int = 0, progress: bool = True, build: bool = True) -> FeatureStore:
     """Compute (or finish) the feature store of one dataset split and backbone, and return it opened.
 
     dataset: a registry name (``stego_core.data.DATASETS``) or a dataset object yielding the item dict
@@ -446,6 +448,8 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
     chunk_size: items per chunk file (the unit of resuming); batch_size: images per backbone call.
     device, amp: where the backbone runs and whether ``extract_features`` uses mixed precision (amp is keyed,
         since it changes the numbers). num_workers: DataLoader workers for reading the images.
+    build: False only opens a finished store: a missing one is a StegoError naming the feature-stage command that
+        builds it (the downstream stages, which must not extract features of their own).
     """
     check_int("chunk_size", chunk_size, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
@@ -476,6 +480,14 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
     folder = _store_folder(f"{ds_name}-{split}-{backbone_name}-{res}", cfg, root)
     if folder.exists(COMPLETE_FILE):
         return open_store(folder.path)
+    if not build:
+        prefix = "val_" if split == "val" else ""
+        command = stage_command("01_features", {
+            "dataset": ds_name, "backbone": backbone_name, "weights": cfg["weights"], f"{prefix}res": res,
+            f"{prefix}crop": crop, "dataset_options": options or None,
+            "root": None if root is None else str(root)})
+        raise StegoError(f"{split}: no finished feature store of {ds_name}/{split} with {backbone_name} at {res} px "
+                         f"(crop {crop!r}) under {folder.path}; the feature stage builds it: {command}")
 
     meta = folder.read_json(META_FILE) if folder.exists(META_FILE) else None
     if meta is not None and int(meta["chunk_size"]) != chunk_size:
