@@ -132,13 +132,15 @@ ours = results_store.final_table(results_store.read_rows(table2_file), labels=ex
 table2 = ours.set_index(["model", "CRF", "images"])
 summary = []
 for name in models:
-    full = table2.loc[(name, "no CRF", n_val)]
+    full = table2.loc[(name, "no CRF", n_val)].astype(float)
     line = f"**{name}**: cluster mIoU {full['cluster mIoU']:.1f}, linear mIoU {full['linear mIoU']:.1f} without CRF"
     if crf:
-        gain = table2.loc[(name, "with CRF", n_crf), "cluster mIoU"] - table2.loc[(name, "no CRF", n_crf), "cluster mIoU"]
+        gain = float(table2.loc[(name, "with CRF", n_crf), "cluster mIoU"]
+                     - table2.loc[(name, "no CRF", n_crf), "cluster mIoU"])
         line += f"; the CRF changes the cluster mIoU by {gain:+.1f} points"
         glue(f"{name.split()[0].lower().replace('-', '')}_crf_gain", round(gain, 1), display=False)
-    glue(f"{name.split()[0].lower().replace('-', '')}_cluster_miou", round(full["cluster mIoU"], 1), display=False)
+    glue(f"{name.split()[0].lower().replace('-', '')}_cluster_miou", round(float(full["cluster mIoU"]), 1),
+         display=False)
     summary.append(line)
 glue("summary", Markdown("; ".join(summary) + "."), display=False)
 glue("n_val", n_val, display=False)

@@ -49,8 +49,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
-from IPython.display import Markdown
 from myst_nb import glue
 
 from stego_core import backbones, cache, data, quirks, runs, viz

@@ -153,8 +153,8 @@ def evaluate_batches(segmenter: Segmenter, batches: Iterable[Mapping[str, Any]],
                 raise StegoError(f"code: expected [{label.shape[0]},D,h,w] matching the labels, "
                                  f"got {tuple(code.shape)}")
             images = _crf_images_of(batch) if crf else None
-            pred = {probe: segmenter.predict(code, label.shape[-2:], probe, crf=crf, images=images, pool=pool,
-                                             map_clusters=False) for probe in PROBES}  # [B,H,W] each
+            pred = segmenter.predict_all(code, label.shape[-2:], PROBES, crf=crf, images=images, pool=pool,
+                                         map_clusters=False)  # probe -> [B,H,W]
             n_labelled += int(((label >= 0) & (label < n_classes)).sum())
             for probe in PROBES:
                 metrics[probe].update(pred[probe], label)

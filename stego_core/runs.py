@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .config import PROTOCOLS, STAGES, StegoError, check_choice, stage_command, stage_root
+from .config import PROTOCOLS, STAGES, StegoError, artifacts_root, check_choice, stage_command, stage_root
 from .segmenter import Segmenter
 from .training import PRESETS, TrainConfig, TrainResult, make_config, train
 
@@ -35,7 +35,7 @@ __all__ = ["STAGES", "find_runs", "run_config", "require_run", "require_runs", "
 
 _COLUMNS = ["run_dir", "run_id", "dataset", "backbone", "method", "code_dim", "seed", "protocol", "train_store",
             "val_store", "best", "finished"]
-SCRATCH_WORKDIR = "/tmp/stego-study-runs"  # the book folder of the commands that make missing runs
+SCRATCH_BOOK = "scratch-book"  # under the artifacts root: the book folder of the commands that make missing runs
 
 
 def _store_path(store: Any) -> str | None:
@@ -98,9 +98,6 @@ def _request(preset: str, train_store: Any, method: str, code_dim: int | None, s
         if name in overrides and have is not None and overrides[name] != have:
             raise StegoError(f"overrides: {name} {overrides[name]!r} differs from the training store's {have!r}; "
                              f"the runs are looked up on the chapter's feature stores")
-    for name in ("method", "code_dim", "seed", "protocol"):
-        if name in overrides:
-            raise StegoError(f"overrides: {name!r} is a parameter of its own here; pass it as {name}=...")
     fixed = {"dataset": meta.get("dataset", PRESETS[preset]["dataset"]),
              "backbone": meta.get("backbone", PRESETS[preset]["backbone"])}
     extra = {k: v for k, v in overrides.items() if k not in fixed}
@@ -129,8 +126,8 @@ def _dims_label(cfg: TrainConfig) -> str:
 def missing_run_command(configs: Sequence[TrainConfig], *, train_store: Any, val_store: Any, preset: str,
                         overrides: dict[str, Any] | None = None, root: Any = None, device: str = "cpu") -> str:
     """The command that trains ``configs`` (runs of one preset, seed and protocol on these stores): the
-    dimension-study stage with exactly these methods and dimensions, into a scratch book folder so that the book's
-    own chapter stays as it is."""
+    dimension-study stage with exactly these methods and dimensions, into a scratch book folder under the artifacts
+    root (``<root>/scratch-book``) so that the book's own chapter stays as it is."""
     train_meta, val_meta = _store_meta(train_store, "train_store"), _store_meta(val_store, "val_store")
     first = configs[0]
     dims = sorted({c.code_dim for c in configs if c.method != "dino"})
@@ -144,7 +141,7 @@ def missing_run_command(configs: Sequence[TrainConfig], *, train_store: Any, val
               "overrides": {k: v for k, v in (overrides or {}).items() if k not in ("dataset", "backbone")} or None,
               "device": None if str(device) == "cpu" else str(device),
               "root": None if root is None else str(root)}
-    return stage_command("03_dimension_study", params, workdir=SCRATCH_WORKDIR)
+    return stage_command("03_dimension_study", params, workdir=str(artifacts_root(root) / SCRATCH_BOOK))
 
 
 def train_missing(cfg: TrainConfig, *, train_store: Any, val_store: Any, root: Any = None, device: Any = "cpu",

@@ -223,7 +223,8 @@ def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, ru
     res: shorter side in pixels the backbone sees (rounded to its stride); flip: flip test-time augmentation.
     weights: backbone weights; None = those the run's features were computed with (run) or the ViT stored in the
         checkpoint (checkpoint).
-    device: where the backbone, the code map and the probes run. alpha: overlay opacity. progress: a progress bar over the images.
+    device: where the backbone, the code map and the probes run. alpha: overlay opacity. progress: a progress bar
+        over the images.
     Returns one ``Segmentation`` per image, in input order.
     """
     if (run is None) == (checkpoint is None):

@@ -211,32 +211,37 @@ class Segmenter(nn.Module):
                 code = (code + torch.flip(mirrored, dims=[3])) / 2
         return code
 
-    def _upsampled(self, code: Any, size: Sequence[int], fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """``fn`` of the code upsampled bilinearly to ``size`` = (H, W), computed in pieces of a few images."""
+    def _upsampled(self, code: Any, size: Sequence[int], fns: Sequence[Callable[[Tensor], Tensor]]) -> list[Tensor]:
+        """Each of ``fns`` of the code upsampled bilinearly to ``size`` = (H, W): one upsampling for all of them,
+        in pieces of a few images (the upsampled code of one image is 300 MB at D = 768 and 320 px)."""
         code = _batch("code", code, self.code_dim).to(self.device)
         height, width = int(size[0]), int(size[1])
         per_image = 4 * code.shape[1] * height * width
         piece = max(1, min(code.shape[0], _PIECE_BYTES // max(per_image, 1)))
-        out = []
+        parts: list[list[Tensor]] = [[] for _ in fns]
         with self._inference():
             for p in range(0, code.shape[0], piece):
                 up = F.interpolate(code[p:p + piece], size=(height, width), mode="bilinear",
                                    align_corners=False)  # [b,D,H,W]
-                out.append(fn(up))
-        return out[0] if len(out) == 1 else torch.cat(out)
+                for out, fn in zip(parts, fns):
+                    out.append(fn(up))
+        return [out[0] if len(out) == 1 else torch.cat(out) for out in parts]
+
+    def _score_fn(self, probe: str) -> Callable[[Tensor], Tensor]:
+        return self.cluster_probe.cosine if check_choice("probe", probe, PROBES) == "cluster" else self.linear_probe
+
+    def _log_prob_fn(self, probe: str) -> Callable[[Tensor], Tensor]:
+        if check_choice("probe", probe, PROBES) == "cluster":
+            return lambda up: self.cluster_probe.log_probs(up, alpha=CLUSTER_ALPHA)
+        return lambda up: torch.log_softmax(self.linear_probe(up), dim=1)
 
     def scores(self, code: Any, size: Sequence[int], probe: str = "cluster") -> Tensor:
         """Scores [B,K,H,W] of the upsampled code: cosine to the centres (cluster) or the linear probe's logits."""
-        check_choice("probe", probe, PROBES)
-        fn = self.cluster_probe.cosine if probe == "cluster" else self.linear_probe
-        return self._upsampled(code, size, fn)
+        return self._upsampled(code, size, [self._score_fn(probe)])[0]
 
     def log_probs(self, code: Any, size: Sequence[int], probe: str = "cluster") -> Tensor:
         """Log-probabilities [B,K,H,W] at ``size``: log_softmax(2·cos) (cluster, K + E) or log_softmax(logits)."""
-        check_choice("probe", probe, PROBES)
-        if probe == "cluster":
-            return self._upsampled(code, size, lambda up: self.cluster_probe.log_probs(up, alpha=CLUSTER_ALPHA))
-        return self._upsampled(code, size, lambda up: torch.log_softmax(self.linear_probe(up), dim=1))
+        return self._upsampled(code, size, [self._log_prob_fn(probe)])[0]
 
     def refine(self, log_probs: Any, images: Any, *, pool: Any = None, workers: int = 1,
                protocol: str = "original") -> list[np.ndarray]:
@@ -266,21 +271,26 @@ class Segmenter(nn.Module):
         (``images`` needed, see ``refine``). Cluster ids become classes through ``cluster_to_class`` when the
         segmenter has one and ``map_clusters`` (-1 = a cluster without a class).
         """
-        check_choice("probe", probe, PROBES)
+        return self.predict_all(code, size, (probe,), crf=crf, images=images, pool=pool, workers=workers,
+                                protocol=protocol, map_clusters=map_clusters)[probe]
+
+    def predict_all(self, code: Any, size: Sequence[int], probes: Sequence[str] = PROBES, *, crf: bool = False,
+                    images: Any = None, pool: Any = None, workers: int = 1, protocol: str = "original",
+                    map_clusters: bool = True) -> dict[str, Tensor]:
+        """``predict`` for several probes (probe -> int64 [B,H,W]) from one upsampling of the code."""
         if crf:
             if images is None:
                 raise StegoError("images: the CRF needs the images (normalised [B,3,H,W] or uint8 [B,H,W,3])")
-            q = self.refine(self.log_probs(code, size, probe), images, pool=pool, workers=workers,
-                            protocol=protocol)
-            pred = torch.from_numpy(np.stack([m.argmax(0) for m in q]).astype(np.int64))  # [B,H,W]
+            maps = self._upsampled(code, size, [self._log_prob_fn(p) for p in probes])
+            preds = [torch.from_numpy(np.stack([m.argmax(0) for m in self.refine(
+                lp, images, pool=pool, workers=workers, protocol=protocol)]).astype(np.int64)) for lp in maps]
         else:
-            pred = self._upsampled(code, size, lambda up: self._raw_scores(up, probe).argmax(1)).cpu()
-        if probe == "cluster" and map_clusters and self.cluster_to_class is not None:
-            pred = torch.from_numpy(self.cluster_to_class[pred.numpy()])
-        return pred
-
-    def _raw_scores(self, up: Tensor, probe: str) -> Tensor:
-        return self.cluster_probe.cosine(up) if probe == "cluster" else self.linear_probe(up)
+            fns = [lambda up, fn=self._score_fn(p): fn(up).argmax(1) for p in probes]
+            preds = [pred.cpu() for pred in self._upsampled(code, size, fns)]  # [B,H,W] each
+        out = dict(zip(probes, preds))
+        if "cluster" in out and map_clusters and self.cluster_to_class is not None:
+            out["cluster"] = torch.from_numpy(self.cluster_to_class[out["cluster"].numpy()])
+        return out
 
     # ---- constructors ------------------------------------------------------------------------------------------------
     @classmethod

@@ -155,7 +155,8 @@ def test_dino_baseline_and_errors(setup):
     with pytest.raises(StegoError, match="code"):
         evaluate_batches(probes_only, [{"label": torch.zeros(1, 4, 4, dtype=torch.long)}], progress=False)
     with pytest.raises(StegoError, match="images"):
-        evaluate_batches(probes_only, [{"code": torch.zeros(1, D, 2, 2), "label": torch.zeros(1, 4, 4, dtype=torch.long)}],
+        evaluate_batches(probes_only, [{"code": torch.zeros(1, D, 2, 2),
+                                        "label": torch.zeros(1, 4, 4, dtype=torch.long)}],
                          crf=True, workers=1, progress=False)
     with pytest.raises(StegoError, match="nothing"):
         evaluate_batches(probes_only, [], progress=False)

@@ -16,7 +16,6 @@ from PIL import Image
 
 from stego_core import explorer, quirks, runs, training
 from stego_core.config import StegoError
-from stego_core.evaluation import evaluate_store
 from stego_core.knn import build_knn
 from stego_core.segmenter import Segmenter
 
