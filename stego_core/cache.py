@@ -343,11 +343,14 @@ def open_store(path: str | os.PathLike) -> FeatureStore:
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
-def _store_folder(name: str, cfg: dict, root: str | os.PathLike | None) -> _Folder:
-    """The keyed store folder under ``root``, after proving that ``root`` can be written."""
+def _store_folder(name: str, cfg: dict, root: str | os.PathLike | None, *, create: bool = True) -> _Folder:
+    """The keyed store folder under ``root``, after proving that ``root`` can be written (``create``; else the
+    folder is only named, for a store that must exist already)."""
     if _is_url(root) and not str(root).startswith("file://"):
-        url = f"{str(root).rstrip('/')}/features/{name}-{config_hash(cfg)}"
+        url = f"{str(root).rstrip('/')}/{STAGES['features']}/{name}-{config_hash(cfg)}"
         folder = _Folder(url)
+        if not create:
+            return folder
         try:
             folder.makedirs()
             folder.write_json(".write-test.json", {})
@@ -357,9 +360,10 @@ def _store_folder(name: str, cfg: dict, root: str | os.PathLike | None) -> _Fold
                              f"pass a writable folder or fsspec URL") from None
         return folder
     base = artifacts_root(str(root)[len("file://"):] if _is_url(root) else root)
-    ensure_writable(base, "root")
     folder = _Folder(base / STAGES["features"] / f"{name}-{config_hash(cfg)}")
-    ensure_writable(folder.root, "root")
+    if create:
+        ensure_writable(base, "root")
+        ensure_writable(folder.root, "root")
     return folder
 
 
@@ -477,7 +481,7 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
     cfg = {"store_version": STORE_VERSION, "dataset": ds_name, "split": split, "backbone": backbone_name,
            "weights": None if weights is None else str(weights), "res": res, "crop": crop,
            "dataset_options": options, "amp": bool(amp), "n_items": n_items, "dtype": "float16"}
-    folder = _store_folder(f"{ds_name}-{split}-{backbone_name}-{res}", cfg, root)
+    folder = _store_folder(f"{ds_name}-{split}-{backbone_name}-{res}", cfg, root, create=build)
     if folder.exists(COMPLETE_FILE):
         return open_store(folder.path)
     if not build:

@@ -22,9 +22,10 @@ explorer, ``segment`` and the quirk measurements:
    image is mirrored back and averaged in (on the code, as the reference's evaluation does);
 2. ``log_probs(code, size, probe)``: the code upsampled bilinearly (align_corners False) to ``size``, then
    ``log_softmax(2·cos(code, centres))`` (cluster) or ``log_softmax(linear_probe(code))`` (linear);
-3. ``predict(code, size, probe, crf=False)``: the argmax of the upsampled scores, or with ``crf`` of the DenseCRF
-   marginals of the log-probabilities (``refine``, through ``stego_core.crf``), cluster ids mapped to classes when
-   the segmenter carries a ``cluster_to_class`` map (``match(assignment)``).
+3. ``predict(code, size, probe, crf=False)`` (``predict_all`` for both probes from one upsampling): the argmax of
+   the upsampled scores (cosine or logits; the same argmax as of the log-probabilities), or with ``crf`` of the
+   DenseCRF marginals of the log-probabilities (``refine``, through ``stego_core.crf``), cluster ids mapped to
+   classes when the segmenter carries a ``cluster_to_class`` map (``match(assignment)``).
 
 Every method runs without gradients and in eval mode, restoring each module's mode afterwards (training validates
 through a segmenter that shares its modules).

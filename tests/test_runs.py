@@ -139,3 +139,18 @@ def test_downstream_chapters_ask_only_for_runs_the_profile_trains(name):
         for entry in paper["notebooks"]:
             assert "train_missing" not in (entry.get("parameters") or {}), entry["notebook"]
         assert "train_missing" not in (paper.get("parameters") or {})
+
+
+def test_downstream_stores_are_required_not_built(mosaic, tmp_path):
+    """A downstream chapter opens the feature stores of chapter 01 with build=False: a missing one (say a typo in a
+    resolution) stops with the feature-stage command instead of extracting features of its own."""
+    kw = dict(weights="random", dataset_options=OPTS, root=mosaic["root"], progress=False, build=False)
+    found = cache.cache_features("mosaic", "train", "efficientnet_lite0", res=64, **kw)
+    assert found.path == mosaic["train"].path
+    before = sorted(p.name for p in (mosaic["root"] / "features").iterdir())
+    with pytest.raises(StegoError) as info:
+        cache.cache_features("mosaic", "val", "efficientnet_lite0", res=96, **kw)
+    msg = str(info.value)
+    assert msg.startswith("val: no finished feature store of mosaic/val") and "\n" not in msg, msg
+    assert "stego-study run 01_features" in msg and "-p val_res 96" in msg
+    assert sorted(p.name for p in (mosaic["root"] / "features").iterdir()) == before  # nothing started
