@@ -80,6 +80,7 @@ from IPython.display import Markdown
 from myst_nb import glue
 
 from stego_core import cache, evaluation, training, viz
+from stego_core.segmenter import Segmenter
 
 stores = {split: cache.cache_features(dataset, split, backbone, res=split_res, crop=split_crop, weights=weights,
                                       dataset_options=dataset_options, root=root, device=device, progress=progress)
@@ -223,13 +224,12 @@ table.round(1)
 # features to a few channels need not add any; what it is meant to change is how well the classes *cluster*.
 
 # %%
-loaded = {name: training.load_run(r.run_dir, which="best", device=device)
+loaded = {name: Segmenter.from_run(r.run_dir, "best", device=device)
           for name, r in results.items() if name != "untrained head"}
-evals = {name: evaluation.evaluate_codes(stores["val"].iter_batches(8, shuffle=True, seed=seed), run.cluster_probe,
-                                         run.linear_probe, head=run.head, protocol=protocol,
-                                         class_names=stores["val"].class_names, keep_predictions=n_examples,
-                                         progress=False)
-         for name, run in loaded.items()}
+evals = {name: evaluation.evaluate_batches(seg, stores["val"].iter_batches(8, shuffle=True, seed=seed),
+                                           protocol=protocol, class_names=stores["val"].class_names,
+                                           keep_predictions=n_examples, progress=False)
+         for name, seg in loaded.items()}
 per_class = pd.DataFrame([
     {"model": name, "probe": probe, "class": cls, "IoU": float(iou)}
     for name, ev in evals.items() for probe in ("cluster", "linear")

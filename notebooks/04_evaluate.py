@@ -20,11 +20,12 @@ crop = "center"  # "center" (resize the short side, then crop) or "none"
 dataset_options = {}  # extra loader options, e.g. {"n_images": 40} for mosaic; must match chapter 01's
 cache_res = 0  # image size of the feature caches the runs were trained on (chapters 01-03); 0 means res
 cache_crop = ""  # crop of those caches, e.g. "five" for COCO/Cityscapes training; "" means crop
-preset = "demo"  # training preset of the runs evaluated when no checkpoint is given (stego_core.training.PRESETS)
+preset = "demo"  # training preset of the runs evaluated when no checkpoint is given (stego_core.training.PRESETS); the dataset and backbone are this chapter's
 methods = ["stego", "dino"]  # which trained runs to evaluate: Table 2 has "stego" and "dino"; "pca", "rp", "hnne" also work
 code_dim = 0  # code dimension of the STEGO/PCA/RP/h-NNE runs; 0 means the preset's (24 for the demo)
 seed = 0  # seed of the runs to evaluate
 overrides = {}  # TrainConfig fields of the runs (e.g. {"steps": 4} in the tests); {} takes any finished run of the preset
+train_missing = False  # train a run that chapters 02/03 did not make (True in the demo and smoke profiles only); False stops with the command that makes it
 checkpoint = ""  # path to a released STEGO .ckpt to evaluate instead of the trained "stego" run; empty means the trained run
 baseline_checkpoint = ""  # path to a stego-studies DINO-baseline .ckpt instead of the trained "dino" run; empty means the trained run
 trusted = False  # allow a full unpickle of the checkpoint files (only for files whose source you trust)
@@ -64,41 +65,37 @@ import torch
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import backbones, cache, data, explorer, viz
-from stego_core.checkpoints import load_stego_checkpoint
+from stego_core import backbones, cache, data, evaluation, explorer, results as results_store, runs, viz
 from stego_core.evaluation import PAPER_TABLE2, evaluate
+from stego_core.segmenter import Segmenter
 from stego_core.training import PRESETS
 
 pd.set_option("display.max_colwidth", None)  # show the sources and notes in full
 t_start = time.perf_counter()
 dim = code_dim or PRESETS[preset].get("code_dim", 24)
 val_ds = data.load_dataset(dataset, "val", res=res, crop=crop, **dataset_options)
-models = {}  # name -> (backbone, head-or-None, cluster probe, linear probe, source)
-needs_runs = [m for m in methods if not ((m == "stego" and checkpoint) or (m == "dino" and baseline_checkpoint))]
-if needs_runs:
-    train_store = cache.cache_features(dataset, "train", backbone, res=cache_res or res, crop=cache_crop or crop,
-                                       weights=weights, dataset_options=dataset_options, root=root, device=device,
-                                       progress=progress)
-    val_store = cache.cache_features(dataset, "val", backbone, res=res, crop=crop, weights=weights,
-                                     dataset_options=dataset_options, root=root, device=device, progress=progress)
-    live_backbone = backbones.load_backbone(backbone, weights, device=device)
-for method in methods:
-    if method == "stego" and checkpoint:
-        ck = load_stego_checkpoint(checkpoint, trusted=trusted)
-        models["STEGO"] = (ck.build_backbone(device=device), ck.head, ck.cluster_probe, ck.linear_probe,
-                           f"checkpoint {ck.path}")
-    elif method == "dino" and baseline_checkpoint:
-        ck = load_stego_checkpoint(baseline_checkpoint, trusted=trusted)
-        models["DINO"] = (ck.build_backbone(device=device), ck.head, ck.cluster_probe, ck.linear_probe,
-                          f"checkpoint {ck.path}")
-    else:
-        run = explorer.ensure_run(preset, train_store=train_store, val_store=val_store, method=method,
-                                  code_dim=dim, seed=seed, root=root, progress=progress,
-                                  **overrides)
-        name = explorer.METHOD_LABELS[method] + ("" if method in ("stego", "dino") else f" d={dim}")
-        models[name] = (live_backbone, explorer.as_head(run), run.cluster_probe, run.linear_probe,
-                        f"run {run.run_dir.name} (step {run.step})")
-pd.DataFrame([{"model": k, "source": v[4]} for k, v in models.items()])
+checkpoints = {"stego": checkpoint, "dino": baseline_checkpoint}
+# released checkpoints are checked against this evaluation's dataset, classes, backbone and code dim first
+loaded = {method: Segmenter.from_checkpoint(
+              checkpoints[method], trusted=trusted, device=device, protocol=protocol, expected_dataset=dataset,
+              expected_classes=val_ds.n_classes, expected_backbone=backbone,
+              expected_code_dim=dim if method == "stego" else None)
+          for method in methods if checkpoints.get(method)}
+needs_runs = [(method, dim) for method in methods if method not in loaded]
+if needs_runs:  # the runs of chapters 02 / 03, found on the stores of chapter 01 (nothing is built or trained here)
+    stores = {split: cache.cache_features(dataset, split, backbone, res=split_res, crop=split_crop, weights=weights,
+                                          dataset_options=dataset_options, root=root, build=False)
+              for split, split_res, split_crop in (("train", cache_res or res, cache_crop or crop),
+                                                   ("val", res, crop))}
+    found = runs.require_runs(preset, needs_runs, train_store=stores["train"], val_store=stores["val"], seed=seed,
+                              protocol=protocol, root=root, device=device, train_missing=train_missing,
+                              backbone=backbones.load_backbone(backbone, weights, device=device),
+                              progress=progress, **overrides)
+    loaded.update({method: seg for (method, _), seg in found.items()})
+models = {explorer.METHOD_LABELS[m] + ("" if m in ("stego", "dino") else f" d={dim}"): loaded[m] for m in methods}
+pd.DataFrame([{"model": name, "source": f"{seg.info['source']} {seg.info.get('run_id') or seg.info['checkpoint']}"
+               + (f" (step {seg.info['step']})" if seg.info.get("step") is not None else "")}
+              for name, seg in models.items()])
 
 # %% [markdown]
 # ## Table 2
@@ -106,7 +103,7 @@ pd.DataFrame([{"model": k, "source": v[4]} for k, v in models.items()])
 # Every model runs over the validation split twice: without the CRF on all images, and with it on the images
 # chosen by `crf_images` (the CRF costs about a second per image and probe on one core, so the demo may use a
 # subset; then the no-CRF numbers on the same subset are listed as well, so the CRF's effect is read on equal
-# footing).
+# footing). The rows go into the results store (stage "final") and the table below is read back from there.
 
 # %%
 n_val = len(val_ds)
@@ -119,29 +116,30 @@ if crf:
     settings.append(("crf subset" if n_crf < n_val else "all", crf_ds, True))
 results = {}
 timing = []
-for name, (bb, head, cluster_probe, linear_probe, _) in models.items():
+for name, seg in models.items():
     for subset, ds, use_crf in settings:
         t0 = time.perf_counter()
         results[(name, subset, use_crf)] = evaluate(
-            bb, head, cluster_probe, linear_probe, ds, flip=flip, crf=use_crf, workers=workers, protocol=protocol,
-            batch_size=batch_size, class_names=val_ds.class_names, keep_predictions=n_examples, progress=progress)
+            seg, ds, flip=flip, crf=use_crf, workers=workers, protocol=protocol, batch_size=batch_size,
+            class_names=val_ds.class_names, keep_predictions=n_examples, progress=progress)
         timing.append({"model": name, "images": len(ds), "CRF": use_crf, "seconds": time.perf_counter() - t0})
-ours = pd.DataFrame([
-    {"model": name, "CRF": "with CRF" if use_crf else "no CRF", "images": r["n_images"],
-     "cluster mIoU": r["cluster/mIoU"], "cluster Accuracy": r["cluster/Accuracy"],
-     "linear mIoU": r["linear/mIoU"], "linear Accuracy": r["linear/Accuracy"]}
-    for (name, subset, use_crf), r in results.items()])
-full = {name: results[(name, "all", False)] for name in models}
-crf_key = "crf subset" if n_crf < n_val else "all"
+table2_file = evaluation.write_final_rows(
+    [row for (name, _, _), r in results.items() for row in evaluation.final_rows(r, models[name], dataset=dataset)],
+    name=f"{dataset}-table2", root=root,
+    key={"models": {name: seg.description for name, seg in models.items()}, "res": res, "crop": crop,
+         "dataset_options": dataset_options, "flip": flip, "crf_images": n_crf if crf else 0, "protocol": protocol})
+ours = results_store.final_table(results_store.read_rows(table2_file), labels=explorer.METHOD_LABELS)
+table2 = ours.set_index(["model", "CRF", "images"])
 summary = []
 for name in models:
-    line = (f"**{name}**: cluster mIoU {full[name]['cluster/mIoU']:.1f}, linear mIoU "
-            f"{full[name]['linear/mIoU']:.1f} without CRF")
+    full = table2.loc[(name, "no CRF", n_val)].astype(float)
+    line = f"**{name}**: cluster mIoU {full['cluster mIoU']:.1f}, linear mIoU {full['linear mIoU']:.1f} without CRF"
     if crf:
-        gain = results[(name, crf_key, True)]["cluster/mIoU"] - results[(name, crf_key, False)]["cluster/mIoU"]
+        gain = float(table2.loc[(name, "with CRF", n_crf), "cluster mIoU"]
+                     - table2.loc[(name, "no CRF", n_crf), "cluster mIoU"])
         line += f"; the CRF changes the cluster mIoU by {gain:+.1f} points"
         glue(f"{name.split()[0].lower().replace('-', '')}_crf_gain", round(gain, 1), display=False)
-    glue(f"{name.split()[0].lower().replace('-', '')}_cluster_miou", round(full[name]["cluster/mIoU"], 1),
+    glue(f"{name.split()[0].lower().replace('-', '')}_cluster_miou", round(float(full["cluster mIoU"]), 1),
          display=False)
     summary.append(line)
 glue("summary", Markdown("; ".join(summary) + "."), display=False)
@@ -207,7 +205,7 @@ for i in range(n_show):
     titles += [f"#{i}", "ground truth"]
     for name in models:
         for use_crf in ([False, True] if crf else [False]):
-            pred = results[(name, crf_key if use_crf else "all", use_crf)]["predictions"]["cluster"][i]
+            pred = results[(name, "crf subset" if use_crf and n_crf < n_val else "all", use_crf)]["predictions"]["cluster"][i]
             pics.append(viz.colorize(pred, val_ds.palette))
             titles.append(f"{name}, {'CRF' if use_crf else 'no CRF'}")
 viz.show_images(pics, titles, width=130, ncols=len(pics) // max(n_show, 1))

@@ -20,18 +20,19 @@ crop = "center"  # crop of the training feature cache (chapter 01)
 val_res = None  # image size of the validation cache shown here; None keeps res (the demo), the paper validates at 320
 val_crop = None  # crop of the validation cache; None keeps crop (the demo), the paper: "center" (uncropped split)
 dataset_options = {}  # extra loader options of the caches, e.g. {"n_images": 40} for mosaic
-preset = "demo"  # training preset of the runs (stego_core.training.PRESETS); missing runs are trained with it
-methods = ["stego", "pca", "rp", "hnne", "dino"]  # methods offered: "stego", "pca", "rp", "hnne", "dino" (raw features)
+preset = "demo"  # training preset of the runs (stego_core.training.PRESETS); the dataset and backbone are this chapter's
+methods = ["stego", "pca", "rp", "hnne", "dino"]  # methods offered: "stego", "pca", "rp", "hnne", "dino" (raw features); each must have been trained by chapter 02 or 03
 dims = [6, 24, 96]  # code dimensions offered for every method but "dino" (which keeps all C channels)
 seed = 0  # seed of the runs shown
 overrides = {}  # TrainConfig fields of the runs (e.g. {"steps": 4} in the tests); {} takes any finished run of the preset
+train_missing = False  # train a run that chapters 02/03 did not make (True in the demo and smoke profiles only); False stops with the command that makes it
 protocol = "original"  # "original" (reference CRF bytes and metrics) or "corrected"
 n_images = 4  # validation images precomputed for the explorer (each adds methods x dims x 2 CRF x 2 probes maps)
 first_image = 0  # index of the first validation image shown; the next ones follow
 workers = 2  # processes for DenseCRF
 size = 200  # pixel size of each panel in the explorer
 live = True  # also build the live panel (upload, recompute): needs a running kernel; the book turns it off
-device = "cpu"  # cpu, cuda, cuda:1 …; feature extraction runs there (missing runs train there too)
+device = "cpu"  # cpu, cuda, cuda:1 …; the models (and missing runs, with train_missing) run there
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars
 
@@ -56,19 +57,15 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
-from stego_core import backbones, cache, explorer
+from stego_core import backbones, cache, explorer, runs
 
 train_store = cache.cache_features(dataset, "train", backbone, res=res, crop=crop, weights=weights,
-                                   dataset_options=dataset_options, root=root, device=device, progress=progress)
+                                   dataset_options=dataset_options, root=root, build=False)
 val_store = cache.cache_features(dataset, "val", backbone, res=val_res or res, crop=val_crop or crop,
-                                 weights=weights, dataset_options=dataset_options, root=root, device=device,
-                                 progress=progress)
-models = {}
-for method in methods:
-    for dim in ([train_store.dim] if method == "dino" else [d for d in dims if method == "rp" or d <= train_store.dim]):
-        models[(method, dim)] = explorer.ensure_run(preset, train_store=train_store, val_store=val_store, device=device,
-                                                    method=method, code_dim=dim, seed=seed, root=root,
-                                                    progress=progress, **overrides)
+                                 weights=weights, dataset_options=dataset_options, root=root, build=False)
+models = runs.require_runs(preset, runs.method_dims(methods, dims, train_store.dim), train_store=train_store,
+                           val_store=val_store, seed=seed, protocol=protocol, root=root, device=device,
+                           train_missing=train_missing, progress=progress, **overrides)
 shown = list(range(first_image, min(first_image + n_images, len(val_store))))
 data = explorer.precompute(models, val_store, shown, workers=workers, protocol=protocol, progress=progress)
 glue("n_models", len(models), display=False)
@@ -104,6 +101,7 @@ table[sorted(table.columns)].round(1)
 
 # %%
 if live:
-    display(explorer.live_explorer(data, backbones.load_backbone(backbone, weights), res=val_store.res, workers=1))
+    display(explorer.live_explorer(data, backbones.load_backbone(backbone, weights, device=device), res=val_store.res,
+                                   workers=1))
 else:
     display(Markdown("*(live panel off: `live = False`)*"))

@@ -23,6 +23,7 @@ dataset_options = {}  # extra loader options of the caches, e.g. {"n_images": 40
 preset = "demo"  # training preset of the runs compared (stego_core.training.PRESETS)
 seed = 0  # seed of the runs
 overrides = {}  # TrainConfig fields of the runs (e.g. {"steps": 4} in the tests); {} takes any finished run of the preset
+train_missing = False  # train the runs compared here when missing, e.g. the corrected-protocol STEGO and PCA runs (True in the demo and smoke profiles only); False stops with the command that makes them
 code_dim = 0  # STEGO code dimension; 0 means the preset's
 pca_dim = 6  # PCA dimension for the standardisation quirk (low dims show it most)
 extra_clusters = 3  # extra cluster-probe centres for the "dropped predictions" quirk (0 in every published run)
@@ -31,7 +32,7 @@ n_neighbors = 7  # kNN partners per image that STEGO draws from (ranks 1..7)
 crf_images = 8  # validation images for the CRF quirk (each costs two CRF runs per probe and protocol)
 batch_sizes = [1, 8, 0]  # validation batch sizes for the per-batch standardisation check (0 means the whole split)
 workers = 2  # processes for DenseCRF
-device = "cpu"  # cpu, cuda, cuda:1 …; feature extraction and the backbone run there (missing runs train there too)
+device = "cpu"  # cpu, cuda, cuda:1 …; the backbone and the models run there (missing runs train there too)
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars
 
@@ -48,11 +49,9 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
-from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import backbones, cache, data, explorer, quirks, training, viz
+from stego_core import backbones, cache, data, quirks, runs, viz
 from stego_core.evaluation import evaluate
 from stego_core.training import PRESETS
 
@@ -60,12 +59,11 @@ pd.set_option("display.max_colwidth", None)  # show the sources and notes in ful
 t_start = time.perf_counter()
 dim = code_dim or PRESETS[preset].get("code_dim", 24)
 train_store = cache.cache_features(dataset, "train", backbone, res=res, crop=crop, weights=weights,
-                                   dataset_options=dataset_options, root=root, device=device, progress=progress)
+                                   dataset_options=dataset_options, root=root, build=False)
 val_store = cache.cache_features(dataset, "val", backbone, res=val_res or res, crop=val_crop or crop,
-                                 weights=weights, dataset_options=dataset_options, root=root, device=device,
-                                 progress=progress)
+                                 weights=weights, dataset_options=dataset_options, root=root, build=False)
 run_args = dict(train_store=train_store, val_store=val_store, device=device, seed=seed, root=root, progress=progress,
-                **overrides)
+                train_missing=train_missing, **overrides)
 rows = []
 
 # %% [markdown]
@@ -80,15 +78,17 @@ rows = []
 
 # %%
 knn = quirks.knn_quirk(train_store, k=k, n_neighbors=n_neighbors)
-stego = {p: explorer.ensure_run(preset, method="stego", code_dim=dim, protocol=p, **run_args)
+stego = {p: runs.require_run(preset, method="stego", code_dim=dim, protocol=p, **run_args)
          for p in ("original", "corrected")}
 rows += [
     {"quirk": "1 kNN dropout", "measure": f"partner class agreement, ranks 1-{knn['n_neighbors']} (%)",
      "original": knn["agreement_original"], "corrected": knn["agreement_corrected"]},
     {"quirk": "1+2 training dropouts", "measure": "STEGO val cluster mIoU (best step)",
-     "original": stego["original"].metrics["cluster/mIoU"], "corrected": stego["corrected"].metrics["cluster/mIoU"]},
+     "original": stego["original"].info["metrics"]["cluster/mIoU"],
+     "corrected": stego["corrected"].info["metrics"]["cluster/mIoU"]},
     {"quirk": "1+2 training dropouts", "measure": "STEGO val linear mIoU (best step)",
-     "original": stego["original"].metrics["linear/mIoU"], "corrected": stego["corrected"].metrics["linear/mIoU"]},
+     "original": stego["original"].info["metrics"]["linear/mIoU"],
+     "corrected": stego["corrected"].info["metrics"]["linear/mIoU"]},
 ]
 glue("knn_changed", round(knn["changed"], 1), display=False)
 glue("knn_agree_orig", round(knn["agreement_original"], 1), display=False)
@@ -124,10 +124,11 @@ glue("extra_gain", round(extra["original"]["cluster/mIoU"] - extra["corrected"][
 # (probes trained under each rule), then the original run evaluated with different validation batch sizes:
 
 # %%
-pca = {p: explorer.ensure_run(preset, method="pca", code_dim=pca_dim, protocol=p, **run_args)
+pca = {p: runs.require_run(preset, method="pca", code_dim=pca_dim, protocol=p, **run_args)
        for p in ("original", "corrected")}
 rows += [{"quirk": "15 per-batch standardisation", "measure": f"PCA d={pca_dim} val {probe} mIoU (best step)",
-          "original": pca["original"].metrics[f"{probe}/mIoU"], "corrected": pca["corrected"].metrics[f"{probe}/mIoU"]}
+          "original": pca["original"].info["metrics"][f"{probe}/mIoU"],
+          "corrected": pca["corrected"].info["metrics"][f"{probe}/mIoU"]}
          for probe in ("cluster", "linear")]
 by_batch = pd.DataFrame([
     {"batch size": b or len(val_store), "probe": probe,
@@ -175,11 +176,9 @@ glue("n_crf", len(crf_items), display=False)
 # to keep it cheap); a full correction would also retrain on bilinear features.
 
 # %%
-bb = backbones.load_backbone(backbone, weights, device=device)
-on_device = training.load_run(stego["original"].run_dir, device=device)  # the run's modules beside the backbone
-resized = {p: evaluate(bb, on_device.head, on_device.cluster_probe, on_device.linear_probe,
-                       data.load_dataset(dataset, "val", res=val_res or res, crop=val_crop or crop, protocol=p,
-                                         **dataset_options),
+with_backbone = stego["original"].with_backbone(backbones.load_backbone(backbone, weights, device=device))
+resized = {p: evaluate(with_backbone, data.load_dataset(dataset, "val", res=val_res or res, crop=val_crop or crop,
+                                                        protocol=p, **dataset_options),
                        flip=False, progress=False)
            for p in ("original", "corrected")}
 rows += [{"quirk": "3 nearest resize", "measure": f"STEGO val {probe} mIoU (eval images only)",

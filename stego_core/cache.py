@@ -46,11 +46,13 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from .config import (
+    STAGES,
     StegoError,
     artifacts_root,
     check_int,
     config_hash,
     ensure_writable,
+    stage_command,
 )
 
 STORE_VERSION = 1
@@ -341,11 +343,14 @@ def open_store(path: str | os.PathLike) -> FeatureStore:
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
-def _store_folder(name: str, cfg: dict, root: str | os.PathLike | None) -> _Folder:
-    """The keyed store folder under ``root``, after proving that ``root`` can be written."""
+def _store_folder(name: str, cfg: dict, root: str | os.PathLike | None, *, create: bool = True) -> _Folder:
+    """The keyed store folder under ``root``, after proving that ``root`` can be written (``create``; else the
+    folder is only named, for a store that must exist already)."""
     if _is_url(root) and not str(root).startswith("file://"):
-        url = f"{str(root).rstrip('/')}/features/{name}-{config_hash(cfg)}"
+        url = f"{str(root).rstrip('/')}/{STAGES['features']}/{name}-{config_hash(cfg)}"
         folder = _Folder(url)
+        if not create:
+            return folder
         try:
             folder.makedirs()
             folder.write_json(".write-test.json", {})
@@ -355,9 +360,10 @@ def _store_folder(name: str, cfg: dict, root: str | os.PathLike | None) -> _Fold
                              f"pass a writable folder or fsspec URL") from None
         return folder
     base = artifacts_root(str(root)[len("file://"):] if _is_url(root) else root)
-    ensure_writable(base, "root")
-    folder = _Folder(base / "features" / f"{name}-{config_hash(cfg)}")
-    ensure_writable(folder.root, "root")
+    folder = _Folder(base / STAGES["features"] / f"{name}-{config_hash(cfg)}")
+    if create:
+        ensure_writable(base, "root")
+        ensure_writable(folder.root, "root")
     return folder
 
 
@@ -444,7 +450,7 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
                    crop: str = "center", weights: str | None = None, dataset_options: dict | None = None,
                    data_root: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
                    chunk_size: int = 64, batch_size: int = 16, device: str | torch.device = "cpu",
-                   amp: bool = False, num_workers: int = 0, progress: bool = True) -> FeatureStore:
+                   amp: bool = False, num_workers: int = 0, progress: bool = True, build: bool = True) -> FeatureStore:
     """Compute (or finish) the feature store of one dataset split and backbone, and return it opened.
 
     dataset: a registry name (``stego_core.data.DATASETS``) or a dataset object yielding the item dict
@@ -459,6 +465,8 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
     chunk_size: items per chunk file (the unit of resuming); batch_size: images per backbone call.
     device, amp: where the backbone runs and whether ``extract_features`` uses mixed precision (amp is keyed,
         since it changes the numbers). num_workers: DataLoader workers for reading the images.
+    build: False only opens a finished store: a missing one is a StegoError naming the feature-stage command that
+        builds it (the downstream stages, which must not extract features of their own).
     """
     check_int("chunk_size", chunk_size, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
@@ -488,9 +496,17 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
     cfg = {"store_version": STORE_VERSION, "dataset": ds_name, "split": split, "backbone": backbone_name,
            "weights": None if weights is None else str(weights), "res": res, "crop": crop,
            "dataset_options": options, "amp": bool(amp), "n_items": n_items, "dtype": "float16"}
-    folder = _store_folder(f"{ds_name}-{split}-{backbone_name}-{res}", cfg, root)
+    folder = _store_folder(f"{ds_name}-{split}-{backbone_name}-{res}", cfg, root, create=build)
     if folder.exists(COMPLETE_FILE):
         return open_store(folder.path)
+    if not build:
+        prefix = "val_" if split == "val" else ""
+        command = stage_command("01_features", {
+            "dataset": ds_name, "backbone": backbone_name, "weights": cfg["weights"], f"{prefix}res": res,
+            f"{prefix}crop": crop, "dataset_options": options or None,
+            "root": None if root is None else str(root)})
+        raise StegoError(f"{split}: no finished feature store of {ds_name}/{split} with {backbone_name} at {res} px "
+                         f"(crop {crop!r}) under {folder.path}; the feature stage builds it: {command}")
 
     meta = folder.read_json(META_FILE) if folder.exists(META_FILE) else None
     if meta is not None and int(meta["chunk_size"]) != chunk_size:

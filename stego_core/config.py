@@ -1,8 +1,8 @@
-"""Run configuration plumbing: clear errors, config hashing, artifact folders and atomic writes.
+"""Run configuration plumbing: clear errors, config hashing, artifact folders, devices and atomic writes.
 
 Every stage of the study writes a keyed artifact ``<root>/<stage>/<name>-<hash>/`` with the resolved
-configuration beside it in ``meta.json``; this module owns the hashing, the root folder and the small
-validation helpers that turn bad input into one readable line.
+configuration beside it in ``meta.json``; this module owns the table of stage folders (``STAGES``), the hashing,
+the root folder, device resolution and the small validation helpers that turn bad input into one readable line.
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 
 class StegoError(ValueError):
@@ -20,6 +21,18 @@ class StegoError(ValueError):
 
 
 PROTOCOLS = ("original", "corrected")
+
+#: The stage folders under the artifacts root, in the order data flows through them (``artifact_dir``'s ``stage``).
+#: The writers (``cache``, ``projections``, ``training``, ``sweep``, ``evaluation``) and the readers (``runs``,
+#: ``figures``, ``results``) all name their folder through this table.
+STAGES: dict[str, str] = {
+    "features": "features",  # feature stores (stego_core.cache), with their kNN tables (stego_core.knn) beside them
+    "projections": "projections",  # fitted PCA / RP / h-NNE estimators (projections.fit_projection)
+    "projected": "projected",  # features precomputed through a fitted projection (projections.project_store, h-NNE)
+    "runs": "runs",  # training runs (stego_core.training.train): checkpoints, history, results.csv
+    "sweeps": "sweeps",  # the dimension study's run markers (stego_core.sweep)
+    "evaluations": "evaluations",  # final evaluations (Table 2's rows, stage "final" of the results store)
+}
 
 
 def repo_root() -> Path:
@@ -56,9 +69,62 @@ def config_hash(cfg: Any, length: int = 10) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:length]
 
 
+def stage_root(stage: str, root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<folder of stage>``: where the keyed artifacts of one stage of ``STAGES`` live."""
+    return artifacts_root(root) / STAGES[check_choice("stage", stage, STAGES)]
+
+
 def artifact_dir(stage: str, name: str, cfg: Any, root: str | os.PathLike | None = None) -> Path:
     """``<root>/<stage>/<name>-<hash(cfg)>``: the folder of one keyed artifact (not created here)."""
-    return artifacts_root(root) / stage / f"{name}-{config_hash(cfg)}"
+    return stage_root(stage, root) / f"{name}-{config_hash(cfg)}"
+
+
+def stage_command(notebook: str, parameters: Mapping[str, Any], *, workdir: str | None = None) -> str:
+    """The command line that runs one stage (notebook) with these parameters, for messages that say how to make a
+    missing artifact: ``stego-study run NAME [--workdir DIR] -p NAME VALUE ...`` (values as YAML literals; None
+    entries are left out). ``workdir``: a scratch book folder, so the run does not replace the book's chapter."""
+    parts = ["stego-study", "run", notebook] + (["--workdir", str(workdir)] if workdir else [])
+    for name, value in parameters.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (dict, list, tuple)):
+            text = json.dumps(_jsonable(value))
+        else:
+            text = str(value)
+        parts += ["-p", name, shlex.quote(text)]
+    return " ".join(parts)
+
+
+def resolve_device(device: Any) -> Any:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device`` -> ``torch.device``, checked to exist on
+    this machine (a one-line StegoError naming ``device`` otherwise). ``"meta"`` (tensors without data) is accepted
+    for placement checks: the tests run a stage there to see that every module and input follows the device."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise StegoError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StegoError(f"device: {str(device)!r} is not available here (torch.cuda.is_available() is False); "
+                             f"use device 'cpu' or run on a machine with a CUDA GPU")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise StegoError(f"device: {str(device)!r} does not exist; this machine has {n} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{n - 1})")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise StegoError(f"device: {str(device)!r} is not available here (torch.backends.mps.is_available() "
+                             f"is False); use device 'cpu'")
+        return dev
+    raise StegoError(f"device: {str(device)!r} is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -129,7 +129,9 @@ def dense_crf(image: Any, logits: Any, *, protocol: str = "original") -> np.ndar
 
 # ---------------------------------------------------------------------------------------------------------------
 # many images
-def _start_method() -> str:
+def start_method() -> str:
+    """How worker processes start: "forkserver" where available (a notebook kernel's threads are never forked),
+    else "spawn". The CRF pool and the sweep's process executor share it."""
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
@@ -164,7 +166,7 @@ class CRFPool:
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            ctx = multiprocessing.get_context(_start_method())
+            ctx = multiprocessing.get_context(start_method())
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
         return self._executor
 

@@ -33,7 +33,7 @@ from PIL import Image
 from .config import PROTOCOLS, StegoError, check_choice, check_int, repo_root
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "unnormalize", "DATASETS", "SPLITS", "CROPS",
+    "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "normalize_uint8", "unnormalize", "DATASETS", "SPLITS", "CROPS",
     "EXPECTED_TREES", "SegDataset", "MosaicDataset", "CocoStuff27", "Cityscapes", "Potsdam", "DirectoryDataset",
     "load_dataset", "data_root", "resized_size", "center_crop_offset", "transform_pair", "five_crop_dir",
     "MOSAIC_SOURCES", "COCOSTUFF27_CLASSES", "CITYSCAPES_CLASSES", "POTSDAM_CLASSES", "coco_fine_to_coarse",
@@ -53,6 +53,14 @@ def normalize(img01: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=img01.dtype, device=img01.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=img01.dtype, device=img01.device).view(3, 1, 1)
     return (img01 - mean) / std
+
+
+def normalize_uint8(images: Any) -> torch.Tensor:
+    """ImageNet-normalise uint8 images ``[..., H, W, 3]`` (array or tensor) into float32 ``[..., 3, H, W]``."""
+    u8 = torch.as_tensor(np.asarray(images, dtype=np.uint8))
+    if u8.ndim < 3 or u8.shape[-1] != 3:
+        raise StegoError(f"images: expected uint8 images [..., H, W, 3], got shape {tuple(u8.shape)}")
+    return normalize(u8.movedim(-1, -3).float() / 255.0)  # [..., H, W, 3] -> [..., 3, H, W]
 
 
 def unnormalize(img: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:

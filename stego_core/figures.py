@@ -14,8 +14,9 @@ Data:
 - Beyond the paper: ``extended_study_rows(table)`` (the datasets with runs on a DINOv2 / DINOv3 backbone, all their
   backbones), ``backbone_comparison(table)`` (the findings per dataset and backbone) and ``extended_study_status``.
 - ``pivot_table(table, metric)``: the same numbers as a readable wide table (one row per series and dimension).
-- ``pca_variance_curves(root)``: the explained-variance ratios of every PCA fit cached by ``fit_projection`` under
-  ``<root>/projections/pca-*`` (the PCA that the PCA runs used), one curve per feature source;
+- ``pca_variance_curves(root)``: the explained-variance ratios of every PCA fit cached by
+  ``projections.fit_projection`` (read through ``projections.fitted_projections``: the PCA that the PCA runs used),
+  one curve per feature source;
   ``variance_frame(curves)``: their cumulative sums against the fraction of components kept, each curve linearly
   interpolated onto a common grid of ``n_points`` fractions of [0, 1] (the study used 768 points).
 
@@ -32,11 +33,8 @@ Colours follow the study (seaborn's colour-blind palette: STEGO 3, DINO 0, PCA 2
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import pickle
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import altair as alt
@@ -44,7 +42,8 @@ import numpy as np
 import pandas as pd
 
 from . import viz  # noqa: F401 - importing it enables the offline Altair renderer the book needs
-from .config import StegoError, artifacts_root, check_choice, check_int
+from .config import StegoError, check_choice, check_int
+from .projections import fitted_projections
 from .results import PROBES, best_rows
 
 __all__ = ["METHOD_LABELS", "METHOD_COLORS", "SERIES_ORDER", "dimension_table", "dimension_ticks", "pivot_table",
@@ -290,21 +289,14 @@ def extended_study_status(table: pd.DataFrame) -> str:
 
 
 def pca_variance_curves(root: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Explained-variance ratios of the PCA fits cached under ``<root>/projections/pca-*`` (written by
-    ``projections.fit_projection``, i.e. by every PCA run of a sweep).
+    """Explained-variance ratios of the PCA fits cached by ``projections.fit_projection`` (every PCA run of a
+    sweep, and chapter 03's Figure 3 fit), read through ``projections.fitted_projections``.
 
     Returns one row per fit: ``source`` (display label), ``dataset``, ``backbone``, ``n_images``, ``n_components``
     (C) and ``ratio`` (the explained-variance ratio vector as a numpy array). Empty frame when there is none.
     """
-    base = artifacts_root(root) / "projections"
     rows = []
-    for folder in sorted(base.glob("pca-*")) if base.exists() else []:
-        pkl, meta_path = folder / "projection.pkl", folder / "meta.json"
-        if not (pkl.exists() and meta_path.exists()):
-            continue  # a fit that did not finish (the meta file is written last)
-        meta = json.loads(meta_path.read_text())
-        with open(pkl, "rb") as fh:
-            proj = pickle.load(fh)
+    for folder, meta, proj in fitted_projections("pca", root):
         ratio = np.asarray(getattr(proj, "explained_variance_ratio_", []), dtype=np.float64)
         if ratio.size == 0:
             continue

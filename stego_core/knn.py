@@ -13,7 +13,9 @@ Protocols (spec §4 and §10 quirk 1):
 - ``"corrected"``: no dropout.
 
 The table lives beside the features as ``<store.path>/knn-<protocol>.npy`` (int64 [N, k]) with
-``knn-<protocol>.json`` (protocol, k, requested k, seed, n_items) written after it; k is capped at N.
+``knn-<protocol>.json`` (protocol, k, requested k, seed, n_items) written after it; k is capped at N. The feature
+stage (notebook ``01_features``) builds it (``build_knn``); training only reads it (``require_knn``), and a missing
+table is an error that names the feature-stage command which builds it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import PROTOCOLS, StegoError, check_choice, check_int
+from .config import PROTOCOLS, StegoError, check_choice, check_int, stage_command
 
 DROPOUT_P = 0.1  # the reference featurizer's Dropout2d probability
 
@@ -139,3 +141,27 @@ def load_knn(store: Any, protocol: str = "original") -> torch.Tensor:
         raise StegoError(f"store: the kNN table at {where} points outside the store's {len(store)} items; "
                          f"rebuild it with build_knn")
     return torch.from_numpy(nns.astype(np.int64))
+
+
+def require_knn(store: Any, protocol: str = "original", *, n_neighbors: int = 1) -> torch.Tensor:
+    """The saved kNN table of a training store, checked to serve partners of ranks 1..``n_neighbors``.
+
+    A missing table is a StegoError naming the feature-stage command that builds it (``01_features`` with the
+    store's dataset, backbone, resolution, crop, weights and options, and this protocol): training never builds one.
+    """
+    check_choice("protocol", protocol, PROTOCOLS)
+    npy, _ = _knn_files(protocol)
+    if hasattr(store, "has_file") and not store.has_file(npy):
+        meta = dict(getattr(store, "meta", {}) or {})
+        command = stage_command("01_features", {
+            "dataset": meta.get("dataset"), "backbone": meta.get("backbone"), "weights": meta.get("weights"),
+            "res": meta.get("res"), "crop": meta.get("crop"), "dataset_options": meta.get("dataset_options") or None,
+            "protocol": protocol})
+        raise StegoError(f"knn: the training store {getattr(store, 'path', '')} has no kNN table for protocol "
+                         f"{protocol!r}; the feature stage builds it: {command} (or in Python "
+                         f"stego_core.knn.build_knn(store, protocol={protocol!r}))")
+    table = load_knn(store, protocol)  # StegoError when it does not fit the store
+    if table.shape[1] <= n_neighbors:
+        raise StegoError(f"n_neighbors: {n_neighbors} needs a kNN table with more than {n_neighbors} columns, the "
+                         f"table has {table.shape[1]}; lower n_neighbors or rebuild the table with a larger k")
+    return table

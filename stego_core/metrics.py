@@ -27,13 +27,22 @@ from scipy.optimize import linear_sum_assignment
 
 from .config import PROTOCOLS, StegoError, check_choice, check_int
 
-__all__ = ["UnsupervisedMetrics", "hungarian_match"]
+__all__ = ["UnsupervisedMetrics", "hungarian_match", "cluster_to_class"]
 
 
 def hungarian_match(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Maximum-weight one-to-one matching of the rows and columns of ``confusion`` -> (rows, cols) index arrays."""
     rows, cols = linear_sum_assignment(np.asarray(confusion), maximize=True)
     return np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+
+
+def cluster_to_class(assignment: tuple[Any, Any], n_clusters: int) -> np.ndarray:
+    """The cluster -> class map int64 [n_clusters] of an ``assignment`` (rows = clusters, cols = their classes, as
+    ``UnsupervisedMetrics.compute`` returns it); -1 for a cluster that no class was matched to."""
+    rows, cols = assignment
+    out = np.full(check_int("n_clusters", n_clusters, minimum=1), -1, dtype=np.int64)
+    out[np.asarray(rows, dtype=np.int64)] = np.asarray(cols, dtype=np.int64)
+    return out
 
 
 def _as_int_array(name: str, x: Any) -> np.ndarray:

@@ -38,7 +38,8 @@ scikit-learn (float64 on old versions); here codes are always float32.
 
 Helpers: ``make_projection(method, k, **kw)`` (registry ``PROJECTIONS``: "pca", "rp", "hnne", "identity"),
 ``fit_projection(method, k, store, ...)`` (fit on the first ``n_images`` of a feature store, optional token sample and
-on-disk cache), ``project_store(proj, store, root)`` (precompute projected features into a resumable store —
+on-disk cache; the one function that fits), ``fitted_projections(method, root)`` (the cached fits, read back for the
+figures), ``project_store(proj, store, root)`` (precompute projected features into a resumable store —
 ``ProjectedStore`` — used for h-NNE, whose on-the-fly transform is too slow for training).
 """
 from __future__ import annotations
@@ -62,11 +63,12 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.random_projection import GaussianRandomProjection
 from tqdm.auto import tqdm
 
-from .config import StegoError, artifact_dir, check_choice, check_int, config_hash, write_json_atomic
+from .config import StegoError, artifact_dir, check_choice, check_int, config_hash, stage_root, write_json_atomic
 
 __all__ = [
     "STANDARDIZE", "PROJECTIONS", "PCAProjection", "RandomProjection", "HNNEProjection", "IdentityProjection",
-    "make_projection", "fit_projection", "project_store", "open_projected_store", "ProjectedStore",
+    "make_projection", "fit_projection", "fitted_projections", "project_store", "open_projected_store",
+    "ProjectedStore",
 ]
 
 STANDARDIZE = ("per_batch", "train")
@@ -493,6 +495,21 @@ def _write_pickle_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fitted_projections(method: str = "pca", root: str | os.PathLike | None = None) -> list[tuple[Path, dict, Any]]:
+    """The fits that ``fit_projection`` cached under ``<root>/projections/<method>-*``: (folder, the fit's key as
+    its ``meta.json`` holds it, the fitted estimator), in folder-name order. Unfinished fits (no ``meta.json``,
+    which is written last) are left out."""
+    check_choice("method", method, PROJECTIONS)
+    base = stage_root("projections", root)
+    out = []
+    for folder in sorted(base.glob(f"{method}-*")) if base.exists() else []:
+        pkl, meta_path = folder / "projection.pkl", folder / "meta.json"
+        if pkl.exists() and meta_path.exists():
+            with open(pkl, "rb") as fh:
+                out.append((folder, json.loads(meta_path.read_text()), pickle.load(fh)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

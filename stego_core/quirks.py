@@ -5,9 +5,11 @@ quirks chapter (notebooks/07_quirks.py) puts them side by side.
 
 - ``knn_agreement`` / ``knn_quirk`` (quirk 1): how often the top kNN partners share their classes with the query,
   for the table built from channel-dropped descriptors and for the clean one.
-- ``with_extra_clusters`` (quirk 6): a run's cluster probe refitted with extra centres, without writing a run.
-- ``evaluate_run`` (quirks 6, 9, 15, 16): a run's validation metrics from a FeatureStore with a chosen batch size,
-  metric protocol and optional CRF, including the stego-studies metric names (swapped recall / precision).
+- ``with_extra_clusters`` (quirk 6): a segmenter whose cluster probe is refitted with extra centres, without
+  writing a run.
+- ``evaluate_run`` (quirks 6, 9, 15, 16): a segmenter's validation metrics from a FeatureStore with a chosen batch
+  size, metric protocol and optional CRF (``evaluation.evaluate_store``), including the stego-studies metric names
+  (swapped recall / precision).
 - ``byte_difference`` (quirk 9): the share of image bytes the CRF sees changed by the unnormalise→×255→truncate
   round trip.
 - ``pos_embed_difference`` (quirk 13): how far DINO's (g+0.1)/n interpolation rule moves the positional table
@@ -19,8 +21,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
+from .backbones import interpolate_pos_embed
 from .config import PROTOCOLS, StegoError, check_choice, check_int
+from .crf import image_bytes
+from .data import normalize_uint8
+from .evaluation import evaluate_store
+from .knn import build_knn
+from .probes import ClusterProbe
+from .segmenter import Segmenter
 
 __all__ = ["class_histograms", "knn_agreement", "knn_quirk", "evaluate_run", "with_extra_clusters", "byte_difference",
            "pos_embed_difference", "prediction_change"]
@@ -61,8 +71,6 @@ def knn_quirk(store: Any, *, k: int = 30, n_neighbors: int = 7, seed: int = 0, p
     Returns agreement_original / agreement_corrected (``knn_agreement``) and changed: the share (%) of
     (item, rank ≤ n_neighbors) partners that differ between the two tables as sets per item.
     """
-    from .knn import build_knn
-
     hist = class_histograms(store)
     tables = {p: build_knn(store, k=k, protocol=p, seed=seed, progress=progress).numpy() for p in PROTOCOLS}
     n = min(n_neighbors, tables["original"].shape[1] - 1)
@@ -73,81 +81,55 @@ def knn_quirk(store: Any, *, k: int = 30, n_neighbors: int = 7, seed: int = 0, p
             "changed": float(100 * (1 - same.sum() / a.size)), "n_neighbors": n}
 
 
-def evaluate_run(run: Any, store: Any, *, batch_size: int = 8, protocol: str = "original", crf: bool = False,
-                 indices: Any = None, workers: int | None = None, keep_predictions: int = 0) -> dict:
-    """A LoadedRun's metrics on a validation FeatureStore (``stego_core.evaluation.evaluate_codes``).
+def evaluate_run(segmenter: Segmenter, store: Any, *, batch_size: int = 8, protocol: str = "original",
+                 crf: bool = False, indices: Any = None, workers: int | None = None, keep_predictions: int = 0) -> dict:
+    """A segmenter's metrics on a validation FeatureStore (``stego_core.evaluation.evaluate_store``).
 
-    batch_size: how many items share one call of the run's projection (per-batch standardisation, quirk 15).
+    batch_size: how many items share one call of the code map (per-batch standardisation, quirk 15).
     protocol: the metric / CRF protocol (quirks 6 and 9). indices: evaluate only these items (e.g. for the CRF).
     Adds ``"cluster/recall (studies)"``: the value the study logs as recall (our precision, quirk 16), beside the
     true ``"cluster/recall"``.
     """
-    import torch
-
-    from .evaluation import evaluate_codes
-
     check_choice("protocol", protocol, PROTOCOLS)
-    check_int("batch_size", batch_size, minimum=1)
-    items = np.arange(len(store)) if indices is None else np.asarray(indices, dtype=np.int64)
-    if items.size == 0 or items.min() < 0 or items.max() >= len(store):
-        raise StegoError(f"indices: expected item numbers in [0, {len(store)})")
-
-    def batches():
-        for start in range(0, items.size, batch_size):
-            idx = items[start:start + batch_size]
-            rec = store.read(idx)
-            yield {"code": run.code(torch.as_tensor(rec["feats"]).float()), "label": rec["label"],
-                   "image": rec["image"], "index": torch.as_tensor(idx)}
-
-    res = evaluate_codes(batches(), run.cluster_probe, run.linear_probe, crf=crf, workers=workers,
-                         protocol=protocol, keep_predictions=keep_predictions, progress=False)
+    res = evaluate_store(segmenter, store, batch_size=batch_size, indices=indices, crf=crf, workers=workers,
+                         protocol=protocol, class_names=[f"c{i}" for i in range(segmenter.n_classes)],
+                         keep_predictions=keep_predictions, progress=False)
     for probe in ("cluster", "linear"):
         k = len(res[probe]["recall"])
-        scored = res[probe]["recall"][: k if protocol == "original" else int(run.linear_probe.n_classes)]
+        scored = res[probe]["recall"][: k if protocol == "original" else segmenter.n_classes]
         res[f"{probe}/recall"] = float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan")
         res[f"{probe}/recall (studies)"] = float(res[probe]["studies"]["recall"])
     return res
 
 
-def with_extra_clusters(run: Any, store: Any, extra_clusters: int, *, steps: int = 200, batch_size: int = 16,
-                        lr: float = 5e-3, seed: int = 0) -> Any:
-    """A copy of a LoadedRun whose cluster probe has K + ``extra_clusters`` centres, fitted like the training's
-    probe (hard cosine k-means by Adam, spec §5.1) on the run's code of a FeatureStore (the training split).
+def with_extra_clusters(segmenter: Segmenter, store: Any, extra_clusters: int, *, steps: int = 200,
+                        batch_size: int = 16, lr: float = 5e-3, seed: int = 0) -> Segmenter:
+    """The segmenter with a cluster probe of K + ``extra_clusters`` centres, fitted like the training's probe (hard
+    cosine k-means by Adam, spec §5.1) on the segmenter's code of a FeatureStore (the training split).
 
     Nothing is written: the study's results store keeps only real training runs.
     """
-    import dataclasses
-
-    import torch
-
-    from .probes import ClusterProbe
-
     check_int("extra_clusters", extra_clusters, minimum=0)
     check_int("steps", steps, minimum=1)
-    k = int(run.linear_probe.n_classes)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    probe = ClusterProbe(int(run.config.code_dim), k + int(extra_clusters))
+    probe = ClusterProbe(segmenter.code_dim, segmenter.n_classes + int(extra_clusters)).to(segmenter.device)
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
     for _ in range(steps):
         idx = torch.randperm(len(store), generator=gen)[:batch_size].sort().values
-        with torch.no_grad():
-            code = run.code(torch.as_tensor(store.read(idx.numpy())["feats"]).float())  # [b,D,h,w]
+        code = segmenter.code(store.read(idx.numpy())["feats"])  # [b,D,h,w], no gradient
         loss, _ = probe(code)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return dataclasses.replace(run, cluster_probe=probe.eval())
+    return segmenter.with_cluster_probe(probe.eval())
 
 
 def byte_difference(images_u8: np.ndarray) -> dict:
     """Quirk 9: of the bytes the CRF sees (``stego_core.crf.image_bytes``), the share (%) that the original round
     trip changes against the exact bytes, and the mean change in byte units (colour order aside)."""
-    from .crf import image_bytes
-    from .explorer import _normalised
-
     imgs = np.asarray(images_u8, dtype=np.uint8)
-    norm = _normalised(imgs)
+    norm = normalize_uint8(imgs)
     diffs = []
     for x, raw in zip(norm, imgs):
         orig = image_bytes(x, protocol="original")[:, :, ::-1].astype(np.int64)  # BGR -> RGB for the comparison
@@ -162,10 +144,6 @@ def pos_embed_difference(n: int = 28, grid: int = 40, dim: int = 384, *, seed: i
     """Quirk 13: DINO's rule vs an exact resize of a random (trunc-normal, std .02, as ViTs are initialised)
     positional table from an n×n to a grid×grid token grid. Returns the relative L2 difference (%) and the mean
     cosine similarity of the two tables' grid entries."""
-    import torch
-
-    from .backbones import interpolate_pos_embed
-
     gen = torch.Generator().manual_seed(seed)
     table = (torch.randn(1, 1 + n * n, dim, generator=gen) * 0.02).clamp(-0.04, 0.04)  # [1,1+n*n,C]
     a = interpolate_pos_embed(table, grid, grid, protocol="original")[0, 1:]  # [g*g,C]

@@ -14,14 +14,17 @@ Columns (``RESULT_COLUMNS``; dtypes in ``RESULT_DTYPES``):
 - ``split`` ("val" | "train"): which data the metric was measured on;
 - ``stage``: ``"train"`` = the training-time validation history (one row per validation step; single pass, no
   flip, no CRF: the study's Figure 4), ``"best"`` = the rows at the step a run selected itself (written by
-  ``stego_core.training``), ``"final"`` = the final evaluation (flip-averaged, with or without CRF: Table 2).
+  ``stego_core.training``), ``"final"`` = the final evaluation (flip-averaged, with or without CRF: Table 2, written
+  by ``stego_core.evaluation.write_final_rows`` under ``<root>/evaluations``; ``split`` is ``"val[:N]"``, the first
+  N validation images, and ``run_id`` the run's folder name or ``checkpoint:<file>``).
 
 Selection (``best_rows``) follows the study's figure script (spec §8.6, quirk 21): for every run with a history
 (stage "train"), the validation step with the highest cluster-probe mIoU on the validation split (first such step
 on ties), and *all* of that run's history rows at that step — so the linear-probe numbers are not their own maxima;
 they are returned with stage "best" and replace the run's own "best" rows (recomputed from the history, the trusted
 source). A run without history keeps its "best" rows. Final-evaluation rows are kept (the latest step per metric).
-``summarise`` gives mean, std (ddof 1) and the number of seeds per cell.
+``summarise`` gives mean, std (ddof 1) and the number of seeds per cell. ``final_table`` is Table 2 read back: one
+row per model, CRF setting and image subset.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import pandas as pd
 from .config import StegoError, artifacts_root
 
 __all__ = ["RESULT_COLUMNS", "RESULT_DTYPES", "STAGES", "PROBES", "RESULTS_FILE", "empty_results", "write_rows",
-           "read_rows", "load_results", "best_rows", "summarise", "GROUP_COLUMNS"]
+           "read_rows", "load_results", "best_rows", "summarise", "final_table", "GROUP_COLUMNS"]
 
 RESULTS_FILE = "results.csv"
 STAGES = ("train", "best", "final")
@@ -202,3 +205,25 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     out = grouped.agg(mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"),
                       best_step_mean=("step", "mean")).reset_index()
     return out
+
+
+def final_table(df: pd.DataFrame, labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Final-evaluation rows (stage ``"final"``) as Table 2: one row per model, CRF setting and image subset, in
+    the order the rows were written, with columns model, CRF ("no CRF" / "with CRF"), images, cluster mIoU, cluster
+    Accuracy, linear mIoU, linear Accuracy. ``labels``: method -> display name (a projection shows "NAME d=D")."""
+    df = _coerce(df, "df")
+    fin = df[df["stage"] == "final"]
+    columns = ["model", "CRF", "images"] + [f"{p} {m}" for p in PROBES for m in ("mIoU", "Accuracy")]
+    if fin.empty:
+        return pd.DataFrame(columns=columns)
+    labels = dict(labels or {})
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in fin.itertuples(index=False):
+        name = labels.get(r.method, r.method)
+        if r.method not in ("stego", "dino"):
+            name = f"{name} d={r.code_dim}"
+        images = int(str(r.split).rsplit(":", 1)[-1].rstrip("]")) if str(r.split).startswith("val[:") else pd.NA
+        key = (r.run_id, bool(r.crf), r.split)
+        row = rows.setdefault(key, {"model": name, "CRF": "with CRF" if r.crf else "no CRF", "images": images})
+        row[f"{r.probe} {r.metric}"] = float(r.value)
+    return pd.DataFrame(list(rows.values())).reindex(columns=columns)

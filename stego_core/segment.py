@@ -11,10 +11,11 @@ How one image is segmented (the evaluation's recipe, stego-spec §7.2, applied t
 1. the image is read as RGB and resized so that its shorter side is ``res`` px (320, the evaluation size) and both
    sides are multiples of the backbone stride (the aspect ratio is kept up to one stride; nothing is cropped), with
    nearest-neighbour resampling under ``protocol="original"`` (quirk 10.3) and bilinear under ``"corrected"``;
-2. code = head(backbone(x)), averaged with the flipped image's flipped code when ``flip`` (test-time augmentation
-   on the head output); a run of a baseline method uses its projection (or the raw features) instead of a head;
+2. code = code_map(backbone(x)), averaged with the flipped image's flipped code when ``flip`` (test-time
+   augmentation on the code; ``Segmenter.image_code``): the STEGO head, a baseline's projection or the identity;
 3. the code is upsampled bilinearly to the resized image, the probe gives log-probabilities (``"cluster"``: cosine
-   to the centres, alpha 2; ``"linear"``: log-softmax of the linear probe), optionally refined by DenseCRF;
+   to the centres, alpha 2; ``"linear"``: log-softmax of the linear probe; ``Segmenter.log_probs``), optionally
+   refined by DenseCRF (``Segmenter.refine``);
 4. the scores are upsampled bilinearly to the original size (row band by row band, so a 24-megapixel photo needs
    only a few hundred MB) and the argmax is the label map.
 
@@ -34,16 +35,24 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
-from .config import PROTOCOLS, StegoError, check_choice, check_int, ensure_writable, write_json_atomic
+from .backbones import load_backbone
+from .config import (PROTOCOLS, StegoError, check_choice, check_int, ensure_writable, resolve_device,
+                     write_json_atomic)
+from .data import normalize
+from .segmenter import PROBES, Segmenter
+from .viz import overlay
 
 __all__ = ["PROBES", "IMAGE_EXTENSIONS", "Segmentation", "segment_images", "upsampled_argmax", "network_size",
            "main"]
 
-PROBES = ("cluster", "linear")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _BAND_BYTES = 64 << 20  # memory for one band of upsampled scores in upsampled_argmax
 
@@ -58,19 +67,6 @@ class Segmentation:
     size: tuple[int, int]  # (H, W) of the input (after EXIF orientation) = of both outputs
     network_size: tuple[int, int]  # (h, w) the backbone saw
     counts: dict[int, int]  # pixels per predicted id
-
-
-@dataclass
-class _Model:
-    """Everything needed to turn an image into scores, whatever the source (run or checkpoint)."""
-
-    backbone: Any
-    code: Callable[[Any], Any]  # feats [B,C,h,w] -> code [B,D,h,w]
-    cluster_probe: Any
-    linear_probe: Any
-    class_names: list[str]
-    palette: np.ndarray | None  # uint8 [K,3] of the training dataset, if known
-    description: dict[str, Any]  # for classes.json
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,9 +98,6 @@ def upsampled_argmax(scores: Any, size: tuple[int, int], *, band_bytes: int = _B
     in bands of output rows: first along the width ([K, h, W]), then each band of rows along the height. Returns
     int64 [H, W].
     """
-    import torch
-    import torch.nn.functional as F
-
     scores = torch.as_tensor(scores).float()
     if scores.ndim != 3:
         raise StegoError(f"scores: expected [K, h, w], got shape {tuple(scores.shape)}")
@@ -151,8 +144,6 @@ def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _check_readable(path: Path) -> None:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.verify()
@@ -162,8 +153,6 @@ def _check_readable(path: Path) -> None:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps
-
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # phone photos: the orientation a viewer shows
@@ -173,8 +162,6 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -200,83 +187,21 @@ def _palette(n: int, base: np.ndarray | None = None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# models
-def _from_run(run: Any, *, which: str, weights: str | None, device: Any, protocol: str) -> _Model:
-    from .backbones import load_backbone
-    from .training import LoadedRun, load_run
-
-    loaded = run if isinstance(run, LoadedRun) else load_run(run, which=which)
-    cfg = loaded.config
-    store_meta = dict(loaded.meta.get("train_store_meta") or {})
-    if weights is None:
-        weights = store_meta.get("weights")  # the weights the run's features were computed with
-    backbone = load_backbone(cfg.backbone, weights, device=device, protocol=protocol)
-    if loaded.head is not None:
-        loaded.head.to(backbone.device)
-    palette = store_meta.get("palette")
-    return _Model(
-        backbone=backbone, code=loaded.code, cluster_probe=loaded.cluster_probe, linear_probe=loaded.linear_probe,
-        class_names=list(loaded.meta.get("class_names") or store_meta.get("class_names") or []),
-        palette=None if palette is None else np.asarray(palette, dtype=np.uint8),
-        description={"source": "run", "run_dir": str(loaded.run_dir), "checkpoint": which, "step": loaded.step,
-                     "dataset": cfg.dataset, "backbone": cfg.backbone, "weights": weights, "method": cfg.method,
-                     "code_dim": cfg.code_dim})
-
-
-def _class_names_for(dataset: str | None, n_classes: int) -> list[str]:
-    from . import data
-
-    names = {"cocostuff27": data.COCOSTUFF27_CLASSES, "cityscapes": data.CITYSCAPES_CLASSES,
-             "potsdam": data.POTSDAM_CLASSES}.get(str(dataset))
-    return list(names) if names is not None and len(names) == n_classes else [f"class {k}" for k in range(n_classes)]
-
-
-def _from_checkpoint(checkpoint: Any, *, weights: str | None, device: Any, protocol: str, trusted: bool) -> _Model:
-    from .checkpoints import LoadedCheckpoint, load_stego_checkpoint
-
-    ck = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_stego_checkpoint(checkpoint, trusted=trusted)
-    if weights is not None:
-        from .backbones import load_backbone
-
-        backbone = load_backbone(ck.backbone_name, weights, device=device, protocol=protocol)
-    else:
-        backbone = ck.build_backbone(device=device, protocol=protocol)  # the ViT stored in the checkpoint
-    head = ck.head
-    if head is not None:
-        head.to(backbone.device).eval()
-    return _Model(
-        backbone=backbone, code=(lambda feats: feats) if head is None else head,
-        cluster_probe=ck.cluster_probe, linear_probe=ck.linear_probe,
-        class_names=_class_names_for(ck.dataset, ck.n_classes), palette=None,
-        description={"source": "checkpoint", "checkpoint": str(ck.path), "dataset": ck.dataset,
-                     "backbone": ck.backbone_name, "code_dim": ck.code_dim, "extra_clusters": ck.extra_clusters})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the work
-def _scores(model: _Model, x: Any, *, probe: str, flip: bool) -> Any:
-    """Log-probabilities [K, h, w] of one normalised image x [1,3,h,w] at its own resolution."""
-    import torch
-    import torch.nn.functional as F
-
-    with torch.no_grad():
-        code = model.code(model.backbone(x)).float()  # [1,D,h/s,w/s]
-        if flip:
-            flipped = model.code(model.backbone(torch.flip(x, dims=[3]))).float()
-            code = (code + torch.flip(flipped, dims=[3])) / 2
-        code = F.interpolate(code, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)  # [1,D,h,w]
-        if probe == "linear":
-            lp = torch.log_softmax(model.linear_probe(code.to(_device_of(model.linear_probe))), dim=1)
-        else:
-            lp = model.cluster_probe.log_probs(code.to(_device_of(model.cluster_probe)), alpha=2.0)
-    return lp[0].cpu()  # [K,h,w]
-
-
-def _device_of(module: Any) -> Any:
-    try:
-        return next(module.parameters()).device
-    except (StopIteration, AttributeError):
-        return "cpu"
+# the model
+def _segmenter(run: Any, checkpoint: Any, *, which: str, weights: str | None, device: Any, protocol: str,
+               trusted: bool) -> tuple[Segmenter, dict[str, Any]]:
+    """The segmenter with its backbone on ``device`` and its description for classes.json."""
+    dev = resolve_device(device)
+    if run is not None:
+        seg = run if isinstance(run, Segmenter) else Segmenter.from_run(run, which=which)
+        if weights is None:
+            weights = seg.info.get("weights")  # the weights the run's features were computed with
+        if seg.backbone is None:
+            seg = seg.with_backbone(load_backbone(seg.info["backbone"], weights, protocol=protocol))
+        return seg.to(dev), {**seg.description, "weights": weights}
+    seg = checkpoint if isinstance(checkpoint, Segmenter) else Segmenter.from_checkpoint(
+        checkpoint, trusted=trusted, weights=weights, protocol=protocol)
+    return seg.to(dev), seg.description
 
 
 def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, run: Any = None,
@@ -287,10 +212,10 @@ def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, ru
     """Segment image files with a trained run or a released checkpoint; write label maps and overlays.
 
     paths: image files and/or folders of images (file names must be distinct: outputs are named after them).
-    run: a run folder written by ``stego_core.training.train`` (or a ``LoadedRun``); ``which`` picks its "best"
+    run: a run folder written by ``stego_core.training.train`` (or a ``Segmenter``); ``which`` picks its "best"
         (validation cluster mIoU, the default) or "last" checkpoint.
-    checkpoint: a released STEGO ``.ckpt`` (or a ``LoadedCheckpoint``); ``trusted`` as in ``load_stego_checkpoint``.
-        Pass exactly one of ``run`` and ``checkpoint``.
+    checkpoint: a released STEGO ``.ckpt`` (or a ``Segmenter`` / ``LoadedCheckpoint``); ``trusted`` as in
+        ``load_stego_checkpoint``. Pass exactly one of ``run`` and ``checkpoint``.
     out_dir: where NAME_label.png, NAME_overlay.png and classes.json go (created if needed).
     crf: refine the probe's scores with DenseCRF (``stego_core.crf``) before upsampling; ``protocol`` also picks its
         image bytes, the resize filter and the backbone's positional-embedding rule.
@@ -298,15 +223,10 @@ def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, ru
     res: shorter side in pixels the backbone sees (rounded to its stride); flip: flip test-time augmentation.
     weights: backbone weights; None = those the run's features were computed with (run) or the ViT stored in the
         checkpoint (checkpoint).
-    device: where the backbone and head run. alpha: overlay opacity. progress: a progress bar over the images.
+    device: where the backbone, the code map and the probes run. alpha: overlay opacity. progress: a progress bar
+        over the images.
     Returns one ``Segmentation`` per image, in input order.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from .data import normalize
-    from .viz import overlay
-
     if (run is None) == (checkpoint is None):
         raise StegoError("run/checkpoint: pass exactly one: run=<run folder from training> or "
                          "checkpoint=<released STEGO .ckpt file>")
@@ -328,27 +248,25 @@ def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, ru
         _check_readable(f)
     out = ensure_writable(Path(out_dir), "out_dir")
 
-    if run is not None:
-        model = _from_run(run, which=which, weights=weights, device=device, protocol=protocol)
-    else:
-        model = _from_checkpoint(checkpoint, weights=weights, device=device, protocol=protocol, trusted=trusted)
-    n_ids = int(model.linear_probe.n_classes if probe == "linear" else model.cluster_probe.n_clusters)
+    seg, description = _segmenter(run, checkpoint, which=which, weights=weights, device=device, protocol=protocol,
+                                  trusted=trusted)
+    n_ids = seg.n_classes if probe == "linear" else seg.n_clusters
     if n_ids > 256:
         raise StegoError(f"probe: {n_ids} ids do not fit a uint8 label PNG; expected at most 256")
-    palette = _palette(n_ids, model.palette)
-    names = (model.class_names if probe == "linear" and len(model.class_names) == n_ids
+    base = seg.info.get("palette")
+    palette = _palette(n_ids, None if base is None else np.asarray(base, dtype=np.uint8))
+    class_names = list(seg.info.get("class_names") or [])
+    names = (class_names if probe == "linear" and len(class_names) == n_ids
              else [f"cluster {k}" for k in range(n_ids)] if probe == "cluster"
              else [f"class {k}" for k in range(n_ids)])
     write_json_atomic(out / "classes.json", {
         "probe": probe, "ids": [{"id": k, "name": names[k], "color": palette[k].tolist()} for k in range(n_ids)],
         "note": ("cluster ids are STEGO's unsupervised clusters (arbitrary numbering)" if probe == "cluster"
                  else "class ids of the dataset the linear probe was trained on"),
-        "model": model.description, "res": res, "crf": crf, "flip": flip, "protocol": protocol})
-
-    from PIL import Image
+        "model": description, "res": res, "crf": crf, "flip": flip, "protocol": protocol})
 
     resample = Image.NEAREST if protocol == "original" else Image.BILINEAR
-    stride = int(model.backbone.stride)
+    stride = int(seg.backbone.stride)
     results = []
     for path in tqdm(files, desc="segment", unit="img", disable=not progress):
         rgb = _read_rgb(path)  # [H,W,3]
@@ -356,11 +274,10 @@ def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, ru
         net_h, net_w = network_size(height, width, res, stride)
         small = np.asarray(Image.fromarray(rgb).resize((net_w, net_h), resample))
         x = normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1).float() / 255.0)[None]  # [H,W,3] -> [1,3,h,w]
-        scores = _scores(model, x.to(model.backbone.device), probe=probe, flip=flip)  # [K,h,w]
+        code = seg.image_code(x, flip=flip)  # [1,D,h/s,w/s]
+        scores = seg.log_probs(code, x.shape[-2:], probe)[0].cpu()  # [K,h,w]
         if crf:
-            from .crf import dense_crf
-
-            scores = torch.from_numpy(dense_crf(x[0], scores, protocol=protocol))  # marginals [K,h,w]
+            scores = torch.from_numpy(seg.refine(scores[None], x, protocol=protocol)[0])  # marginals [K,h,w]
         label = upsampled_argmax(scores, (height, width)).astype(np.uint8)  # [H,W]
         label_path, overlay_path = out / f"{path.stem}_label.png", out / f"{path.stem}_overlay.png"
         _save_png_atomic(label, label_path)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import (PROTOCOLS, StegoError, artifact_dir, artifacts_root, check_choice, check_int, config_hash,
+from .config import (PROTOCOLS, StegoError, artifact_dir, check_choice, check_int, config_hash, stage_root,
                      write_json_atomic)
 from .results import empty_results, load_results, summarise
 
@@ -290,11 +290,11 @@ class ProcessExecutor:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        from .crf import _start_method
+        from .crf import start_method
 
         if not specs:
             return
-        ctx = multiprocessing.get_context(_start_method())
+        ctx = multiprocessing.get_context(start_method())
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(specs)), mp_context=ctx,
                                    initializer=_limit_threads, initargs=(self.threads,))
         try:
@@ -341,7 +341,7 @@ def _trained_run_id(sweep_run_dir: Path) -> str | None:
 
 def sweep_run_ids(root=None) -> set[str]:
     """The training runs of every finished sweep under ``<root>/sweeps`` (their ``run_id`` in the results store)."""
-    base = artifacts_root(root) / "sweeps"
+    base = stage_root("sweeps", root)
     done = sorted(marker.parent for marker in base.glob("*/DONE")) if base.exists() else []
     return {run_id for run_id in map(_trained_run_id, done) if run_id is not None}
 

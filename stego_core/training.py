@@ -18,9 +18,10 @@ What one run does (stego-spec.md §2-§5, §7.1, §8.4):
   ``n_fit_images`` training images) and only the probes learn, with the identical probe schedule, so the comparison
   is fair. h-NNE, too slow per batch, is applied once to both stores (``projections.project_store``, as the study
   precomputed its h-NNE caches) and training reads the projected copies.
-- Validation every ``val_freq`` steps and after the last one over the whole validation store (§7.1): code upsampled
-  bilinearly to the label resolution, cluster and linear predictions, pooled confusion matrices with Hungarian
-  (cluster) and identity (linear) assignment. The best checkpoint by validation cluster mIoU and the last one are
+- Validation every ``val_freq`` steps and after the last one over the whole validation store (§7.1), through the
+  same prediction path as every other consumer (a ``stego_core.segmenter.Segmenter`` over the run's modules, scored
+  by ``stego_core.evaluation.evaluate_batches``): code upsampled bilinearly to the label resolution, cluster and
+  linear predictions, pooled confusion matrices with Hungarian (cluster) and identity (linear) assignment. The best checkpoint by validation cluster mIoU and the last one are
   kept in the run folder ``<root>/runs/<dataset>-<method>-d<code_dim>-s<seed>-<hash>/`` beside ``meta.json``.
 - Checkpoints hold the optimiser and RNG states, so a run interrupted (crash, kill, ``max_steps_this_call``) and
   resumed ends with the same weights as an uninterrupted one (bit-identical on CPU). ``results.csv`` (tidy rows,
@@ -28,7 +29,9 @@ What one run does (stego-spec.md §2-§5, §7.1, §8.4):
 - ``train(..., device="cuda")`` runs the head, the probes, the projections and every batch on that device (the
   modules are initialised on the CPU first, so the initial weights do not depend on the device, though later
   random draws and float sums do); the device is not part of the run's key. Checkpoints always hold CPU tensors,
-  so a run trained on a GPU loads anywhere (``load_run(run_dir, device=...)``).
+  so a run trained on a GPU loads anywhere (``Segmenter.from_run(run_dir, device=...)``).
+- The kNN table of the training store is built by the feature stage (``01_features``, ``knn.build_knn``); a missing
+  one stops training with the command that builds it (``knn.require_knn``).
 
 Protocols. ``"original"`` copies the reference: the kNN table built from channel-dropped descriptors (§4, quirk 1),
 a third channel dropout on the features that make the correspondence tensor F (§1.3, quirk 2), per-batch
@@ -51,7 +54,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import (
@@ -63,8 +65,14 @@ from .config import (
     check_float,
     check_int,
     ensure_writable,
+    resolve_device,
     write_json_atomic,
 )
+from .evaluation import evaluate_batches
+from .heads import STEGOHead
+from .knn import require_knn
+from .probes import ClusterProbe, LinearProbe, linear_probe_loss
+from .segmenter import ProjectionCode, Segmenter
 
 __all__ = [
     "METHODS",
@@ -75,9 +83,7 @@ __all__ = [
     "scaled_code_dim",
     "make_config",
     "TrainResult",
-    "LoadedRun",
     "train",
-    "load_run",
     "run_dir_for",
     "resolve_device",
 ]
@@ -251,41 +257,17 @@ def make_config(preset: str, **overrides: Any) -> TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What ``train`` returns (also for a run that was already finished and only loaded)."""
+    """The record of one training run that ``train`` returns (also for a finished run that was only loaded)."""
 
     run_dir: Path  # the run folder (meta.json, best.pt, last.pt, results.csv, DONE)
     config: TrainConfig  # the resolved configuration (code_dim = C for "dino")
     history: Any  # pandas DataFrame: step, split ("train"|"val"), metric (e.g. "loss/total", "cluster/mIoU"), value
     best: dict[str, float]  # step and the four validation metrics at the best cluster-mIoU validation
     last: dict[str, float]  # step and the four validation metrics at the last validation
-    head: nn.Module | None  # trained STEGOHead (eval mode) for "stego", None for the baselines
-    cluster_probe: nn.Module  # final ClusterProbe (eval mode)
-    linear_probe: nn.Module  # final LinearProbe (eval mode)
-    projection: Any | None  # fitted projection for "pca" / "rp" / "hnne", None otherwise
+    segmenter: Segmenter  # the final modules (eval mode): head, fitted projection or identity, and both probes
     code_corr: dict[str, np.ndarray] | None  # "intra"/"inter"/"neg" code-correlation samples of the last step
     checkpoints: dict[str, Path] = field(default_factory=dict)  # "best", "last"
     completed: bool = True  # False when stopped early by max_steps_this_call
-
-
-@dataclass
-class LoadedRun:
-    """Modules of a finished (or interrupted) run, ready for evaluation (eval mode, on ``device``)."""
-
-    run_dir: Path
-    config: TrainConfig
-    meta: dict[str, Any]
-    step: int  # the step of the loaded checkpoint
-    head: nn.Module | None
-    cluster_probe: nn.Module
-    linear_probe: nn.Module
-    projection: Any | None
-    metrics: dict[str, float]  # validation metrics stored with the checkpoint
-    device: str = "cpu"  # where the modules live (load_run's device)
-
-    def code(self, feats: Tensor) -> Tensor:
-        """feats [B,C,h,w] -> code [B,D,h,w] with this run's head or projection (no grad), on the run's device."""
-        feats = torch.as_tensor(feats).to(self.device)
-        return _code_eval(self.config, self.head, self.projection, feats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,33 +300,6 @@ def run_dir_for(cfg: TrainConfig, train_store: Any, val_store: Any, root=None) -
     key = {"config": cfg.to_dict(), "train_features": _store_key(train_store),
            "val_features": _store_key(val_store)}
     return artifact_dir("runs", cfg.run_name, key, root)
-
-
-def resolve_device(device: Any) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device`` -> ``torch.device``, checked to exist on
-    this machine (a one-line StegoError naming ``device`` otherwise)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise StegoError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise StegoError(f"device: {str(device)!r} is not available here (torch.cuda.is_available() is False); "
-                             f"use device 'cpu' or run on a machine with a CUDA GPU")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise StegoError(f"device: {str(device)!r} does not exist; this machine has {n} CUDA device(s) "
-                             f"(cuda:0 .. cuda:{n - 1})")
-        return dev
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise StegoError(f"device: {str(device)!r} is not available here (torch.backends.mps.is_available() "
-                             f"is False); use device 'cpu'")
-        return dev
-    raise StegoError(f"device: {str(device)!r} is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
 def _cpu(obj: Any) -> Any:
@@ -451,29 +406,6 @@ def _load_live_backbone(store: Any, backbone: nn.Module | None, device: torch.de
     return load_backbone(meta["backbone"], weights=meta.get("weights")).to(device)
 
 
-def _load_knn_table(store: Any, cfg: TrainConfig, progress: bool) -> Tensor:
-    """The kNN table of the training store for the protocol, checked against the store and n_neighbors.
-    Built (and saved beside the features) when it is missing."""
-    from . import knn as knn_mod
-
-    name = f"knn-{cfg.protocol}.npy"
-    if hasattr(store, "has_file") and not store.has_file(name):
-        table = knn_mod.build_knn(store, protocol=cfg.protocol, seed=0, progress=progress)
-    else:
-        table = knn_mod.load_knn(store, cfg.protocol)  # StegoError when it does not fit the store
-    table = torch.as_tensor(np.asarray(table)).long()
-    if table.ndim != 2 or table.shape[0] != len(store):
-        raise StegoError(f"knn: the kNN table of {getattr(store, 'path', 'the training store')} has shape "
-                         f"{tuple(table.shape)}, expected [{len(store)}, k] (one row per training item); "
-                         f"rebuild it with stego_core.knn.build_knn(store, protocol={cfg.protocol!r})")
-    if table.shape[1] <= cfg.n_neighbors:
-        raise StegoError(f"n_neighbors: {cfg.n_neighbors} needs a kNN table with more than {cfg.n_neighbors} "
-                         f"columns, the table has {table.shape[1]}; lower n_neighbors or rebuild with larger k")
-    if int(table.min()) < 0 or int(table.max()) >= len(store):
-        raise StegoError(f"knn: the kNN table holds indices outside [0, {len(store)}); rebuild it")
-    return table
-
-
 def _make_projection(cfg: TrainConfig, store: Any, in_dim: int, root, progress: bool) -> Any:
     """Fit the baseline's projection on the tokens of the first ``n_fit_images`` training items (spec §8.3;
     h-NNE on a sample of ``hnne_tokens`` of those tokens, the study's 1e6 by default). PCA fits are cached under
@@ -490,55 +422,21 @@ def _make_projection(cfg: TrainConfig, store: Any, in_dim: int, root, progress: 
                           standardize=standardize)
 
 
-def _project(cfg: TrainConfig, projection: Any, feats: Tensor) -> Tensor:
-    if projection is None:
-        return feats
-    return torch.as_tensor(projection.transform(feats)).to(torch.float32)
-
-
-def _code_eval(cfg: TrainConfig, head: nn.Module | None, projection: Any, feats: Tensor) -> Tensor:
-    with torch.no_grad():
-        if head is not None:
-            return head(feats)
-        return _project(cfg, projection, feats)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # validation
 
 
-def _validate(cfg: TrainConfig, head, cluster_probe, linear_probe, projection, val: _Features,
-              n_classes: int) -> dict[str, float]:
-    """Cluster and linear mIoU / accuracy over the whole validation store (spec §7.1)."""
-    from .metrics import UnsupervisedMetrics
+def _validate(segmenter: Segmenter, val: _Features, cfg: TrainConfig) -> dict[str, float]:
+    """Cluster and linear mIoU / accuracy over the whole validation store (spec §7.1), in batches of
+    ``val_batch_size`` (per-batch standardised projections depend on it), through the common prediction path."""
 
-    cluster_m = UnsupervisedMetrics(n_classes, extra_clusters=cfg.extra_clusters, hungarian=True,
-                                    protocol=cfg.protocol)
-    linear_m = UnsupervisedMetrics(n_classes, hungarian=False, protocol=cfg.protocol)
-    modules = [m for m in (head, cluster_probe, linear_probe) if m is not None]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, val.n, cfg.val_batch_size):
-                idx = torch.arange(start, min(start + cfg.val_batch_size, val.n))
-                feats, label = val.get(idx)
-                code = _code_eval(cfg, head, projection, feats)  # [b,D,h,w]
-                size = tuple(label.shape[-2:])
-                # upsample in small pieces: [b,D,H,W] at full resolution can be large for D ~ 768
-                per_img = code.shape[1] * size[0] * size[1] * 4
-                piece = max(1, min(len(idx), (256 << 20) // max(per_img, 1)))
-                for p in range(0, len(idx), piece):
-                    up = F.interpolate(code[p:p + piece], size=size, mode="bilinear", align_corners=False)
-                    cluster_m.update(cluster_probe.predict(up), label[p:p + piece])
-                    linear_m.update(linear_probe(up).argmax(dim=1), label[p:p + piece])
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-    c, lin = cluster_m.compute(), linear_m.compute()
-    return {"cluster/mIoU": float(c["mIoU"]), "cluster/Accuracy": float(c["Accuracy"]),
-            "linear/mIoU": float(lin["mIoU"]), "linear/Accuracy": float(lin["Accuracy"])}
+    def batches():
+        for start in range(0, val.n, cfg.val_batch_size):
+            feats, label = val.get(torch.arange(start, min(start + cfg.val_batch_size, val.n)))
+            yield {"feats": feats, "label": label}
+
+    res = evaluate_batches(segmenter, batches(), protocol=cfg.protocol, progress=False, require_labels=False)
+    return {key: float(res[key]) for key in ("cluster/mIoU", "cluster/Accuracy", "linear/mIoU", "linear/Accuracy")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -546,13 +444,9 @@ def _validate(cfg: TrainConfig, head, cluster_probe, linear_probe, projection, v
 
 
 def _build_modules(cfg: TrainConfig, in_dim: int, n_classes: int):
-    from .probes import ClusterProbe, LinearProbe
-
     torch.manual_seed(cfg.seed)  # the reference seeds everything once before building the model
     head = None
     if cfg.method == "stego":
-        from .heads import STEGOHead
-
         head = STEGOHead(in_dim, cfg.code_dim)
     cluster_probe = ClusterProbe(cfg.code_dim, n_classes + cfg.extra_clusters)
     linear_probe = LinearProbe(cfg.code_dim, n_classes)
@@ -667,7 +561,7 @@ def train(
     if live and cfg.method == "hnne":
         raise StegoError("feature_source: 'live' is not available for method 'hnne' (its projection is "
                          "precomputed over the cached features, as in the study); use feature_source='cache'")
-    knn_table = _load_knn_table(train_store, cfg, progress) if cfg.method == "stego" else None
+    knn_table = require_knn(train_store, cfg.protocol, n_neighbors=cfg.n_neighbors) if cfg.method == "stego" else None
 
     # ---- projection (baselines) ------------------------------------------------------------------------------
     projection = None
@@ -679,7 +573,6 @@ def train(
         else:
             projection = _make_projection(cfg, train_store, in_dim, root, progress)
             _pickle_atomic(projection, proj_path)
-    step_projection = projection  # applied to every batch in training and validation
     train_src, val_src = train_store, val_store
     if cfg.method == "hnne":
         # h-NNE is too slow to apply per batch: like the study, precompute projected copies of both stores
@@ -688,7 +581,6 @@ def train(
 
         train_src = project_store(projection, train_store, artifacts_root(root), progress=progress)
         val_src = project_store(projection, val_store, artifacts_root(root), progress=progress)
-        step_projection = None
 
     bb = _load_live_backbone(train_store, backbone, dev) if live else None
     limit = int(preload_mb) << 20
@@ -700,6 +592,11 @@ def train(
     for m in (head, cluster_probe, linear_probe):
         if m is not None:
             m.to(dev)
+    # the code map of the run on raw features (the returned segmenter), and the one each step applies (h-NNE
+    # trains and validates on its projected stores, where the code is the stored features)
+    code_map = head if head is not None else ProjectionCode(projection) if projection is not None else nn.Identity()
+    step_map = nn.Identity() if cfg.method == "hnne" else code_map
+    step_segmenter = Segmenter(step_map, cluster_probe, linear_probe)
     opt_head = torch.optim.Adam(head.parameters(), lr=cfg.lr) if head is not None else None
     opt_cluster = torch.optim.Adam(cluster_probe.parameters(), lr=cfg.probe_lr)
     opt_linear = torch.optim.Adam(linear_probe.parameters(), lr=cfg.probe_lr)
@@ -790,7 +687,7 @@ def train(
                 if want_corr:
                     code_corr = _corr_samples(terms)
             else:
-                probe_code = _project(cfg, step_projection, feats)
+                probe_code = step_map(feats)
                 loss = probe_code.new_zeros(())
             cluster_loss, _ = cluster_probe(probe_code)
             linear_loss = _linear_loss(linear_probe(probe_code), label)
@@ -816,8 +713,7 @@ def train(
                 bar.set_postfix(loss=f"{logs['loss/total']:.4f}", refresh=False)
 
             if step % cfg.val_freq == 0 or step == cfg.steps:
-                metrics = _validate(cfg, head, cluster_probe, linear_probe, step_projection, val_feats,
-                                    n_classes)
+                metrics = _validate(step_segmenter, val_feats, cfg)
                 history.extend({"step": step, "split": "val", "metric": k, "value": v} for k, v in metrics.items())
                 last_metrics = {"step": step, **metrics}
                 if not best or metrics["cluster/mIoU"] > best["cluster/mIoU"]:
@@ -844,15 +740,13 @@ def train(
         meta.update(status="done", best=best, last=last_metrics)
         write_json_atomic(run_dir / "meta.json", meta)
         (run_dir / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    segmenter = Segmenter(code_map, cluster_probe, linear_probe, info=_run_info(cfg, run_dir, "last", step))
     return TrainResult(run_dir=run_dir, config=cfg, history=_history_frame(history), best=best,
-                       last=last_metrics, head=head, cluster_probe=cluster_probe, linear_probe=linear_probe,
-                       projection=projection, code_corr=code_corr if completed else None,
+                       last=last_metrics, segmenter=segmenter.eval(), code_corr=code_corr if completed else None,
                        checkpoints={"best": best_path, "last": last_path}, completed=completed)
 
 
 def _linear_loss(logits: Tensor, label: Tensor) -> Tensor:
-    from .probes import linear_probe_loss
-
     return linear_probe_loss(logits, label)
 
 
@@ -894,9 +788,15 @@ def _write_results(cfg: TrainConfig, run_dir: Path, history: list[dict], best: d
     write_rows(run_dir, _rows_for_results(cfg, run_dir.name, history, best))
 
 
+def _run_info(cfg: TrainConfig, run_dir: Path, which: str, step: int) -> dict[str, Any]:
+    return {"source": "run", "run_dir": str(run_dir), "run_id": run_dir.name, "checkpoint": which, "step": step,
+            "dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "code_dim": cfg.code_dim,
+            "seed": cfg.seed, "protocol": cfg.protocol}
+
+
 def _finished_result(run_dir: Path, cfg: TrainConfig, device: torch.device) -> TrainResult:
     """TrainResult of a run that has DONE: modules from last.pt (final weights), history from the checkpoint."""
-    loaded = load_run(run_dir, which="last", device=device)
+    segmenter = Segmenter.from_run(run_dir, "last", device=device)
     ck = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
     corr_path = run_dir / "code_corr.npz"
     code_corr = None
@@ -904,46 +804,5 @@ def _finished_result(run_dir: Path, cfg: TrainConfig, device: torch.device) -> T
         with np.load(corr_path) as z:
             code_corr = {k: z[k] for k in z.files}
     return TrainResult(run_dir=run_dir, config=cfg, history=_history_frame(ck["history"]), best=ck["best"],
-                       last=ck["last_metrics"], head=loaded.head, cluster_probe=loaded.cluster_probe,
-                       linear_probe=loaded.linear_probe, projection=loaded.projection, code_corr=code_corr,
+                       last=ck["last_metrics"], segmenter=segmenter, code_corr=code_corr,
                        checkpoints={"best": run_dir / "best.pt", "last": run_dir / "last.pt"}, completed=True)
-
-
-def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
-    """The modules of a run folder written by ``train``: ``which="best"`` (best validation cluster mIoU, the
-    study's model selection) or ``"last"`` (final weights). Modules come back in eval mode on ``device`` (the
-    checkpoints hold CPU tensors, so a run trained on a GPU loads on a CPU-only machine)."""
-    run_dir = Path(run_dir)
-    check_choice("which", which, ("best", "last"))
-    dev = resolve_device(device)
-    meta = _read_meta(run_dir)
-    path = run_dir / f"{which}.pt"
-    if not path.exists():
-        raise StegoError(f"run_dir: {path} is missing; the run has not validated yet (train it first)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = TrainConfig(**ck["config"])
-    from .probes import ClusterProbe, LinearProbe
-
-    head = None
-    if ck["head"] is not None:
-        from .heads import STEGOHead
-
-        head = STEGOHead(ck["in_dim"], cfg.code_dim)
-        head.load_state_dict(ck["head"])
-        head.eval()
-    cluster_probe = ClusterProbe(cfg.code_dim, ck["n_classes"] + cfg.extra_clusters)
-    cluster_probe.load_state_dict(ck["cluster_probe"])
-    linear_probe = LinearProbe(cfg.code_dim, ck["n_classes"])
-    linear_probe.load_state_dict(ck["linear_probe"])
-    cluster_probe.eval()
-    linear_probe.eval()
-    for m in (head, cluster_probe, linear_probe):
-        if m is not None:
-            m.to(dev)
-    projection = None
-    if (run_dir / "projection.pkl").exists():
-        with open(run_dir / "projection.pkl", "rb") as fh:
-            projection = pickle.load(fh)
-    return LoadedRun(run_dir=run_dir, config=cfg, meta=meta, step=int(ck["step"]), head=head,
-                     cluster_probe=cluster_probe, linear_probe=linear_probe, projection=projection,
-                     metrics=dict(ck.get("metrics") or {}), device=str(dev))

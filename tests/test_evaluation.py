@@ -1,4 +1,5 @@
-"""The final evaluation protocol on a tiny synthetic setup: flip averaging, probes, CRF on/off, pooled metrics."""
+"""The final evaluation protocol on a tiny synthetic setup: flip averaging, probes, CRF on/off, pooled metrics.
+Every model is a Segmenter (head, or identity for the DINO baseline, + probes + backbone)."""
 import numpy as np
 import pytest
 import torch
@@ -6,10 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stego_core.config import StegoError
-from stego_core.evaluation import PAPER_TABLE2, evaluate, evaluate_codes, flip_code
+from stego_core.evaluation import PAPER_TABLE2, evaluate, evaluate_batches
 from stego_core.heads import STEGOHead
 from stego_core.metrics import UnsupervisedMetrics
 from stego_core.probes import ClusterProbe, LinearProbe
+from stego_core.segmenter import Segmenter
 
 C, D, K, RES = 12, 6, 3, 32
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
@@ -57,17 +59,28 @@ class TinySet(torch.utils.data.Dataset):
         return {"img": item["img"], "label": item["label"], "index": item["index"]}
 
 
+def _seg(backbone, head, cluster_probe, linear_probe):
+    return Segmenter(nn.Identity() if head is None else head, cluster_probe, linear_probe, backbone=backbone)
+
+
+def _manual_flip_code(backbone, head, img):
+    head.eval()
+    with torch.no_grad():
+        return (head(backbone(img)) + torch.flip(head(backbone(torch.flip(img, dims=[3]))), dims=[3])) / 2
+
+
 @pytest.fixture
 def setup():
     torch.manual_seed(1)
     return FakeBackbone(), STEGOHead(C, D), ClusterProbe(D, K), LinearProbe(D, K), TinySet()
 
 
-def test_flip_code_averages_the_head_output(setup):
-    backbone, head, *_ = setup
+def test_image_code_averages_the_head_output(setup):
+    backbone, head, cluster_probe, linear_probe, _ = setup
+    seg = _seg(backbone, head, cluster_probe, linear_probe)
     img = torch.stack([TinySet()[i]["img"] for i in range(2)])
-    head.train()  # flip_code must evaluate without dropout and restore the mode
-    code = flip_code(backbone, head, img, flip=True)
+    head.train()  # the segmenter must evaluate without dropout and restore the mode
+    code = seg.image_code(img, flip=True)
     assert head.training
     head.eval()
     with torch.no_grad():
@@ -75,22 +88,23 @@ def test_flip_code_averages_the_head_output(setup):
         manual = (plain + torch.flip(head(backbone(torch.flip(img, dims=[3]))), dims=[3])) / 2
     torch.testing.assert_close(code, manual)
     assert not torch.allclose(code, plain, atol=1e-4)  # the flip does something here
-    torch.testing.assert_close(flip_code(backbone, head, img, flip=False), plain)
+    torch.testing.assert_close(seg.image_code(img, flip=False), plain)
     # DINO baseline: the raw features are the code
     with torch.no_grad():
         feats = backbone(img)
-    torch.testing.assert_close(flip_code(backbone, None, img, flip=True),
+    dino = _seg(backbone, None, ClusterProbe(C, K), LinearProbe(C, K))
+    torch.testing.assert_close(dino.image_code(img, flip=True),
                                (feats + torch.flip(backbone(torch.flip(img, dims=[3])), dims=[3])) / 2)
 
 
 def test_evaluate_matches_a_manual_computation(setup):
     backbone, head, cluster_probe, linear_probe, ds = setup
-    res = evaluate(backbone, head, cluster_probe, linear_probe, ds, flip=True, crf=False, batch_size=3,
+    res = evaluate(_seg(backbone, head, cluster_probe, linear_probe), ds, flip=True, crf=False, batch_size=3,
                    progress=False, keep_predictions=2)
     cm, lm = UnsupervisedMetrics(K), UnsupervisedMetrics(K, hungarian=False)
     for i in range(len(ds)):
         item = ds[i]
-        code = flip_code(backbone, head, item["img"][None], flip=True)
+        code = _manual_flip_code(backbone, head, item["img"][None])
         code = F.interpolate(code, size=(RES, RES), mode="bilinear", align_corners=False)
         with torch.no_grad():
             lm.update(linear_probe(code).argmax(1), item["label"][None])
@@ -108,8 +122,9 @@ def test_evaluate_matches_a_manual_computation(setup):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_evaluate_with_and_without_crf(setup, workers):
     backbone, head, cluster_probe, linear_probe, ds = setup
-    plain = evaluate(backbone, head, cluster_probe, linear_probe, ds, crf=False, progress=False)
-    refined = evaluate(backbone, head, cluster_probe, linear_probe, ds, crf=True, workers=workers, progress=False)
+    seg = _seg(backbone, head, cluster_probe, linear_probe)
+    plain = evaluate(seg, ds, crf=False, progress=False)
+    refined = evaluate(seg, ds, crf=True, workers=workers, progress=False)
     for res in (plain, refined):
         for key in ("cluster/mIoU", "cluster/Accuracy", "linear/mIoU", "linear/Accuracy"):
             assert 0.0 <= res[key] <= 100.0
@@ -119,31 +134,32 @@ def test_evaluate_with_and_without_crf(setup, workers):
                 and np.array_equal(plain["cluster"]["confusion"], refined["cluster"]["confusion"]))
 
 
-def test_evaluate_codes_from_cached_features_matches_live(setup):
+def test_evaluate_batches_from_cached_features_matches_live(setup):
     backbone, head, cluster_probe, linear_probe, ds = setup
-    live = evaluate(backbone, head, cluster_probe, linear_probe, ds, flip=False, crf=True, workers=1,
-                    progress=False)
+    seg = _seg(backbone, head, cluster_probe, linear_probe)
+    live = evaluate(seg, ds, flip=False, crf=True, workers=1, progress=False)
     with torch.no_grad():
         feats = backbone(torch.stack([it["img"] for it in ds.items]))
     batches = [{"feats": feats[i:i + 2], "label": torch.stack([it["label"] for it in ds.items[i:i + 2]]),
                 "image": np.stack([it["u8"] for it in ds.items[i:i + 2]])} for i in (0, 2)]
-    cached = evaluate_codes(batches, cluster_probe, linear_probe, head=head, crf=True, workers=1, progress=False)
+    cached = evaluate_batches(seg, batches, crf=True, workers=1, progress=False)
     for key in ("cluster/mIoU", "linear/mIoU", "cluster/Accuracy", "linear/Accuracy"):
         assert cached[key] == pytest.approx(live[key])
 
 
 def test_dino_baseline_and_errors(setup):
     backbone, _, _, _, ds = setup
-    res = evaluate(backbone, None, ClusterProbe(C, K + 1), LinearProbe(C, K), ds, progress=False)
+    res = evaluate(_seg(backbone, None, ClusterProbe(C, K + 1), LinearProbe(C, K)), ds, progress=False)
     assert 0 <= res["cluster/mIoU"] <= 100 and res["cluster"]["histogram"].shape == (K + 1, K + 1)
+    probes_only = _seg(None, None, ClusterProbe(D, K), LinearProbe(D, K))
     with pytest.raises(StegoError, match="code"):
-        evaluate_codes([{"label": torch.zeros(1, 4, 4, dtype=torch.long)}], ClusterProbe(D, K), LinearProbe(D, K),
-                       progress=False)
+        evaluate_batches(probes_only, [{"label": torch.zeros(1, 4, 4, dtype=torch.long)}], progress=False)
     with pytest.raises(StegoError, match="images"):
-        evaluate_codes([{"code": torch.zeros(1, D, 2, 2), "label": torch.zeros(1, 4, 4, dtype=torch.long)}],
-                       ClusterProbe(D, K), LinearProbe(D, K), crf=True, workers=1, progress=False)
+        evaluate_batches(probes_only, [{"code": torch.zeros(1, D, 2, 2),
+                                        "label": torch.zeros(1, 4, 4, dtype=torch.long)}],
+                         crf=True, workers=1, progress=False)
     with pytest.raises(StegoError, match="nothing"):
-        evaluate_codes([], ClusterProbe(D, K), LinearProbe(D, K), progress=False)
+        evaluate_batches(probes_only, [], progress=False)
 
 
 def test_paper_table_has_sources_and_no_invented_numbers():
@@ -162,21 +178,22 @@ def test_split_without_labels_is_an_error_not_nan(setup):
     backbone, head, cluster_probe, linear_probe, ds = setup
     code = torch.randn(2, D, 4, 4)
     unlabelled = [{"code": code, "label": torch.full((2, 8, 8), -1, dtype=torch.long)} for _ in range(2)]
+    probes = _seg(backbone, head, cluster_probe, linear_probe)
     with pytest.raises(StegoError) as info:
-        evaluate_codes(unlabelled, cluster_probe, linear_probe, progress=False)
+        evaluate_batches(probes, unlabelled, progress=False)
     msg = str(info.value)
     assert msg.startswith("label: no labelled pixels") and "segment_images" in msg and "\n" not in msg
     out_of_range = [{"code": code, "label": torch.full((2, 8, 8), K, dtype=torch.long)}]  # only classes >= K
     with pytest.raises(StegoError, match="^label: no labelled pixels"):
-        evaluate_codes(out_of_range, cluster_probe, linear_probe, progress=False)
+        evaluate_batches(probes, out_of_range, progress=False)
     for item in ds.items:  # the full protocol on an unlabelled dataset
         item["label"] = torch.full_like(item["label"], -1)
     with pytest.raises(StegoError, match="^label: no labelled pixels"):
-        evaluate(backbone, head, cluster_probe, linear_probe, ds, progress=False)
+        evaluate(probes, ds, progress=False)
     # one labelled pixel somewhere in the split is enough: finite metrics
     some = unlabelled[:1] + [{"code": code, "label": torch.full((2, 8, 8), -1, dtype=torch.long)}]
     some[1]["label"][0, 3, 3] = 1
-    res = evaluate_codes(some, cluster_probe, linear_probe, progress=False)
+    res = evaluate_batches(probes, some, progress=False)
     assert np.isfinite(res["linear/Accuracy"]) and res["linear"]["confusion"].sum() == 1
 
 
@@ -187,7 +204,7 @@ def test_batches_of_different_resolutions_upsample_to_their_own_labels(setup):
     batches = [{"code": torch.randn(2, D, h, h, generator=g), "label": torch.randint(-1, K, (2, 4 * h, 4 * h),
                                                                                       generator=g)}
                for h in (7, 10)]  # e.g. 28 px and 40 px labels
-    res = evaluate_codes(batches, cluster_probe, linear_probe, progress=False)
+    res = evaluate_batches(_seg(None, None, cluster_probe, linear_probe), batches, progress=False)
     lm = UnsupervisedMetrics(K, hungarian=False)
     with torch.no_grad():
         for b in batches:

@@ -1,5 +1,6 @@
-"""The explorer: run lookup, predictions against a direct computation, picture encodings, the static chart's data and
-controls, uploads; plus the quirk measurements of stego_core.quirks against brute force."""
+"""The explorer and the runs it shows: run lookup (stego_core.runs), predictions against a direct computation,
+picture encodings, the static chart's data and controls, uploads; plus the quirk measurements of stego_core.quirks
+against brute force."""
 from __future__ import annotations
 
 import base64
@@ -13,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stego_core import explorer, quirks
+from stego_core import explorer, quirks, runs, training
 from stego_core.config import StegoError
+from stego_core.knn import build_knn
+from stego_core.segmenter import Segmenter
 
 OPTS = {"n_images": 8, "scene_size": 96}
 
@@ -28,12 +31,15 @@ def setup(tmp_path_factory):
     kw = dict(res=64, weights="random", dataset_options=OPTS, root=root, progress=False, batch_size=8)
     train = cache_features("mosaic", "train", "efficientnet_lite0", **kw)
     val = cache_features("mosaic", "val", "efficientnet_lite0", **kw)
-    args = dict(train_store=train, val_store=val, root=root, progress=False, steps=4, batch_size=4, val_freq=2)
     with pytest.warns(UserWarning):  # k=30 neighbours on 8 images
-        stego = explorer.ensure_run("demo", method="stego", code_dim=6, **args)
-    models = {("stego", 6): stego,
-              ("pca", 3): explorer.ensure_run("demo", method="pca", code_dim=3, **args),
-              ("dino", train.dim): explorer.ensure_run("demo", method="dino", **args)}
+        build_knn(train, protocol="original", progress=False)  # the feature stage's table
+    args = dict(train_store=train, val_store=val, root=root, progress=False, steps=4, batch_size=4, val_freq=2)
+    for method, dim in (("stego", 6), ("pca", 3), ("dino", None)):  # what chapters 02 / 03 would have trained
+        cfg = runs.run_config("demo", train_store=train, method=method, code_dim=dim, steps=4, batch_size=4,
+                              val_freq=2)
+        training.train(cfg, train_store=train, val_store=val, root=root, progress=False)
+    models = runs.require_runs("demo", [("stego", 6), ("pca", 3), ("dino", None)], **args)
+    assert set(models) == {("stego", 6), ("pca", 3), ("dino", train.dim)}
     return dict(root=root, train=train, val=val, args=args, models=models)
 
 
@@ -43,61 +49,62 @@ def _decode(url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def test_ensure_run_reuses_finished_runs(setup):
+def test_require_run_reuses_finished_runs(setup):
     root, args = setup["root"], setup["args"]
-    found = explorer.find_runs(root, method="stego", code_dim=6, train_store=setup["train"])
+    # (correspondence_weight 1: the probes-only control of the next test may already be there, tests run shuffled)
+    found = runs.find_runs(root, method="stego", code_dim=6, correspondence_weight=1.0, train_store=setup["train"])
     assert len(found) == 1 and (found.loc[0, "run_dir"] / "DONE").exists()
     done = found.loc[0, "run_dir"] / "DONE"
     stamp = done.stat().st_mtime_ns
-    again = explorer.ensure_run("demo", method="stego", code_dim=6, **args)
-    assert again.run_dir == found.loc[0, "run_dir"] and done.stat().st_mtime_ns == stamp  # loaded, not retrained
-    assert explorer.find_runs(root, method="stego", code_dim=12).empty
-    assert explorer.find_runs(root, method="stego", train_store="/elsewhere").empty
-    assert len(explorer.find_runs(root, method="dino", code_dim=999)) == 1  # DINO ignores the dim
-    assert set(explorer.find_runs(root)["method"]) == {"stego", "pca", "dino"}
+    again = runs.require_run("demo", method="stego", code_dim=6, **args)
+    assert again.info["run_dir"] == str(found.loc[0, "run_dir"]) and done.stat().st_mtime_ns == stamp  # loaded
+    assert runs.find_runs(root, method="stego", code_dim=12).empty
+    assert runs.find_runs(root, method="stego", train_store="/elsewhere").empty
+    assert len(runs.find_runs(root, method="dino", code_dim=999)) == 1  # DINO ignores the dim
+    assert set(runs.find_runs(root)["method"]) == {"stego", "pca", "dino"}
 
 
-def test_ensure_run_never_takes_a_probes_only_control_for_stego(setup):
-    from stego_core import training
-
+def test_require_run_never_takes_a_probes_only_control_for_stego(setup):
     args = {k: v for k, v in setup["args"].items() if k not in ("train_store", "val_store", "root", "progress")}
     control = training.train(training.make_config("demo", method="stego", code_dim=6, correspondence_weight=0.0,
                                                   **args),
                              train_store=setup["train"], val_store=setup["val"], root=setup["root"], progress=False)
-    newest = explorer.find_runs(setup["root"], method="stego", code_dim=6, train_store=setup["train"])
+    newest = runs.find_runs(setup["root"], method="stego", code_dim=6, train_store=setup["train"])
     assert newest.loc[0, "run_dir"] == control.run_dir  # the control run is the newest STEGO-method run
-    chosen = explorer.ensure_run("demo", method="stego", code_dim=6, **setup["args"])
-    assert chosen.run_dir == setup["models"][("stego", 6)].run_dir != control.run_dir
+    chosen = runs.require_run("demo", method="stego", code_dim=6, **setup["args"])
+    assert chosen.info["run_dir"] == setup["models"][("stego", 6)].info["run_dir"] != str(control.run_dir)
 
 
-def test_as_head_gives_the_runs_code(setup):
+def test_the_code_map_gives_the_runs_code(setup):
     feats = setup["val"].read(np.arange(3))["feats"].float()
-    for (method, _), run in setup["models"].items():
-        head = explorer.as_head(run)
-        if method == "dino":
-            assert head is None
+    for (method, _), seg in setup["models"].items():
+        if method == "dino":  # the DINO baseline is the identity
+            assert isinstance(seg.code_map, torch.nn.Identity) and torch.equal(seg.code(feats), feats)
             continue
         with torch.no_grad():
-            assert torch.allclose(head(feats), run.code(feats))
+            assert torch.allclose(seg.code_map(feats), seg.code(feats))
+    pca = setup["models"][("pca", 3)].code_map.projection
+    torch.testing.assert_close(setup["models"][("pca", 3)].code(feats), torch.as_tensor(pca.transform(feats)))
 
 
-def test_predict_maps_matches_a_direct_computation(setup):
+def test_predict_matches_a_direct_computation(setup):
     run = setup["models"][("stego", 6)]
     rec = setup["val"].read(np.arange(4))
     code = run.code(rec["feats"].float())
     up = F.interpolate(code, size=(64, 64), mode="bilinear", align_corners=False)
     cos = torch.einsum("bdhw,kd->bkhw", F.normalize(up, dim=1), F.normalize(run.cluster_probe.centres, dim=1))
     mapping = np.array([2, 0, 1, 5, 4, 3], dtype=np.int64)[: run.cluster_probe.n_clusters]
-    got = explorer.predict_maps(run, code, rec["image"], probe="cluster", to_class=mapping)
+    mapped = Segmenter(run.code_map, run.cluster_probe, run.linear_probe, cluster_to_class=mapping)
+    got = mapped.predict(code, (64, 64), "cluster").numpy()
     np.testing.assert_array_equal(got, mapping[cos.argmax(1).numpy()])
-    lin = explorer.predict_maps(run, code, rec["image"], probe="linear")
+    lin = run.predict(code, (64, 64), "linear").numpy()
     np.testing.assert_array_equal(lin, run.linear_probe(up).argmax(1).numpy())
-    refined = explorer.predict_maps(run, code[:2], rec["image"][:2], probe="cluster", crf=True, workers=1)
+    refined = run.predict(code[:2], (64, 64), "cluster", crf=True, images=rec["image"][:2])
     assert refined.shape == (2, 64, 64) and refined.min() >= 0
-    with pytest.raises(StegoError, match="code"):
-        explorer.predict_maps(run, code[:2], rec["image"], probe="cluster")
+    with pytest.raises(StegoError, match="images"):
+        run.predict(code[:2], (64, 64), "cluster", crf=True, images=rec["image"])
     with pytest.raises(StegoError, match="probe"):
-        explorer.predict_maps(run, code, rec["image"], probe="kmeans")
+        run.predict(code, (64, 64), "kmeans")
 
 
 def test_picture_encodings():
@@ -123,10 +130,13 @@ def test_precompute_and_the_static_chart(setup):
     assert data.metrics.query("method == 'stego' and probe == 'cluster'")["mIoU"].item() == pytest.approx(
         res["cluster/mIoU"])
     rows, cols = res["cluster"]["assignment"]
-    assert [data.to_class[("stego", 6)][r] for r in rows] == list(cols)
-    code = run.code(val.read(np.array([3]))["feats"].float())
-    direct = explorer.predict_maps(run, code, val.read(np.array([3]))["image"], to_class=data.to_class[("stego", 6)])
-    np.testing.assert_array_equal(data.predictions[(3, "stego", 6, False, "cluster")], direct[0])
+    to_class = data.models[("stego", 6)].cluster_to_class
+    assert [to_class[r] for r in rows] == list(cols)
+    with torch.no_grad():  # item 3 directly: head, upsampling, nearest centre, the split's cluster -> class map
+        code = run.code_map(val.read(np.array([3]))["feats"].float())
+        up = F.interpolate(code, size=(64, 64), mode="bilinear", align_corners=False)
+        cos = torch.einsum("bdhw,kd->bkhw", F.normalize(up, dim=1), F.normalize(run.cluster_probe.centres, dim=1))
+    np.testing.assert_array_equal(data.predictions[(3, "stego", 6, False, "cluster")], to_class[cos.argmax(1)[0]])
 
     table = data.table()
     assert len(table) == 2 * 2 + len(data.predictions)

@@ -35,8 +35,13 @@ def _errors(nb) -> list:
     return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
 
 
+FEATURES = dict(dataset="mosaic", res=64, dataset_options={"n_images": 6, "scene_size": 96}, k=5, n_queries=2,
+                n_neighbors_shown=2, n_pca=2, progress=False)  # chapter 01 for TINY: its stores and kNN table
+
+
 def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
     monkeypatch.setenv("STEGO_ARTIFACTS", str(tmp_path / "artifacts"))
+    study.run_notebook("01_features", FEATURES, workdir=tmp_path / "book")
     run = study.run_notebook("03_dimension_study", TINY, workdir=tmp_path / "book")
     nb = nbformat.read(run.output, as_version=4)
     assert not _errors(nb)

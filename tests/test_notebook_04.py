@@ -9,23 +9,25 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from stego_core import study
+from stego_core import results, study
 from chapters import glued
 
 pytestmark = pytest.mark.slow
 
 NOTEBOOKS = ("04_evaluate", "05_explorer", "07_quirks")
+UPSTREAM = ("01_features", "03_dimension_study")  # the stores, kNN tables and runs the three chapters require
 
 
 @pytest.fixture(scope="session")
 def chapters(tmp_path_factory) -> Path:
-    """The three chapters in <basetemp>/smoke-book (the folder the other smoke tests share; current ones skipped)."""
+    """The three chapters in <basetemp>/smoke-book (the folder the other smoke tests share; current ones skipped),
+    after the chapters whose artifacts they read."""
     base = tmp_path_factory.getbasetemp()
     params = dict(study.load_profile("smoke"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
         workdir = study.prepare_workdir(base / "smoke-book")
-        for nb in NOTEBOOKS:
+        for nb in UPSTREAM + NOTEBOOKS:
             study.run_notebook(nb, params[nb], workdir=workdir)
     return workdir / "book" / "chapters"
 
@@ -98,3 +100,30 @@ def test_quirks_chapter(chapters):
                   "9 CRF image round trip", "3 nearest resize", "13 pos-embed rule", "16 swapped metric names"):
         assert quirk in summary, quirk
     assert len(re.findall(r"<tr>", summary)) == 13
+
+
+def test_table2_rows_go_through_the_results_store(chapters, tmp_path_factory):
+    """Chapter 04 writes its rows (stage "final") under <root>/evaluations and shows what it reads back."""
+    base = tmp_path_factory.getbasetemp()
+    store = results.load_results(base / "smoke-artifacts")
+    final = store[store["stage"] == "final"]
+    assert set(final["method"]) == {"stego", "dino"} and set(final["split"]) == {"val[:8]", "val[:2]"}
+    table = results.final_table(final, labels={"stego": "STEGO", "dino": "DINO"})
+    glued = _glued(_read(chapters, "04_evaluate"))
+    no_crf = table[(table["model"] == "STEGO") & (table["CRF"] == "no CRF") & (table["images"] == 8)]
+    assert float(glued["stego_cluster_miou"]) == pytest.approx(round(no_crf["cluster mIoU"].item(), 1))
+
+
+@pytest.mark.parametrize("notebook", ["04_evaluate", "05_explorer"])
+def test_downstream_chapters_require_the_protocols_runs(chapters, tmp_path_factory, notebook):
+    """12§4.4: with protocol "corrected" the chapters used the original-protocol runs; now they stop, naming the
+    command that trains the corrected ones (the smoke profile's sweep trains the original protocol only)."""
+    base = tmp_path_factory.getbasetemp()
+    params = {**dict(study.load_profile("smoke"))[notebook], "protocol": "corrected"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
+        workdir = study.prepare_workdir(base / f"protocol-{notebook}")
+        with pytest.raises(study.StegoError) as info:
+            study.run_notebook(notebook, params, workdir=workdir, log=lambda _: None)
+    msg = str(info.value)
+    assert "protocol 'corrected'" in msg and "03_dimension_study" in msg, msg

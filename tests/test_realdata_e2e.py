@@ -13,9 +13,10 @@ import torch
 import yaml
 from PIL import Image
 
-from stego_core import cache, data, evaluation, study, training
+from stego_core import cache, data, evaluation, knn, study, training
 from stego_core.config import StegoError
 from stego_core.segment import segment_images
+from stego_core.segmenter import Segmenter
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 CLASSES = ["dark", "bright"]
@@ -44,9 +45,14 @@ def _write_photos(root: Path, *, labels: bool) -> None:
 
 
 def _stores(data_root: Path, art: Path, options: dict):
-    return [cache.cache_features("directory", split, "efficientnet_lite0", res=RES, dataset_options=options,
-                                 data_root=data_root, root=art, chunk_size=8, progress=False)
-            for split in ("train", "val")]
+    """The feature stage (01_features): both stores and the training store's kNN table."""
+    stores = [cache.cache_features("directory", split, "efficientnet_lite0", res=RES, dataset_options=options,
+                                   data_root=data_root, root=art, chunk_size=8, progress=False)
+              for split in ("train", "val")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k=30 neighbours asked of 12 images: the kNN table uses 12
+        knn.build_knn(stores[0], protocol="original", progress=False)
+    return stores
 
 
 def _config():
@@ -80,14 +86,13 @@ def test_real_photos_cache_train_evaluate_segment(labelled):
     assert result.completed and (result.run_dir / "DONE").exists() and (result.run_dir / "results.csv").exists()
     assert 0 <= result.best["cluster/mIoU"] <= 100
     # the paper's evaluation on the cached validation features with the trained modules
-    run = training.load_run(result.run_dir)
-    metrics = evaluation.evaluate_codes(val_store.iter_batches(2), run.cluster_probe, run.linear_probe,
-                                        head=run.head, class_names=CLASSES, progress=False)
+    run = Segmenter.from_run(result.run_dir)
+    metrics = evaluation.evaluate_batches(run, val_store.iter_batches(2), class_names=CLASSES, progress=False)
     assert metrics["n_images"] == 3
     for key in ("cluster/mIoU", "cluster/Accuracy", "linear/mIoU", "linear/Accuracy"):
         assert math.isfinite(metrics[key]) and 0 <= metrics[key] <= 100, key
     # the stored validation of the best checkpoint is the same computation (no flip, no CRF)
-    assert metrics["cluster/mIoU"] == pytest.approx(run.metrics["cluster/mIoU"], abs=1e-6)
+    assert metrics["cluster/mIoU"] == pytest.approx(run.info["metrics"]["cluster/mIoU"], abs=1e-6)
     # segmenting the original (full-size) validation photos with the trained run
     val_dir = base / "data" / "imgs" / "val"
     out = segment_images([val_dir], run=result.run_dir, out_dir=base / "segmented", probe="linear", progress=False)
@@ -123,13 +128,12 @@ def test_without_labels_training_and_segmentation_still_work(unlabelled):
 
 def test_without_labels_evaluation_says_so(unlabelled):
     _, val_store, result = unlabelled
-    run = training.load_run(result.run_dir)
+    run = Segmenter.from_run(result.run_dir)
     raised = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            evaluation.evaluate_codes(val_store.iter_batches(2), run.cluster_probe, run.linear_probe, head=run.head,
-                                      progress=False)
+            evaluation.evaluate_batches(run, val_store.iter_batches(2), progress=False)
         except StegoError as exc:
             raised = exc
     said = [str(raised)] if raised is not None else [str(w.message) for w in caught]
@@ -149,10 +153,9 @@ def test_validation_store_at_a_larger_resolution(labelled):
     result = training.train(_config(), train_store=train_store, val_store=val_big, root=base / "artifacts",
                             progress=False, device="cpu")
     assert result.completed and math.isfinite(result.best["cluster/mIoU"])
-    run = training.load_run(result.run_dir, device="cpu")
-    metrics = evaluation.evaluate_codes(val_big.iter_batches(2), run.cluster_probe, run.linear_probe,
-                                        head=run.head, progress=False)
-    assert metrics["cluster/mIoU"] == pytest.approx(run.metrics["cluster/mIoU"], abs=1e-6)
+    run = Segmenter.from_run(result.run_dir, device="cpu")
+    metrics = evaluation.evaluate_batches(run, val_big.iter_batches(2), progress=False)
+    assert metrics["cluster/mIoU"] == pytest.approx(run.info["metrics"]["cluster/mIoU"], abs=1e-6)
     assert metrics["cluster"]["confusion"].sum() == int((val_big.read(range(3))["label"] >= 0).sum())
 
 

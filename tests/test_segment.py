@@ -17,22 +17,20 @@ from stego_core.config import StegoError
 from stego_core.heads import STEGOHead
 from stego_core.probes import ClusterProbe, LinearProbe
 from stego_core.segment import main, network_size, segment_images, upsampled_argmax
-from stego_core.training import LoadedRun, TrainConfig
+from stego_core.segmenter import Segmenter
 
 N_CLASSES = 3
 
 
 @pytest.fixture(scope="module")
-def run() -> LoadedRun:
-    """A LoadedRun as load_run returns it: EfficientNet-Lite0 (random weights), a head to 6 dims, two probes."""
+def run() -> Segmenter:
+    """A segmenter as Segmenter.from_run gives it: EfficientNet-Lite0 (random weights, loaded by segment_images),
+    a head to 6 dims, two probes."""
     torch.manual_seed(0)
-    cfg = TrainConfig(dataset="photos", backbone="efficientnet_lite0", code_dim=6)
-    head = STEGOHead(112, 6).eval()
-    meta = {"class_names": ["sky", "ground", "thing"],
-            "train_store_meta": {"weights": "random", "palette": [[0, 0, 255], [0, 255, 0], [255, 0, 0]]}}
-    return LoadedRun(run_dir=Path("unused"), config=cfg, meta=meta, step=1, head=head,
-                     cluster_probe=ClusterProbe(6, N_CLASSES + 1).eval(), linear_probe=LinearProbe(6, N_CLASSES).eval(),
-                     projection=None, metrics={})
+    info = {"source": "run", "run_dir": "unused", "step": 1, "dataset": "photos", "backbone": "efficientnet_lite0",
+            "weights": "random", "method": "stego", "class_names": ["sky", "ground", "thing"],
+            "palette": [[0, 0, 255], [0, 255, 0], [255, 0, 0]]}
+    return Segmenter(STEGOHead(112, 6), ClusterProbe(6, N_CLASSES + 1), LinearProbe(6, N_CLASSES), info=info).eval()
 
 
 @pytest.fixture
@@ -169,10 +167,7 @@ def test_folders_are_expanded_in_sorted_order(run, photos, tmp_path):
 
 def test_command_line(run, photos, tmp_path, capsys, monkeypatch):
     # the CLI loads the run from disk: serve our in-memory run instead of a trained folder
-    monkeypatch.setattr(segment, "_from_run", lambda r, **kw: segment._Model(
-        backbone=__import__("stego_core.backbones", fromlist=["x"]).load_backbone("efficientnet_lite0", "random"),
-        code=run.code, cluster_probe=run.cluster_probe, linear_probe=run.linear_probe,
-        class_names=["a", "b", "c"], palette=None, description={"source": "run"}))
+    monkeypatch.setattr(segment.Segmenter, "from_run", classmethod(lambda cls, run_dir, **kw: run))
     fake_run = tmp_path / "run"
     fake_run.mkdir()
     (fake_run / "meta.json").write_text("{}")

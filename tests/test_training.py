@@ -18,7 +18,11 @@ import pytest
 import torch
 
 from stego_core.config import StegoError
-from stego_core.training import PRESETS, TrainConfig, load_run, make_config, train
+from stego_core.evaluation import evaluate_store
+from stego_core.heads import STEGOHead
+from stego_core.knn import build_knn
+from stego_core.segmenter import ProjectionCode, Segmenter
+from stego_core.training import PRESETS, TrainConfig, make_config, train
 
 
 @pytest.fixture(autouse=True)
@@ -92,10 +96,17 @@ def _synthetic(n: int, seed: int, *, k: int = 4, c: int = 32, grid: int = 8, up:
     return feats, label, image
 
 
+def _with_knn(store):
+    """The kNN tables of both protocols beside a training store, as the feature stage (01_features) builds them."""
+    for protocol in ("original", "corrected"):
+        build_knn(store, protocol=protocol, seed=0, progress=False)
+    return store
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     base = tmp_path_factory.mktemp("stores")
-    tr = FakeStore(base / "train", *_synthetic(64, 0), split="train")
+    tr = _with_knn(FakeStore(base / "train", *_synthetic(64, 0), split="train"))
     va = FakeStore(base / "val", *_synthetic(32, 1), split="val")
     return tr, va
 
@@ -108,10 +119,11 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def _weights(result) -> dict[str, torch.Tensor]:
-    out = {f"cluster.{k}": v for k, v in result.cluster_probe.state_dict().items()}
-    out.update({f"linear.{k}": v for k, v in result.linear_probe.state_dict().items()})
-    if result.head is not None:
-        out.update({f"head.{k}": v for k, v in result.head.state_dict().items()})
+    seg = result.segmenter
+    out = {f"cluster.{k}": v for k, v in seg.cluster_probe.state_dict().items()}
+    out.update({f"linear.{k}": v for k, v in seg.linear_probe.state_dict().items()})
+    if isinstance(seg.code_map, STEGOHead):
+        out.update({f"head.{k}": v for k, v in seg.code_map.state_dict().items()})
     return out
 
 
@@ -208,7 +220,8 @@ def test_stego_learns_and_beats_the_untrained_head(stego_and_untrained):
     assert stego.best["cluster/mIoU"] > frozen.best["cluster/mIoU"] + 15
     assert stego.best["linear/mIoU"] > frozen.best["linear/mIoU"] + 15
     # frozen head stayed at its initialisation (same seed -> same init as the STEGO run's head before training)
-    assert stego.head is not None and not stego.head.training
+    head = stego.segmenter.code_map
+    assert isinstance(head, STEGOHead) and not head.training
 
 
 def test_run_folder_checkpoints_rows_and_histograms(stego_and_untrained):
@@ -236,22 +249,20 @@ def test_run_folder_checkpoints_rows_and_histograms(stego_and_untrained):
     assert corr["intra"].mean() > corr["neg"].mean()
 
 
-def test_load_run_reproduces_the_best_validation(stego_and_untrained, stores):
-    from stego_core.training import _Features, _validate
-
+def test_segmenter_from_run_reproduces_the_best_validation(stego_and_untrained, stores):
     stego, _, _ = stego_and_untrained
-    run = load_run(stego.run_dir)
-    assert run.step == stego.best["step"] and run.head is not None and not run.head.training
-    assert run.config.code_dim == 3
-    val = _Features(stores[1], live_backbone=None, preload_bytes=1 << 30)
-    again = _validate(run.config, run.head, run.cluster_probe, run.linear_probe, run.projection, val, 4)
+    run = Segmenter.from_run(stego.run_dir)
+    assert run.info["step"] == stego.best["step"] and isinstance(run.code_map, STEGOHead)
+    assert not run.code_map.training
+    assert run.code_dim == 3
+    again = evaluate_store(run, stores[1], batch_size=stego.config.val_batch_size, progress=False)
     for key in ("cluster/mIoU", "cluster/Accuracy", "linear/mIoU", "linear/Accuracy"):
         assert again[key] == pytest.approx(stego.best[key])
     code = run.code(stores[1].feats[:2])
     assert code.shape == (2, 3, 8, 8)
-    last = load_run(stego.run_dir, which="last")
+    last = Segmenter.from_run(stego.run_dir, which="last")
     for k, v in last.cluster_probe.state_dict().items():
-        assert torch.equal(v, stego.cluster_probe.state_dict()[k])
+        assert torch.equal(v, stego.segmenter.cluster_probe.state_dict()[k])
 
 
 def test_finished_run_is_loaded_not_retrained(stego_and_untrained, stores):
@@ -329,6 +340,7 @@ def test_partner_is_drawn_from_ranks_one_to_n_neighbors(tmp_path, stores, monkey
               root=tmp_path, progress=False)
     finally:
         tr.remove_file("knn-corrected.npy")
+        build_knn(tr, protocol="corrected", seed=0, progress=False)  # the real table again, for the other tests
     pairs = list(zip(seen[0:32:2], seen[1:32:2]))  # (batch, partners) per training step
     ranks = set()
     for items, partners in pairs:
@@ -344,17 +356,19 @@ def test_partner_is_drawn_from_ranks_one_to_n_neighbors(tmp_path, stores, monkey
 def test_baselines_train_probes_only(tmp_path, stores, method):
     cfg = _cfg(method=method, code_dim=3, steps=20, val_freq=20, correspondence_weight=1.0)
     res = train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
-    assert res.head is None and res.code_corr is None and res.config.correspondence_weight == 0.0
+    assert not isinstance(res.segmenter.code_map, STEGOHead) and res.code_corr is None
+    assert res.config.correspondence_weight == 0.0
     assert res.config.code_dim == (32 if method == "dino" else 3)
     assert res.run_dir.name.startswith(f"synthetic-{method}-d{res.config.code_dim}-s0-")
     h = res.history
     assert "loss/pos_inter" not in set(h.metric)
     assert res.best["cluster/mIoU"] > 0 and math.isfinite(res.best["linear/mIoU"])
-    loaded = load_run(res.run_dir)
-    if method == "dino":
-        assert loaded.projection is None and torch.equal(loaded.code(stores[1].feats[:1]), stores[1].feats[:1])
+    loaded = Segmenter.from_run(res.run_dir)
+    if method == "dino":  # the DINO baseline's code map is the identity, the same module everywhere
+        assert isinstance(loaded.code_map, torch.nn.Identity) and isinstance(res.segmenter.code_map, torch.nn.Identity)
+        assert torch.equal(loaded.code(stores[1].feats[:1]), stores[1].feats[:1])
     else:
-        assert loaded.projection is not None and loaded.code(stores[1].feats[:2]).shape == (2, 3, 8, 8)
+        assert isinstance(loaded.code_map, ProjectionCode) and loaded.code(stores[1].feats[:2]).shape == (2, 3, 8, 8)
 
 
 @pytest.mark.parametrize("method, expected", [("hnne", 150), ("pca", None), ("rp", None)])
@@ -413,6 +427,7 @@ def test_live_features_match_cached_features(tmp_path):
         image = img.to(torch.uint8).numpy()  # [n,16,16,3]
         feats = extract_features(net, normalize(torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255.0))
         stores.append(FakeStore(tmp_path / split, feats, label, image, split=split))
+    _with_knn(stores[0])
     cfg = _cfg(steps=12, val_freq=6, code_dim=4)
     cached = train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
     net.images_seen = 0
@@ -443,8 +458,8 @@ def test_device_cpu_trains_like_the_default_and_checkpoints_hold_cpu_tensors(tmp
     assert all(t.device.type == "cpu" for t in ck["head"].values())
     assert ck["opt_head"]["state"] and all(t.device.type == "cpu" for s in ck["opt_head"]["state"].values()
                                            for t in s.values() if isinstance(t, torch.Tensor))
-    run = load_run(on_cpu.run_dir, device="cpu")
-    assert run.device == "cpu" and run.code(va.feats[:1]).device.type == "cpu"
+    run = Segmenter.from_run(on_cpu.run_dir, device="cpu")
+    assert run.device.type == "cpu" and run.code(va.feats[:1]).device.type == "cpu"
     # a finished run asked for again on "cpu" is loaded, not retrained
     again = train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False, device="cpu")
     assert again.best == on_cpu.best
@@ -462,7 +477,7 @@ def test_unavailable_device_is_one_clear_line(tmp_path, stores):
     assert not (tmp_path / "runs").exists()  # refused before any work
     done = train(_cfg(steps=2, val_freq=2), train_store=tr, val_store=va, root=tmp_path, progress=False)
     with pytest.raises(StegoError, match=r"^device: 'cuda' is not available"):
-        load_run(done.run_dir, device="cuda")
+        Segmenter.from_run(done.run_dir, device="cuda")
     with pytest.raises(StegoError, match="device is an argument of train"):
         make_config("demo", device="cuda")
 
@@ -472,16 +487,16 @@ def test_cuda_training_resumes_and_loads_on_the_cpu(tmp_path, stores):
     tr, va = stores
     cfg = _cfg(steps=20, val_freq=10)
     whole = train(cfg, train_store=tr, val_store=va, root=tmp_path / "a", progress=False, device="cuda")
-    assert next(whole.head.parameters()).device.type == "cuda"
+    assert next(whole.segmenter.code_map.parameters()).device.type == "cuda"
     train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False, device="cuda",
           max_steps_this_call=7)
     rest = train(cfg, train_store=tr, val_store=va, root=tmp_path / "b", progress=False, device="cuda")
     for k, v in _weights(whole).items():
         assert torch.equal(v, _weights(rest)[k]), k
-    run = load_run(whole.run_dir, which="last")  # a GPU run loads on a CPU
-    assert run.device == "cpu" and next(run.head.parameters()).device.type == "cpu"
-    for k, v in run.head.state_dict().items():
-        assert torch.equal(v, whole.head.state_dict()[k].cpu()), k
+    run = Segmenter.from_run(whole.run_dir, which="last")  # a GPU run loads on a CPU
+    assert run.device.type == "cpu" and next(run.code_map.parameters()).device.type == "cpu"
+    for k, v in run.code_map.state_dict().items():
+        assert torch.equal(v, whole.segmenter.code_map.state_dict()[k].cpu()), k
     cpu = train(cfg, train_store=tr, val_store=va, root=tmp_path / "c", progress=False)
     assert abs(cpu.best["cluster/mIoU"] - whole.best["cluster/mIoU"]) < 30  # same recipe, other RNG streams
 
@@ -489,20 +504,16 @@ def test_cuda_training_resumes_and_loads_on_the_cpu(tmp_path, stores):
 def test_validation_store_at_another_resolution(tmp_path, stores):
     """The paper trains at 224 px and validates at 320 px: a val store with a larger token grid and larger labels
     (12x12 tokens, 24x24 labels against 8x8 / 16x16) validates with the code upsampled to its own label size."""
-    from stego_core.training import _Features, _validate
-
     tr, _ = stores
     big = FakeStore(tmp_path / "val-24", *_synthetic(16, 7, grid=12), split="val")
     assert big.meta["res"] == 24 and tr.meta["res"] == 16
     res = train(_cfg(steps=40, val_freq=20), train_store=tr, val_store=big, root=tmp_path, progress=False)
     assert res.completed and res.best["cluster/mIoU"] > 40 and res.best["linear/mIoU"] > 40
-    run = load_run(res.run_dir)
-    again = _validate(run.config, run.head, run.cluster_probe, run.linear_probe, run.projection,
-                      _Features(big, live_backbone=None, preload_bytes=1 << 30), 4)
+    run = Segmenter.from_run(res.run_dir)
+    again = evaluate_store(run, big, batch_size=res.config.val_batch_size, progress=False)
     assert again["cluster/mIoU"] == pytest.approx(res.best["cluster/mIoU"])
     # the same weights score the same classes at the training resolution too (the code is resolution-free)
-    small = _validate(run.config, run.head, run.cluster_probe, run.linear_probe, run.projection,
-                      _Features(stores[1], live_backbone=None, preload_bytes=1 << 30), 4)
+    small = evaluate_store(run, stores[1], batch_size=res.config.val_batch_size, progress=False)
     assert small["linear/mIoU"] > 40
 
 
@@ -527,3 +538,18 @@ def test_sweep_default_run_trains_on_the_caches_device(tmp_path, monkeypatch):
                      val_cache={"device": "cuda:1", "res": 320})
     run_sweep(grid, root=tmp_path, run_fn=train_run, progress=False)
     assert seen == [("cache", "cuda:1"), ("cache", "cuda:1"), "cuda:1"]
+
+
+def test_training_requires_the_knn_table_and_names_the_feature_stage(tmp_path):
+    """The feature stage builds kNN tables; training only reads them (it used to build a missing one itself)."""
+    tr = FakeStore(tmp_path / "train", *_synthetic(16, 3), split="train")
+    va = FakeStore(tmp_path / "val", *_synthetic(8, 4), split="val")
+    with pytest.raises(StegoError) as info:
+        train(_cfg(steps=2, val_freq=2), train_store=tr, val_store=va, root=tmp_path, progress=False)
+    msg = str(info.value)
+    assert msg.startswith("knn:") and "\n" not in msg, msg
+    assert "stego-study run 01_features" in msg and "-p dataset synthetic" in msg and "-p protocol original" in msg
+    assert not tr.has_file("knn-original.npy")  # nothing was built behind the user's back
+    # the baselines need no kNN table
+    assert train(_cfg(method="pca", steps=2, val_freq=2), train_store=tr, val_store=va, root=tmp_path,
+                 progress=False).completed
