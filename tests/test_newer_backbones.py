@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from stego_core import StegoError, cache, evaluation, knn, training
+from stego_core.segmenter import Segmenter
 from stego_core.backbones import (BACKBONES, NEWER_BACKBONES, NEWER_VITS, extract_features, interpolate_pos_embed,
                                   load_backbone, resample_dinov2_pos_embed)
 
@@ -343,13 +344,13 @@ def test_demo_run_end_to_end(name, tmp_path):
             results[method] = training.train(cfg, train_store=train_store, val_store=val_store, root=tmp_path,
                                              progress=False)
         assert results[method].completed and math.isfinite(results[method].best["cluster/mIoU"])
-    assert results["pca"].projection is not None and results["pca"].projection.components_.shape == (6, bb.dim)
-    run = training.load_run(results["stego"].run_dir)
+    projection = results["pca"].segmenter.code_map.projection
+    assert projection.components_.shape == (6, bb.dim)
+    segmenter = Segmenter.from_run(results["stego"].run_dir).with_backbone(bb)
     from stego_core.data import load_dataset
 
     val = load_dataset("mosaic", "val", res=res, **options)
-    metrics = evaluation.evaluate(bb, run.head, run.cluster_probe, run.linear_probe, val, flip=True, batch_size=4,
-                                  progress=False)
+    metrics = evaluation.evaluate(segmenter, val, flip=True, batch_size=4, progress=False)
     assert metrics["n_images"] == 8
     for key in ("cluster/mIoU", "linear/mIoU", "cluster/Accuracy", "linear/Accuracy"):
         assert 0 <= metrics[key] <= 100, key
