@@ -14,7 +14,7 @@
 # %% tags=["parameters"]
 dataset = "mosaic"  # which dataset: "mosaic" (offline demo, generated), "cocostuff27", "cityscapes", "potsdam", "directory"
 backbone = "efficientnet_lite0"  # frozen feature extractor: "efficientnet_lite0" (offline demo) or "dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16" (the paper)
-weights = None  # backbone weights: None for the default (bundled / timm hub), "random" (tests only) or a path to a weights file
+weights = None  # backbone weights: None for the default (EfficientNet: bundled; DINO: the official file STEGO used, downloaded once), "random" (tests only) or a path to a weights file
 res = 224  # side of the square training images in pixels; 224 as in the paper
 crop = "center"  # training crop: "center" (resize the short side, then crop), "none" (squash) or "five" (the prepared five-crop tree)
 val_res = None  # side of the validation images; None keeps res (the demo), the paper validates at 320
