@@ -14,10 +14,11 @@ What one run does (stego-spec.md §2-§5, §7.1, §8.4):
   cross-entropy with logits upsampled to the label size), one backward, Adam steps for head (``lr``), cluster probe
   and linear probe (``probe_lr``).
 - Methods other than ``"stego"`` (the study's baselines, §8.1/§8.4) build no head and no correspondence loss: the
-  code is a fixed projection of the features (identity for ``"dino"``, PCA / Gaussian RP / h-NNE fitted on the first
-  ``n_fit_images`` training images) and only the probes learn, with the identical probe schedule, so the comparison
-  is fair. h-NNE, too slow per batch, is applied once to both stores (``projections.project_store``, as the study
-  precomputed its h-NNE caches) and training reads the projected copies.
+  code is a fixed projection of the features (identity for ``"dino"``, PCA / Gaussian RP / h-NNE fitted on a seeded
+  random sample of ``n_fit_images`` training items) and only the probes learn, with the identical probe schedule,
+  so the comparison is fair. h-NNE, too slow per batch, is applied once to both stores (``projections.project_store``,
+  as the study precomputed its h-NNE caches; training batches of random items, validation in order) and training
+  reads the projected copies.
 - Validation every ``val_freq`` steps and after the last one over the whole validation store (§7.1): code upsampled
   bilinearly to the label resolution, cluster and linear predictions, pooled confusion matrices with Hungarian
   (cluster) and identity (linear) assignment. The best checkpoint by validation cluster mIoU and the last one are
@@ -122,7 +123,7 @@ class TrainConfig:
     stabilize: bool = False  # also clamp them at 0.8 from above (reference "stabalize", off)
     extra_clusters: int = 0  # E: cluster-probe centres beyond the K classes (0 in every published run)
     val_batch_size: int = 8  # validation batch (matters for per-batch standardised projections; studies: 8)
-    n_fit_images: int = 5000  # training images whose tokens fit PCA / RP / h-NNE (studies: first 5000)
+    n_fit_images: int = 5000  # training images whose tokens fit PCA / RP / h-NNE (studies: 5000 of a shuffled cache)
     hnne_tokens: int = 1_000_000  # h-NNE is fitted on a uniform sample of this many of those tokens (study: 1e6)
 
     def __post_init__(self) -> None:
@@ -441,7 +442,7 @@ def _load_knn_table(store: Any, cfg: TrainConfig, progress: bool) -> Tensor:
 
 
 def _make_projection(cfg: TrainConfig, store: Any, in_dim: int, root, progress: bool) -> Any:
-    """Fit the baseline's projection on the tokens of the first ``n_fit_images`` training items (spec §8.3;
+    """Fit the baseline's projection on the tokens of ``n_fit_images`` random training items (spec §8.3;
     h-NNE on a sample of ``hnne_tokens`` of those tokens, the study's 1e6 by default). PCA fits are cached under
     ``<root>/projections`` and shared by all dims."""
     from .projections import fit_projection
@@ -649,11 +650,12 @@ def train(
     train_src, val_src = train_store, val_store
     if cfg.method == "hnne":
         # h-NNE is too slow to apply per batch: like the study, precompute projected copies of both stores
-        # (batches of 512, per-batch standardisation under the original protocol) and train on those.
+        # (batches of 512, per-batch standardisation under the original protocol) and train on those. The study's
+        # training cache was shuffled, so its batches were random mixes; its validation cache was in order.
         from .projections import project_store
 
-        train_src = project_store(projection, train_store, artifacts_root(root), progress=progress)
-        val_src = project_store(projection, val_store, artifacts_root(root), progress=progress)
+        train_src = project_store(projection, train_store, artifacts_root(root), shuffle=True, progress=progress)
+        val_src = project_store(projection, val_store, artifacts_root(root), shuffle=False, progress=progress)
         step_projection = None
 
     bb = _load_live_backbone(train_store, backbone, dev) if live else None
