@@ -19,10 +19,11 @@ What one run does (stego-spec.md §2-§5, §7.1, §8.4):
   so the comparison is fair. h-NNE, too slow per batch, is applied once to both stores (``projections.project_store``,
   as the study precomputed its h-NNE caches; training batches of random items, validation in order) and training
   reads the projected copies.
-- Validation every ``val_freq`` steps and after the last one over the whole validation store (§7.1): code upsampled
+- Validation over the whole validation store (§7.1) at the steps ``validation_steps`` gives (below): code upsampled
   bilinearly to the label resolution, cluster and linear predictions, pooled confusion matrices with Hungarian
-  (cluster) and identity (linear) assignment. The best checkpoint by validation cluster mIoU and the last one are
-  kept in the run folder ``<root>/runs/<dataset>-<method>-d<code_dim>-s<seed>-<hash>/`` beside ``meta.json``.
+  (cluster) and identity (linear) assignment. The best checkpoint by validation cluster mIoU and the last one (the
+  final weights, saved after the last step whether or not it validated) are kept in the run folder
+  ``<root>/runs/<dataset>-<method>-d<code_dim>-s<seed>-<hash>/`` beside ``meta.json``.
 - Checkpoints hold the optimiser and RNG states, so a run interrupted (crash, kill, ``max_steps_this_call``) and
   resumed ends with the same weights as an uninterrupted one (bit-identical on CPU). ``results.csv`` (tidy rows,
   ``stego_core.results``) and a ``DONE`` marker are written at the end; a finished run is loaded, not retrained.
@@ -30,6 +31,19 @@ What one run does (stego-spec.md §2-§5, §7.1, §8.4):
   modules are initialised on the CPU first, so the initial weights do not depend on the device, though later
   random draws and float sums do); the device is not part of the run's key. Checkpoints always hold CPU tensors,
   so a run trained on a GPU loads anywhere (``load_run(run_dir, device=...)``).
+
+When validation runs (``validation_steps``). ``"original"`` reproduces PyTorch Lightning 1.x, which ran the
+reference's loop (``Trainer(max_steps=..., val_check_interval=val_freq)``): the interval is counted in batches
+*within each epoch* (``_should_check_val_fx``: validate after batch ``i`` of an epoch, 0-based, when
+``(i + 1) % val_freq == 0``; the counter restarts with every epoch), and reaching ``max_steps`` adds no validation
+of its own. With E = ceil(items / batch_size) batches per epoch that is global steps e·E + j·val_freq (j ≥ 1,
+j·val_freq ≤ E). Where PL 1.x would refuse to start (val_freq > E raises a ValueError), we validate once per epoch
+at its last batch, which is what STEGO's own ``train_segmentation.py`` falls back to (it drops
+``val_check_interval`` already when it exceeds a quarter epoch; stego-studies dropped that rule). Not reproduced:
+PL's two-batch sanity check before training (its metrics were never logged). Should a run end before any of those
+steps (fewer steps than one interval or epoch), it validates once after its last step, so that every run has a
+best checkpoint and results rows; the study never ran that short. ``"corrected"`` validates every ``val_freq``
+global steps and after the last step (the final weights are always scored).
 
 Protocols. ``"original"`` copies the reference: the kNN table built from channel-dropped descriptors (§4, quirk 1),
 a third channel dropout on the features that make the correspondence tensor F (§1.3, quirk 2), per-batch
@@ -79,6 +93,7 @@ __all__ = [
     "load_run",
     "run_dir_for",
     "resolve_device",
+    "validation_steps",
 ]
 
 METHODS = ("stego", "dino", "pca", "rp", "hnne")
@@ -113,7 +128,7 @@ class TrainConfig:
     seed: int = 0  # seeds initialisation, batch order, kNN partner ranks, dropout and point sampling
     protocol: str = "original"  # "original" copies the reference's quirks; "corrected" fixes them (module doc)
     feature_source: str = "cache"  # "cache": stored features; "live": backbone on the stored images every step
-    val_freq: int = 100  # validate (and checkpoint) every this many steps, and after the last step
+    val_freq: int = 100  # validate (and checkpoint) every this many steps (original: counted within each epoch)
     lr: float = 5e-4  # Adam learning rate of the head
     probe_lr: float = 5e-3  # Adam learning rate of both probes (hard-coded in the reference)
     n_neighbors: int = 7  # partners are drawn from kNN ranks 1..n_neighbors (rank 0 is the image itself)
@@ -351,6 +366,26 @@ def _pickle_atomic(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def validation_steps(steps: int, val_freq: int, n_items: int, batch_size: int,
+                     protocol: str = "original") -> list[int]:
+    """The global steps (1-based, ascending) after which a run of ``steps`` steps validates (module docstring).
+
+    "original": PyTorch Lightning 1.x's ``val_check_interval`` counted within each epoch of E = ceil(n_items /
+    batch_size) batches (once per epoch, at its last batch, when val_freq > E), nothing extra at the last step.
+    "corrected": every ``val_freq`` steps and after the last one. Never empty: a run too short for the rule
+    validates after its last step.
+    """
+    for name, value in (("steps", steps), ("val_freq", val_freq), ("n_items", n_items), ("batch_size", batch_size)):
+        check_int(name, value, minimum=1)
+    check_choice("protocol", protocol, PROTOCOLS)
+    if protocol == "corrected":
+        return sorted(set(range(val_freq, steps + 1, val_freq)) | {steps})
+    per_epoch = -(-n_items // batch_size)  # batches per epoch (the loader keeps the last, short batch)
+    interval = val_freq if val_freq <= per_epoch else per_epoch
+    out = [s for s in range(1, steps + 1) if ((s - 1) % per_epoch + 1) % interval == 0]
+    return out or [steps]
 
 
 def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
@@ -731,6 +766,8 @@ def train(
     for m in modules:
         m.train()
     stop_at = cfg.steps if max_steps_this_call is None else min(cfg.steps, step + max_steps_this_call)
+    validate_at = set(validation_steps(cfg.steps, cfg.val_freq, train_feats.n, cfg.batch_size, cfg.protocol))
+    saved_at = step if last_path.exists() else None  # the step last.pt holds
     code_corr = None
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.run_name, disable=not progress, unit="step")
     try:
@@ -783,7 +820,7 @@ def train(
                 history.extend({"step": step, "split": "train", "metric": k, "value": v} for k, v in logs.items())
                 bar.set_postfix(loss=f"{logs['loss/total']:.4f}", refresh=False)
 
-            if step % cfg.val_freq == 0 or step == cfg.steps:
+            if step in validate_at:
                 metrics = _validate(cfg, head, cluster_probe, linear_probe, step_projection, val_feats,
                                     n_classes)
                 history.extend({"step": step, "split": "val", "metric": k, "value": v} for k, v in metrics.items())
@@ -794,10 +831,11 @@ def train(
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", val_cluster_mIoU=f"{metrics['cluster/mIoU']:.1f}",
                                 refresh=False)
                 save_last(step)
+                saved_at = step
             if callback is not None:
                 callback(step, logs)
-        if step < cfg.steps and (not last_path.exists() or step % cfg.val_freq != 0):
-            save_last(step)  # stopped by max_steps_this_call: keep the exact position
+        if saved_at != step:
+            save_last(step)  # the final weights, or the exact position when stopped by max_steps_this_call
     finally:
         bar.close()
 
