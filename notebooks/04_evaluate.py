@@ -66,7 +66,7 @@ from myst_nb import glue
 
 from stego_core import backbones, cache, data, explorer, viz
 from stego_core.checkpoints import load_stego_checkpoint
-from stego_core.evaluation import PAPER_TABLE2, evaluate
+from stego_core.evaluation import evaluate
 from stego_core.training import PRESETS
 
 pd.set_option("display.max_colwidth", None)  # show the sources and notes in full
@@ -156,22 +156,26 @@ ours.round(1)
 # Our rows on {glue:md}`eval_dataset` ({glue:text}`n_val` validation images; the CRF rows use
 # {glue:text}`n_crf`): {glue:md}`summary`
 #
-# The paper's published numbers for its datasets are listed below, each with the source it
-# was taken from; entries that could not be found as text are shown as "n/a" rather than guessed. On the demo's
-# mosaic scenes only the *pattern* can be compared (STEGO above the raw-feature baseline, the CRF adding a little),
-# not the values.
+# The papers' published numbers follow ({glue:md}`paper_scope`), each with its source (`stego_core.papers`):
+# "paper" is the value printed in the STEGO paper, "study" the evaluation of Koenig et al. (the released STEGO
+# checkpoint, "ckpt", and their DINO baseline), "issue" a user's independent evaluation of the released checkpoint;
+# "≈" marks a value read off a figure, "–" one the source does not report. Where this chapter ran on other data
+# than the papers' (the demo's mosaic scenes, a folder of your own photos), only the *pattern* can be compared
+# (STEGO above the raw-feature baseline, the CRF adding a little), not the values.
 
 # %%
-paper = pd.DataFrame([
-    {"dataset": ds_name, "entry": entry_name, "backbone": entry["backbone"], "code dim": entry["code_dim"],
-     "cluster mIoU": values["cluster"]["mIoU"], "cluster Accuracy": values["cluster"]["Accuracy"],
-     "linear mIoU": values["linear"]["mIoU"], "linear Accuracy": values["linear"]["Accuracy"],
-     "source": values["source"]}
-    for ds_name, entry in PAPER_TABLE2.items() if dataset not in PAPER_TABLE2 or ds_name == dataset
-    for entry_name, values in entry.items() if isinstance(values, dict)])
-paper_shown = paper.astype(object).where(paper.notna(), "n/a")
-glue("table2_paper", paper_shown, display=False)
-paper_shown
+from stego_core import papers
+
+paper, paper_notes = papers.table2_frame(dataset)
+glue("paper_scope", Markdown(f"for `{dataset}`" if dataset in papers.DATASETS else "all three paper datasets"),
+     display=False)
+glue("table2_paper", paper.style.hide(axis="index"), display=False)
+glue("table2_paper_notes", Markdown("Sources:\n\n" + "\n".join(f"- {note}" for note in paper_notes)),
+     display=False)
+paper.style.hide(axis="index")
+
+# %%
+Markdown("Sources:\n\n" + "\n".join(f"- {note}" for note in paper_notes))
 
 # %% [markdown]
 # ## Which classes are found

