@@ -30,6 +30,22 @@ Assumptions (``DATASET_FACTS``, ``REFERENCE``, and the function arguments):
   step (an upper bound: they have no head). Fitting PCA/RP/h-NNE and the kNN search itself are not counted
   (minutes); without a store (live training) the kNN descriptors still need one backbone pass over the training
   split, which is charged to the caching stage.
+- Precision: ``precision="fp32"`` (the default) is what ``01_features`` does (``cache_features`` without ``amp``, as
+  the original); ``"bf16"`` is what extraction with ``amp=True`` would cost. The fp32 rate was measured with unfused
+  attention (the original's style); ``01_features`` runs fp32 with timm's fused attention, which is no slower, so
+  its fp32 times are upper bounds.
+- Validation during training: every run validates over the whole validation split at 320 px as often as
+  ``stego_core.training.validation_steps`` says for the protocol (original: PyTorch Lightning 1.x's every
+  ``val_freq`` = 100 batches of each epoch; COCO-Stuff 70 times in 7,000 steps, Cityscapes 60, Potsdam 35). On
+  cached features one validated image costs the GPU about what one image of a cached training step does (14 ms /
+  32; an assumption, not measured); on live features add its backbone pass at 320 px.
+- Disk reads: a training step on cached features reads its batch and one kNN partner per item, whole store items
+  (features, image, label), and a validation reads the whole validation store; neither store fits the 2 GiB that
+  training preloads into memory at paper scale, so they are read from disk every time (``REFERENCE
+  ["disk_bytes_per_s"]``, 2 GB/s: a local NVMe SSD; network storage is slower, and a store that fits the page cache
+  is read from RAM instead). Caching reads the images once (the five-crop tree for training, the downloaded
+  validation images). Live training reads the image files of its batches and of every validation instead. The
+  loops read and compute one after the other, so wall time = GPU time + read time.
 - Evaluation: the val split at 320 px, two backbone passes per image (flip). DenseCRF runs on CPU cores and is not
   part of the GPU time (the reference ran it in 14 processes).
 """
@@ -42,7 +58,7 @@ from .config import check_choice, check_int
 
 __all__ = ["DatasetFacts", "DATASET_FACTS", "REFERENCE", "PRECISIONS", "FEATURE_SOURCES", "BACKBONE_SHAPES",
            "vit_flops", "throughput", "feature_bytes_per_image", "five_crop_bytes", "step_seconds",
-           "dataset_costs", "cost_table", "study_hours", "format_bytes"]
+           "n_validations", "dataset_costs", "cost_table", "study_hours", "format_bytes"]
 
 PRECISIONS = ("fp32", "bf16")  # "fp32": the original's style (unfused attention); "bf16": fused attention
 FEATURE_SOURCES = ("cache", "live")
@@ -93,7 +109,19 @@ REFERENCE: dict[str, Any] = {
     "knn_k": 30,
     "jpeg_bits_per_pixel": 1.5,  # five-crop JPEG (quality 75)
     "label_png_bits_per_pixel": 0.15,  # five-crop label PNG
+    "val_freq": 100,  # validation interval of every paper run (spec §5.4)
+    "val_image_ms": 14.0 / 32,  # GPU ms per validated image on cached features (assumed: one cached step image)
+    "disk_bytes_per_s": 2e9,  # disk reads (local NVMe SSD; assumption)
 }
+
+
+def n_validations(dataset: str, protocol: str = "original") -> int:
+    """How many validations one paper run of ``dataset`` does (``stego_core.training.validation_steps``)."""
+    from .training import validation_steps
+
+    check_choice("dataset", dataset, DATASET_FACTS)
+    facts = DATASET_FACTS[dataset]
+    return len(validation_steps(facts.steps, REFERENCE["val_freq"], facts.train_items, facts.batch_size, protocol))
 
 
 def _shape(backbone: str) -> tuple[int, int, int]:
@@ -115,7 +143,7 @@ def vit_flops(backbone: str, res: int) -> float:
     return 2.0 * blocks * (24.0 * n * width ** 2 + 4.0 * n ** 2 * width)
 
 
-def throughput(backbone: str, res: int, precision: str = "bf16") -> float:
+def throughput(backbone: str, res: int, precision: str = "fp32") -> float:
     """Images per second of feature extraction, scaled from the reference measurement by the FLOPs ratio."""
     check_choice("precision", precision, PRECISIONS)
     ref = REFERENCE["images_per_s"][precision]
@@ -138,7 +166,7 @@ def five_crop_bytes(facts: DatasetFacts) -> int:
     return int(facts.train_images * crop_pixels * bits / 8)
 
 
-def step_seconds(backbone: str, batch_size: int, source: str = "cache", precision: str = "bf16") -> float:
+def step_seconds(backbone: str, batch_size: int, source: str = "cache", precision: str = "fp32") -> float:
     """Seconds per training step: the reference step time scaled linearly in the batch size; for live features the
     backbone share (live - cached) scales with the backbone's FLOPs relative to ViT-B/8 at 224 px."""
     check_choice("source", source, FEATURE_SOURCES)
@@ -152,12 +180,13 @@ def step_seconds(backbone: str, batch_size: int, source: str = "cache", precisio
     return ms / 1000.0 * batch_size / REFERENCE["step_batch"]
 
 
-def dataset_costs(dataset: str, *, precision: str = "bf16", source: str = "cache", train_res: int = 224,
-                  val_res: int = 320, k: int | None = None) -> dict[str, Any]:
-    """Disk bytes and GPU seconds of every stage of one dataset's paper run (one STEGO training run).
+def dataset_costs(dataset: str, *, precision: str = "fp32", source: str = "cache", train_res: int = 224,
+                  val_res: int = 320, k: int | None = None, protocol: str = "original") -> dict[str, Any]:
+    """Disk bytes, GPU seconds and disk-read seconds of every stage of one dataset's paper run (one STEGO run).
 
-    precision: of the backbone passes ("fp32" original style, "bf16" fused); source: where training reads
-    features ("cache" = the feature store, "live" = two backbone passes per step, no store needed).
+    precision: of the backbone passes ("fp32" = ``01_features`` without amp, "bf16" = with amp); source: where
+    training reads features ("cache" = the feature store, "live" = two backbone passes per step, no store needed);
+    protocol: decides how often training validates (``n_validations``).
     """
     check_choice("dataset", dataset, DATASET_FACTS)
     facts = DATASET_FACTS[dataset]
@@ -166,25 +195,46 @@ def dataset_costs(dataset: str, *, precision: str = "bf16", source: str = "cache
     n_train, n_val = facts.train_items, facts.val_images
     cache_train = n_train * feature_bytes_per_image(bb, train_res)
     cache_val = n_val * feature_bytes_per_image(bb, val_res)
-    return {
+    n_val_passes = n_validations(dataset, protocol)
+    val_pass_s = n_val * REFERENCE["val_image_ms"] / 1000.0
+    if source == "live":
+        val_pass_s += n_val / throughput(bb, val_res, precision)
+    cached = source == "cache"
+    train_images = five_crop_bytes(facts) or facts.train_images * facts.download_bytes_per_image  # as read
+    val_images = n_val * facts.download_bytes_per_image
+    # per step: the batch and one kNN partner per item; whole store items, or (live) their image files
+    item_read = feature_bytes_per_image(bb, train_res) if cached else train_images / n_train
+    out = {
         "dataset": dataset,
         "backbone": bb,
         "train_items": n_train,
         "val_images": n_val,
         "download_bytes": (facts.train_images + facts.val_images) * facts.download_bytes_per_image,
         "five_crop_bytes": five_crop_bytes(facts),
-        "feature_store_bytes": (cache_train + cache_val) if source == "cache" else 0,
+        "feature_store_bytes": (cache_train + cache_val) if cached else 0,
         "knn_bytes": n_train * k * 8,
         "cache_gpu_s": (n_train / throughput(bb, train_res, precision) + n_val / throughput(bb, val_res, precision))
-        if source == "cache" else n_train / throughput(bb, train_res, precision),  # live: the kNN pass only
+        if cached else n_train / throughput(bb, train_res, precision),  # live: the kNN pass only
         "train_gpu_s": facts.steps * step_seconds(bb, facts.batch_size, source, precision),
+        "validations": n_val_passes,
+        "val_gpu_s": n_val_passes * val_pass_s,
         "eval_gpu_s": 2 * n_val / throughput(bb, val_res, precision),
+        # disk reads: the images once when caching (live: the kNN pass over the training images), the batches of
+        # every step, the validation split at every validation (the store, or live its image files)
+        "cache_read_bytes": train_images + (val_images if cached else 0),
+        "train_read_bytes": int(facts.steps * 2 * facts.batch_size * item_read),
+        "val_read_bytes": n_val_passes * (cache_val if cached else val_images),
     }
+    reads = out["cache_read_bytes"] + out["train_read_bytes"] + out["val_read_bytes"]
+    out["read_bytes"] = reads
+    out["read_s"] = reads / REFERENCE["disk_bytes_per_s"]
+    return out
 
 
-def study_hours(dataset: str, *, precision: str = "bf16", seeds: int = 1) -> dict[str, Any]:
-    """GPU hours of the paper's dimension sweep for one dataset (``stego_core.sweep.study_grid``) on cached
-    features: the cache is built once, then every run pays its steps at the cached step time."""
+def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protocol: str = "original") -> dict[str, Any]:
+    """GPU and disk-read hours of the paper's dimension sweep for one dataset (``stego_core.sweep.study_grid``) on
+    cached features: the cache is built once, then every run pays its steps and validations at the cached times
+    and reads its batches and validation passes from disk."""
     from .sweep import study_grid
 
     check_int("seeds", seeds, minimum=1)
@@ -192,10 +242,14 @@ def study_hours(dataset: str, *, precision: str = "bf16", seeds: int = 1) -> dic
     bb = DATASET_FACTS[dataset].backbone
     train_s = sum(int(r.config["steps"]) * step_seconds(bb, int(r.config["batch_size"]), "cache", precision)
                   for r in runs)
-    once = dataset_costs(dataset, precision=precision, source="cache")
+    once = dataset_costs(dataset, precision=precision, source="cache", protocol=protocol)
+    per_run_read = once["train_read_bytes"] + once["val_read_bytes"]
+    read_s = (once["cache_read_bytes"] + len(runs) * per_run_read) / REFERENCE["disk_bytes_per_s"]
+    val_s = len(runs) * once["val_gpu_s"]
+    eval_s = len(runs) * once["eval_gpu_s"]
     return {"dataset": dataset, "runs": len(runs), "cache_h": once["cache_gpu_s"] / 3600, "train_h": train_s / 3600,
-            "eval_h": len(runs) * once["eval_gpu_s"] / 3600,
-            "total_h": (once["cache_gpu_s"] + train_s + len(runs) * once["eval_gpu_s"]) / 3600}
+            "validation_h": val_s / 3600, "eval_h": eval_s / 3600, "disk_read_h": read_s / 3600,
+            "total_h": (once["cache_gpu_s"] + train_s + val_s + eval_s + read_s) / 3600}
 
 
 def format_bytes(n: float) -> str:
@@ -207,16 +261,17 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover - loop always returns
 
 
-def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str = "bf16",
-               source: str = "cache") -> Any:
-    """A pandas DataFrame, one row per dataset: disk per stage (GB) and GPU minutes per stage, plus totals."""
+def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str = "fp32",
+               source: str = "cache", protocol: str = "original") -> Any:
+    """A pandas DataFrame, one row per dataset: disk per stage (GB), GPU minutes per stage (validation included),
+    disk reads (GB and minutes at ``REFERENCE["disk_bytes_per_s"]``) and the totals; wall = GPU + reads."""
     import pandas as pd
 
     rows = []
     for name in datasets:
-        c = dataset_costs(name, precision=precision, source=source)
+        c = dataset_costs(name, precision=precision, source=source, protocol=protocol)
         disk = c["download_bytes"] + c["five_crop_bytes"] + c["feature_store_bytes"] + c["knn_bytes"]
-        gpu = c["cache_gpu_s"] + c["train_gpu_s"] + c["eval_gpu_s"]
+        gpu = c["cache_gpu_s"] + c["train_gpu_s"] + c["val_gpu_s"] + c["eval_gpu_s"]
         rows.append({
             "dataset": name, "backbone": c["backbone"], "train items": c["train_items"],
             "val images": c["val_images"],
@@ -224,6 +279,9 @@ def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str
             "feature store GB": c["feature_store_bytes"] / 1e9, "kNN MB": c["knn_bytes"] / 1e6,
             "disk total GB": disk / 1e9,
             "caching GPU min": c["cache_gpu_s"] / 60, "training GPU min": c["train_gpu_s"] / 60,
+            "validations": c["validations"], "validation GPU min": c["val_gpu_s"] / 60,
             "evaluation GPU min": c["eval_gpu_s"] / 60, "GPU total min": gpu / 60,
+            "disk reads GB": c["read_bytes"] / 1e9, "disk read min": c["read_s"] / 60,
+            "wall total min": (gpu + c["read_s"]) / 60,
         })
     return pd.DataFrame(rows)
