@@ -157,9 +157,9 @@ ours.round(1)
 # {glue:text}`n_crf`): {glue:md}`summary`
 #
 # The papers' published numbers follow ({glue:md}`paper_scope`), each with its source (`stego_core.papers`):
-# "paper" is the value printed in the STEGO paper, "study" the evaluation of Koenig et al. (the released STEGO
-# checkpoint, "ckpt", and their DINO baseline), "issue" a user's independent evaluation of the released checkpoint;
-# "≈" marks a value read off a figure, "–" one the source does not report. Where this chapter ran on other data
+# "paper" is the value printed in the STEGO paper, "study" the evaluation of Koenig et al. (for STEGO, of the
+# released checkpoint; for DINO, of their baseline), "issue" a user's independent evaluation of the released
+# checkpoint; "≈" marks a value read off a figure, "–" one the source does not report. Where this chapter ran on other data
 # than the papers' (the demo's mosaic scenes, a folder of your own photos), only the *pattern* can be compared
 # (STEGO above the raw-feature baseline, the CRF adding a little), not the values.
 
@@ -170,12 +170,11 @@ paper, paper_notes = papers.table2_frame(dataset)
 glue("paper_scope", Markdown(f"for `{dataset}`" if dataset in papers.DATASETS else "all three paper datasets"),
      display=False)
 glue("table2_paper", paper.style.hide(axis="index"), display=False)
-glue("table2_paper_notes", Markdown("Sources:\n\n" + "\n".join(f"- {note}" for note in paper_notes)),
-     display=False)
+glue("table2_paper_notes", paper_notes.style.hide(axis="index"), display=False)
 paper.style.hide(axis="index")
 
 # %%
-Markdown("Sources:\n\n" + "\n".join(f"- {note}" for note in paper_notes))
+paper_notes.style.hide(axis="index")
 
 # %% [markdown]
 # ## Which classes are found

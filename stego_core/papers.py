@@ -14,7 +14,7 @@ Tidy accessors (pandas DataFrames, one row per number):
   ("stego" / "dino"), crf, probe ("cluster" = the unsupervised cluster probe, "linear"), metric ("Accuracy",
   "mIoU"), value (%), approx, source (a key of ``SOURCES``);
 - ``table2_frame(dataset=None)``: the same as the book shows it (one row per model and CRF setting, the four
-  numbers as text, a short source column) and the footnotes that spell the sources out;
+  numbers as text, a short source column) and the table of notes that spells the sources out;
 - ``figure3_points()``: dataset, fraction (of the C components kept), cumulative (explained variance, 0..1);
 - ``figure4_values(datasets=None)``: dataset, backbone, method ("stego" retrained per D, "pca", "rp", "dino" the
   raw-feature baseline at D = C), code_dim, probe, metric ("mIoU"), value, approx, source;
@@ -32,7 +32,7 @@ import pandas as pd
 from .config import StegoError, check_choice
 
 __all__ = ["SOURCES", "DATASETS", "DATASET_LABELS", "PAPER_SETTINGS", "FIGURE4_DIMS", "TABLE2_LABELS",
-           "table2_values", "table2_frame", "figure3_points", "figure4_values", "later_methods"]
+           "TABLE2_DATASETS", "table2_values", "table2_frame", "figure3_points", "figure4_values", "later_methods"]
 
 _POSTER = ("axkoenig/axkoenig.github.io, content/research/stego/media/cvpr23_poster.pdf: table \"Validation results "
            "of reproducibility study\"")
@@ -190,24 +190,27 @@ def _number(value: float, approx: bool) -> str:
 #: the short model names of the book's table (row name in the sources -> label)
 TABLE2_LABELS = {
     "STEGO (theirs)": "STEGO, paper",
-    "STEGO (ours, released checkpoint)": "STEGO ckpt, study",
-    "STEGO (released checkpoint, issue report)": "STEGO ckpt, issue",
-    "DINO (theirs)": "DINO, STEGO paper",
+    "STEGO (ours, released checkpoint)": "STEGO, study",
+    "STEGO (released checkpoint, issue report)": "STEGO, issue",
+    "DINO (theirs)": "DINO, paper",
     "DINO (ours)": "DINO, study",
 }
+#: the short dataset names of the book's table
+TABLE2_DATASETS = {"cocostuff27": "COCO", "cityscapes": "City", "potsdam": "Potsdam"}
 
 
-def table2_frame(dataset: str | Iterable[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Table 2 as the book prints it, and its footnotes.
+def table2_frame(dataset: str | Iterable[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 2 as the book prints it, and the table of its sources.
 
     dataset: one of ``DATASETS`` (or several); None, or a dataset the papers did not use (the demo's "mosaic", a
     "directory" of photos), gives all three.
 
     One row per (dataset, model, CRF setting), grouped by dataset, STEGO before DINO, with CRF before without;
-    columns ``dataset`` (only when several), ``model`` (``TABLE2_LABELS``: "paper" = printed in the STEGO paper,
-    "study" = evaluated by Koenig et al., "ckpt" = the released STEGO checkpoint, "issue" = a user's report of it),
-    ``CRF``, ``unsup. acc``, ``unsup. mIoU``, ``linear acc``, ``linear mIoU`` (text: "≈" = read off a figure,
-    "–" = the source does not report it) and ``source`` (footnote numbers). Footnotes: ``"[n] <source>"`` lines.
+    columns ``dataset`` (only when several; ``TABLE2_DATASETS``), ``model`` (``TABLE2_LABELS``: "paper" = printed in
+    the STEGO paper, "study" = evaluated by Koenig et al., the STEGO rows on the released checkpoint, "issue" = a
+    user's report of the released checkpoint), ``CRF``, ``unsup. acc``, ``unsup. mIoU``, ``linear acc``,
+    ``linear mIoU`` (text: "≈" = read off a figure, "–" = the source does not report it) and ``source`` (note
+    numbers). The sources table has the columns ``note`` ("[1]", ...) and ``source`` (the text of ``SOURCES``).
     """
     if isinstance(dataset, str) and dataset not in DATASETS:
         dataset = None
@@ -223,14 +226,14 @@ def table2_frame(dataset: str | Iterable[str] | None = None) -> tuple[pd.DataFra
     for (ds, row, crf), part in values.groupby(["dataset", "row", "crf"], sort=False):
         cells = {f"{p}/{m}": _number(v, a) for p, m, v, a in
                  zip(part["probe"], part["metric"], part["value"], part["approx"])}
-        line = {"dataset": DATASET_LABELS[ds]} if several else {}
+        line = {"dataset": TABLE2_DATASETS[ds]} if several else {}
         line.update({"model": TABLE2_LABELS[row], "CRF": "yes" if crf else "no",
                      "unsup. acc": cells.get("cluster/Accuracy", "–"),
                      "unsup. mIoU": cells.get("cluster/mIoU", "–"),
                      "linear acc": cells.get("linear/Accuracy", "–"), "linear mIoU": cells.get("linear/mIoU", "–"),
                      "source": " ".join(sorted({mark[k] for k in part["source"]}))})
         rows.append(line)
-    notes = [f"{mark[k]} {SOURCES[k]}" for k in keys]
+    notes = pd.DataFrame({"note": [mark[k] for k in keys], "source": [SOURCES[k] for k in keys]})
     return pd.DataFrame(rows), notes
 
 
