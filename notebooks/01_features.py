@@ -14,7 +14,7 @@
 # %% tags=["parameters"]
 dataset = "mosaic"  # which dataset: "mosaic" (offline demo, generated), "cocostuff27", "cityscapes", "potsdam", "directory"
 backbone = "efficientnet_lite0"  # frozen feature extractor: "efficientnet_lite0" (offline demo) or "dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16" (the paper); beyond the paper "dinov2_vits14", "dinov2_vitb14" (+ "_reg"), "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vitl16_sat" (res a multiple of their patch, 14 or 16)
-weights = None  # backbone weights: None for the default (bundled / timm hub), "random" (tests only) or a path to a weights file
+weights = None  # backbone weights: None for the default (EfficientNet: bundled; DINO: the official file STEGO used, downloaded once; DINOv2/v3: the timm hub), "random" (tests only) or a path to a weights file
 res = 224  # side of the square training images in pixels; 224 as in the paper
 crop = "center"  # training crop: "center" (resize the short side, then crop), "none" (squash) or "five" (the prepared five-crop tree)
 val_res = None  # side of the validation images; None keeps res (the demo), the paper validates at 320
@@ -36,9 +36,9 @@ progress = True  # show progress bars
 #
 # STEGO trains only a small head on top of a **frozen** backbone, so the backbone's patch features can be computed
 # once and kept on disk. This chapter builds that feature store for the train and val splits, then the table of
-# each image's nearest neighbours in feature space, from which STEGO draws the "positive" image pairs whose
-# feature correspondences it distils. Both are keyed artifacts: a second run with the same parameters reads them
-# back instead of recomputing them.
+# each training image's nearest neighbours in feature space, from which STEGO draws the "positive" image pairs
+# whose feature correspondences it distils (only the training split needs one: validation draws no pairs). Both
+# are keyed artifacts: a second run with the same parameters reads them back instead of recomputing them.
 
 # %%
 import time
@@ -52,7 +52,6 @@ from stego_core import cache, knn, viz
 
 timings = []
 stores = {}
-tables = {}
 sizes = {"train": (res, crop), "val": (val_res or res, val_crop or crop)}  # (res, crop) of each split's store
 for split, (split_res, split_crop) in sizes.items():
     t0 = time.perf_counter()
@@ -60,13 +59,15 @@ for split, (split_res, split_crop) in sizes.items():
                                          dataset_options=dataset_options, root=root, batch_size=batch_size,
                                          device=device, progress=progress)
     t1 = time.perf_counter()
-    tables[split] = knn.build_knn(stores[split], k=k, protocol=protocol, seed=seed, progress=progress)
-    t2 = time.perf_counter()
     n = len(stores[split])
-    timings += [{"split": split, "stage": "features", "items": n, "seconds": t1 - t0, "items_per_s": n / (t1 - t0)},
-                {"split": split, "stage": "kNN table", "items": n, "seconds": t2 - t1, "items_per_s": n / (t2 - t1)}]
-timings = pd.DataFrame(timings)
+    timings.append({"split": split, "stage": "features", "items": n, "seconds": t1 - t0, "items_per_s": n / (t1 - t0)})
 train = stores["train"]
+t1 = time.perf_counter()
+table = knn.build_knn(train, k=k, protocol=protocol, seed=seed, progress=progress)  # partners come from train only
+t2 = time.perf_counter()
+timings.append({"split": "train", "stage": "kNN table", "items": len(train), "seconds": t2 - t1,
+                "items_per_s": len(train) / (t2 - t1)})
+timings = pd.DataFrame(timings)
 glue("n_train", len(stores["train"]), display=False)
 glue("n_val", len(stores["val"]), display=False)
 glue("dim", train.dim, display=False)
@@ -74,15 +75,17 @@ glue("grid", Markdown(f"{train.grid[0]} × {train.grid[1]}"), display=False)
 glue("train_res", train.res, display=False)
 glue("val_res", stores["val"].res, display=False)
 glue("val_grid", Markdown(f"{stores['val'].grid[0]} × {stores['val'].grid[1]}"), display=False)
-glue("k_eff", tables["train"].shape[1], display=False)
+glue("k_eff", table.shape[1], display=False)
+glue("weights_source", train.meta["weights_source"], display=False)
 timings.round(3)
 
 # %% [markdown]
 # The store holds {glue:text}`n_train` training and {glue:text}`n_val` validation images; each training image
 # ({glue:text}`train_res` px) becomes a {glue:md}`grid` grid of {glue:text}`dim`-dimensional patch features, each
 # validation image ({glue:text}`val_res` px) a {glue:md}`val_grid` grid. The paper trains at 224 px and validates
-# at 320 px; the head works on any grid, and validation upsamples its output to each label's size. (Timings near
-# zero mean the artifact was already there and was read back.)
+# at 320 px; the head works on any grid, and validation upsamples its output to each label's size. The backbone's
+# weights came from {glue:text}`weights_source`. (Timings near zero mean the artifact was already there and was
+# read back.)
 
 # %%
 viz.bar_chart(timings, "stage", "seconds", "split", title="wall time per stage (s)")
@@ -116,7 +119,7 @@ viz.show_images(
 
 # %%
 queries = np.sort(rng.choice(len(train), size=min(n_queries, len(train)), replace=False))
-nns = tables["train"][queries, 1: 1 + n_neighbors_shown].numpy()
+nns = table[queries, 1: 1 + n_neighbors_shown].numpy()
 rows = [np.concatenate([[q], row]) for q, row in zip(queries, nns)]
 pics = train.read(np.concatenate(rows))
 viz.show_images(

@@ -29,7 +29,7 @@ n_neighbors = None  # partners are drawn from kNN ranks 1..n_neighbors; None tak
 seed = 0  # seeds the head and probe initialisation, batch order, partners, dropout; also picks the examples shown
 protocol = "original"  # "original" (quirks of the reference code) or "corrected" (kNN without dropout, clean loss features)
 feature_source = "cache"  # "cache": the stored features (fast); "live": the backbone on the stored images every step
-val_freq = None  # validate (and checkpoint) every this many steps; None takes the preset value (demo 100)
+val_freq = None  # validate (and checkpoint) every this many steps (original protocol: batches within each epoch, as PyTorch Lightning 1.x); None takes the preset value (demo 100)
 res = 224  # image side of the feature stores (must match 01_features)
 crop = "center"  # crop of the feature stores (must match 01_features): "center", "none" or "five"
 val_res = None  # image side of the validation store; None keeps res (the demo); the paper validates at 320
@@ -194,7 +194,8 @@ corr_summary.round(3)
 # ## Results
 #
 # Validation metrics (%) of each model at its best validation (highest cluster mIoU, the study's model selection)
-# and after the last step.
+# and at its last validation (under the original protocol the reference's PyTorch Lightning schedule validates
+# every `val_freq` batches of each epoch, so the final step need not be one; `stego_core.training`).
 
 # %%
 table = pd.DataFrame([

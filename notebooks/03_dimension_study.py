@@ -25,7 +25,7 @@ methods = ["stego", "dino", "pca", "rp", "hnne"]  # which methods to sweep: STEG
 dims = None  # code dimensions D; None takes the study's list for the preset (stego_core.sweep.STUDY_DIMS) plus the backbone's full dimension C
 seeds = [0]  # one run per seed and cell; the paper used one seed, the demo's numbers need 3+ seeds before small differences mean anything
 steps = None  # training steps per run; None keeps the preset's (demo 400, paper 7000 / 5000); lower it for a quick look
-n_fit_images = None  # training images whose tokens fit PCA / RP / h-NNE; None keeps the preset's (the paper: the first 5000)
+n_fit_images = None  # training images (a seeded random sample) whose tokens fit PCA / RP / h-NNE; None keeps the preset's (the paper: 5000)
 hnne_tokens = None  # h-NNE fits on a uniform sample of this many of those tokens; None keeps the preset's (the paper: 1e6; the demo: 12000, a quarter of its tokens as in the paper)
 protocol = "original"  # "original" (the study's code, incl. per-batch standardisation inside PCA/RP/h-NNE) or "corrected"
 overrides = {}  # further TrainConfig fields for every run, e.g. {"batch_size": 8} or {"n_neighbors": 4} on tiny data
@@ -59,7 +59,7 @@ import numpy as np
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import cache, config, figures, projections, sweep, training
+from stego_core import cache, config, figures, papers, projections, sweep, training
 
 cache_options = {split: dict(res=split_res, crop=split_crop, weights=weights, dataset_options=dataset_options,
                              device=device)
@@ -110,7 +110,8 @@ glue("dim_minutes", sweep_seconds / 60, display=False)
 #
 # PCA keeps the D directions of largest variance of the standardised training tokens. The curve below is the
 # cumulative share of variance explained against the fraction of the C components kept; the closer it hugs the
-# top-left corner, the less a small D loses. (In the paper: the three datasets' DINO ViT features.)
+# top-left corner, the less a small D loses. The diamonds are the paper's values for its three datasets' DINO ViT
+# features (read off its Figure 3).
 
 # %%
 pca = projections.fit_projection("pca", 1, stores["train"], n_images=base_config.n_fit_images,
@@ -119,7 +120,7 @@ ratio = pca.explained_variance_ratio_
 source = f"{base_config.dataset} / {base_config.backbone}"
 for key, value in figures.variance_findings({source: ratio}).items():
     glue(f"dim_var_{key}", value, display=False)
-figures.variance_chart(figures.variance_frame({source: ratio}))
+figures.variance_chart(figures.variance_frame({source: ratio}), reference=papers.figure3_points())
 
 # %% [markdown]
 # The first sixteenth of the components explains {glue:text}`dim_var_sixteenth:.1f`% of the variance, the first
@@ -129,11 +130,12 @@ figures.variance_chart(figures.variance_frame({source: ratio}))
 #
 # Top row: the linear probe (supervised, it measures what a code *contains*); bottom row: the cluster probe
 # (unsupervised, what STEGO is for). The dashed line is the DINO baseline (raw features, its point sits at D = C).
-# Click a legend entry to highlight a method (shift-click for several); move the slider to read every method's
-# value at one dimension; hover a point for its details.
+# On one of the paper's datasets its published curves are added as thin dashed lines ("(paper)", read off its
+# Figure 4). Click a legend entry to highlight a method (shift-click for several); move the slider to read every
+# method's value at one dimension; hover a point for its details.
 
 # %%
-figures.dimension_chart(table, metrics=("mIoU",), spread=spread)
+figures.dimension_chart(table, metrics=("mIoU",), spread=spread, reference=figures.paper_dimension_table())
 
 # %%
 findings = figures.dimension_findings(table) if len(table) else {}

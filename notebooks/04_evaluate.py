@@ -65,8 +65,8 @@ import torch
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import backbones, cache, data, evaluation, explorer, results as results_store, runs, viz
-from stego_core.evaluation import PAPER_TABLE2, evaluate
+from stego_core import backbones, cache, data, evaluation, explorer, papers, results as results_store, runs, viz
+from stego_core.evaluation import evaluate
 from stego_core.segmenter import Segmenter
 from stego_core.training import PRESETS
 
@@ -154,22 +154,23 @@ ours.round(1)
 # Our rows on {glue:md}`eval_dataset` ({glue:text}`n_val` validation images; the CRF rows use
 # {glue:text}`n_crf`): {glue:md}`summary`
 #
-# The paper's published numbers for its datasets are listed below, each with the source it
-# was taken from; entries that could not be found as text are shown as "n/a" rather than guessed. On the demo's
-# mosaic scenes only the *pattern* can be compared (STEGO above the raw-feature baseline, the CRF adding a little),
-# not the values.
+# The papers' published numbers follow ({glue:md}`paper_scope`), each with its source (`stego_core.papers`):
+# "paper" is the value printed in the STEGO paper, "study" the evaluation of Koenig et al. (for STEGO, of the
+# released checkpoint; for DINO, of their baseline), "issue" a user's independent evaluation of the released
+# checkpoint; "≈" marks a value read off a figure, "–" one the source does not report. Where this chapter ran on other data
+# than the papers' (the demo's mosaic scenes, a folder of your own photos), only the *pattern* can be compared
+# (STEGO above the raw-feature baseline, the CRF adding a little), not the values.
 
 # %%
-paper = pd.DataFrame([
-    {"dataset": ds_name, "entry": entry_name, "backbone": entry["backbone"], "code dim": entry["code_dim"],
-     "cluster mIoU": values["cluster"]["mIoU"], "cluster Accuracy": values["cluster"]["Accuracy"],
-     "linear mIoU": values["linear"]["mIoU"], "linear Accuracy": values["linear"]["Accuracy"],
-     "source": values["source"]}
-    for ds_name, entry in PAPER_TABLE2.items() if dataset not in PAPER_TABLE2 or ds_name == dataset
-    for entry_name, values in entry.items() if isinstance(values, dict)])
-paper_shown = paper.astype(object).where(paper.notna(), "n/a")
-glue("table2_paper", paper_shown, display=False)
-paper_shown
+paper, paper_notes = papers.table2_frame(dataset)
+glue("paper_scope", Markdown(f"for `{dataset}`" if dataset in papers.DATASETS else "all three paper datasets"),
+     display=False)
+glue("table2_paper", paper.style.hide(axis="index"), display=False)
+glue("table2_paper_notes", paper_notes.style.hide(axis="index"), display=False)
+paper.style.hide(axis="index")
+
+# %%
+paper_notes.style.hide(axis="index")
 
 # %% [markdown]
 # ## Which classes are found

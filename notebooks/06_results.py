@@ -39,7 +39,7 @@ import numpy as np
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import figures, sweep, viz
+from stego_core import figures, papers, sweep, viz
 
 store = sweep.load_sweep_results(root)
 table = figures.dimension_table(store, protocol=protocol)
@@ -58,10 +58,11 @@ Markdown("The results store is empty: run the dimension study (`stego-study run 
 #
 # ## Figure 3: explained variance of PCA
 #
-# The cumulative share of variance of each cached PCA fit ({glue:text}`res_n_curves` found).
+# The cumulative share of variance of each cached PCA fit ({glue:text}`res_n_curves` found), drawn as the study
+# drew it, with the paper's values for its three datasets (diamonds, read off its Figure 3).
 
 # %%
-fig3 = figures.variance_chart(figures.variance_frame(curves)) if len(curves) else viz.note("No PCA fit found yet.")
+fig3 = figures.variance_chart(figures.variance_frame(curves), reference=papers.figure3_points())
 glue("fig3", fig3, display=show_figures)
 for key, value in figures.variance_findings(curves).items():
     glue(f"res_var_{key}", value, display=False)
@@ -70,12 +71,18 @@ for key, value in figures.variance_findings(curves).items():
 # ## Figure 4: probe mIoU against the code dimension
 #
 # STEGO's trained head against the training-free projections PCA and RP and the DINO baseline, for the linear and
-# the cluster probe, with the findings quoted for the first dataset of the store.
+# the cluster probe, with the findings quoted for the first dataset of the store. For a dataset of the paper the
+# published curves are drawn as thin dashed lines of the same colours (values read off the paper's figure).
 
 # %%
-fig4 = figures.dimension_chart(table, metrics=("mIoU",), methods=main_methods, spread=spread, slider=slider) \
-    if len(table) else viz.note("No results yet.")
+published = figures.paper_dimension_table()
+fig4 = figures.dimension_chart(table, metrics=("mIoU",), methods=main_methods, spread=spread, slider=slider,
+                               reference=published) if len(table) else viz.note("No results yet.")
 glue("fig4", fig4, display=show_figures)
+glue("res_paper_datasets", ", ".join(sorted(set(table["dataset"]) & set(papers.DATASETS))) or "none", display=False)
+fig4_paper = figures.dimension_chart(published, methods=main_methods, slider=False, width=190, height=150,
+                                     title="Koenig et al. 2023, Figure 4: mIoU without CRF (read off the figure)")
+glue("fig4_paper", fig4_paper, display=show_figures)
 findings = figures.dimension_findings(table, quoted) if quoted is not None else {}
 glue("res_dataset", Markdown(f"`{quoted}`" if quoted else "(none)"), display=False)
 glue("res_dataset_name", quoted or "(none)", display=False)

@@ -13,8 +13,9 @@
 
 # %% tags=["parameters"]
 datasets = ["cocostuff27", "cityscapes", "potsdam"]  # which of the paper's datasets the tables cover
-precision = "bf16"  # backbone precision of the estimate: "bf16" (fused attention, this project on a GPU) or "fp32" (the original code's style)
+precision = "fp32"  # backbone precision of the estimate: "fp32" (what 01_features does, as the original) or "bf16" (fused attention, if you switch extraction to amp)
 source = "cache"  # where training reads features: "cache" (the feature store, this project's way) or "live" (backbone every step, as the original)
+protocol = "original"  # decides how often training validates: "original" (PyTorch Lightning 1.x, per epoch) or "corrected"
 seeds = 1  # seeds per configuration in the sweep estimate; the study used one
 backbones = None  # backbones of the per-backbone table (names of stego_core.costs.BACKBONE_SHAPES); None takes each dataset's paper backbone and the DINOv2 / DINOv3 of its extended-study presets
 
@@ -32,7 +33,15 @@ backbones = None  # backbones of the per-backbone table (names of stego_core.cos
 # - GPU times are scaled from one set of measurements on an NVIDIA H200 (ViT-B/8 at 224 px: 255 images/s in
 #   the original's fp32 style, 2,112 images/s in bf16 with fused attention; a training step with batch 32 takes
 #   270 ms with live fp32 features, 48 ms live in bf16 and 14 ms on cached features), by the ratio of the
-#   transformer's FLOPs for other backbones and image sizes and linearly in the batch size.
+#   transformer's FLOPs for other backbones and image sizes and linearly in the batch size. The default precision
+#   is the feature chapter's: it extracts in fp32, as the original did (the fp32 rate was measured with unfused
+#   attention, 01_features uses fused attention, so its fp32 times are upper bounds);
+# - training validates over the whole validation split as often as the protocol's schedule says (PyTorch
+#   Lightning 1.x under "original": every 100 batches of each epoch), each validated image costing about one image
+#   of a cached training step (an assumption);
+# - every training step reads its batch and the kNN partners from the feature store, and every validation the
+#   whole validation store, at 2 GB/s (a local NVMe disk; a store small enough for the page cache is read faster);
+#   reading and computing take turns, so the wall time adds them.
 
 # %%
 import pandas as pd
@@ -40,26 +49,31 @@ from myst_nb import glue
 
 from stego_core import costs, viz
 
-table = costs.cost_table(datasets, precision=precision, source=source)
+table = costs.cost_table(datasets, precision=precision, source=source, protocol=protocol)
 glue("precision", precision, display=False)
 glue("source", source, display=False)
 glue("biggest_store_gb", float(table["feature store GB"].max()), display=False)
 glue("biggest_store_dataset", str(table.loc[table["feature store GB"].idxmax(), "dataset"]), display=False)
 glue("max_gpu_min", float(table["GPU total min"].max()), display=False)
+glue("max_wall_min", float(table["wall total min"].max()), display=False)
+glue("max_reads_gb", float(table["disk reads GB"].max()), display=False)
 table.round(2)
 
 # %% [markdown]
 # With {glue:text}`precision` backbone passes and training on features from the {glue:text}`source`, one
-# paper run of any dataset needs at most {glue:text}`max_gpu_min:.0f` GPU minutes; the disk is the real cost: the
-# feature store of {glue:text}`biggest_store_dataset` alone takes {glue:text}`biggest_store_gb:.0f` GB. (At
-# thousands of images per second the GPU outruns image decoding: expect the caching stage to be limited by CPU
-# cores reading JPEGs unless the loader has many workers.)
+# paper run of any dataset needs at most {glue:text}`max_gpu_min:.0f` GPU minutes, validations included; reading
+# the features back from disk (up to {glue:text}`max_reads_gb:.0f` GB per run) brings the wall time to at most
+# {glue:text}`max_wall_min:.0f` minutes. The disk is the real cost: the feature store of
+# {glue:text}`biggest_store_dataset` alone takes {glue:text}`biggest_store_gb:.0f` GB. (At thousands of images per
+# second the GPU outruns image decoding: expect the caching stage to be limited by CPU cores reading JPEGs unless
+# the loader has many workers.)
 
 # %%
-stages = table.melt(id_vars=["dataset"], value_vars=["caching GPU min", "training GPU min", "evaluation GPU min"],
-                    var_name="stage", value_name="GPU minutes")
-stages["stage"] = stages["stage"].str.replace(" GPU min", "")
-viz.bar_chart(stages.round(3), "dataset", "GPU minutes", "stage", title="GPU minutes per stage (click the legend)")
+stages = table.melt(id_vars=["dataset"], value_vars=["caching GPU min", "training GPU min", "validation GPU min",
+                                                     "evaluation GPU min", "disk read min"],
+                    var_name="stage", value_name="minutes")
+stages["stage"] = stages["stage"].str.replace(" GPU min", "").str.replace(" min", "")
+viz.bar_chart(stages.round(3), "dataset", "minutes", "stage", title="minutes per stage (click the legend)")
 
 # %% [markdown]
 # ## Precision and feature source
@@ -72,9 +86,9 @@ viz.bar_chart(stages.round(3), "dataset", "GPU minutes", "stage", title="GPU min
 variants = []
 for p in costs.PRECISIONS:
     for s in costs.FEATURE_SOURCES:
-        t = costs.cost_table(datasets, precision=p, source=s)
+        t = costs.cost_table(datasets, precision=p, source=s, protocol=protocol)
         variants.append(t.assign(precision=p, source=s)[["dataset", "precision", "source", "disk total GB",
-                                                            "GPU total min"]])
+                                                            "GPU total min", "wall total min"]])
 variants = pd.concat(variants, ignore_index=True)
 variants.round(2)
 
@@ -83,17 +97,19 @@ variants.round(2)
 #
 # The study trains every method (STEGO, the DINO baseline, PCA, random projections and, on Cityscapes, h-NNE) at
 # every code dimension of its grid (`stego_core.sweep.study_grid`). On cached features the store is built once and
-# each run then costs its steps; baseline runs are charged the STEGO step time, an upper bound.
+# each run then costs its steps, its validations and its disk reads; baseline runs are charged the STEGO step time,
+# an upper bound.
 
 # %%
-sweep = pd.DataFrame([costs.study_hours(d, precision=precision, seeds=seeds) for d in datasets])
+sweep = pd.DataFrame([costs.study_hours(d, precision=precision, seeds=seeds, protocol=protocol) for d in datasets])
 glue("sweep_runs", int(sweep["runs"].sum()), display=False)
 glue("sweep_hours", float(sweep["total_h"].sum()), display=False)
 sweep.round(2)
 
 # %% [markdown]
-# All {glue:text}`sweep_runs` runs together take about {glue:text}`sweep_hours:.1f` GPU hours under these
-# assumptions (DenseCRF for the final evaluation runs on CPU cores and is not included).
+# All {glue:text}`sweep_runs` runs together take about {glue:text}`sweep_hours:.1f` hours of a GPU machine under
+# these assumptions, disk reads included (DenseCRF for the final evaluation runs on CPU cores and is not
+# included).
 
 # %% [markdown]
 # ## Newer backbones (beyond the paper)

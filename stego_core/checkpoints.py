@@ -86,7 +86,9 @@ class LoadedCheckpoint:
         with tempfile.TemporaryDirectory(prefix="stego-ckpt-") as tmp:
             file = Path(tmp) / f"{self.backbone_name}.pth"
             torch.save(self.backbone_state, file)
-            return load_backbone(self.backbone_name, weights=str(file), device=device, protocol=protocol)
+            backbone = load_backbone(self.backbone_name, weights=str(file), device=device, protocol=protocol)
+        backbone.weights_source = f"the ViT of the checkpoint {self.path}"  # not the temporary file
+        return backbone
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,22 @@ Assumptions (``DATASET_FACTS``, ``REFERENCE``, and the function arguments):
   step (an upper bound: they have no head). Fitting PCA/RP/h-NNE and the kNN search itself are not counted
   (minutes); without a store (live training) the kNN descriptors still need one backbone pass over the training
   split, which is charged to the caching stage.
+- Precision: ``precision="fp32"`` (the default) is what ``01_features`` does (``cache_features`` without ``amp``, as
+  the original); ``"bf16"`` is what extraction with ``amp=True`` would cost. The fp32 rate was measured with unfused
+  attention (the original's style); ``01_features`` runs fp32 with timm's fused attention, which is no slower, so
+  its fp32 times are upper bounds.
+- Validation during training: every run validates over the whole validation split at 320 px as often as
+  ``stego_core.training.validation_steps`` says for the protocol (original: PyTorch Lightning 1.x's every
+  ``val_freq`` = 100 batches of each epoch; COCO-Stuff 70 times in 7,000 steps, Cityscapes 60, Potsdam 35). On
+  cached features one validated image costs the GPU about what one image of a cached training step does (14 ms /
+  32; an assumption, not measured); on live features add its backbone pass at 320 px.
+- Disk reads: a training step on cached features reads its batch and one kNN partner per item, whole store items
+  (features, image, label), and a validation reads the whole validation store; neither store fits the 2 GiB that
+  training preloads into memory at paper scale, so they are read from disk every time (``REFERENCE
+  ["disk_bytes_per_s"]``, 2 GB/s: a local NVMe SSD; network storage is slower, and a store that fits the page cache
+  is read from RAM instead). Caching reads the images once (the five-crop tree for training, the downloaded
+  validation images). Live training reads the image files of its batches and of every validation instead. The
+  loops read and compute one after the other, so wall time = GPU time + read time.
 - Evaluation: the val split at 320 px, two backbone passes per image (flip). DenseCRF runs on CPU cores and is not
   part of the GPU time (the reference ran it in 14 processes).
 - Newer backbones (the extended study; ``backbone_table``): DINOv2 ViT-S/B with patch 14 and DINOv3 ViT-S/B/L with
@@ -50,7 +66,8 @@ from .config import check_choice, check_int
 
 __all__ = ["DatasetFacts", "DATASET_FACTS", "REFERENCE", "PRECISIONS", "FEATURE_SOURCES", "BACKBONE_SHAPES",
            "PREFIX_TOKENS", "vit_flops", "block_gflops", "throughput", "feature_bytes_per_image", "five_crop_bytes",
-           "step_seconds", "eval_res", "dataset_costs", "cost_table", "study_hours", "backbone_table", "format_bytes"]
+           "step_seconds", "n_validations", "eval_res", "dataset_costs", "cost_table", "study_hours", "backbone_table",
+           "format_bytes"]
 
 PRECISIONS = ("fp32", "bf16")  # "fp32": the original's style (unfused attention); "bf16": fused attention
 FEATURE_SOURCES = ("cache", "live")
@@ -112,7 +129,19 @@ REFERENCE: dict[str, Any] = {
     "knn_k": 30,
     "jpeg_bits_per_pixel": 1.5,  # five-crop JPEG (quality 75)
     "label_png_bits_per_pixel": 0.15,  # five-crop label PNG
+    "val_freq": 100,  # validation interval of every paper run (spec §5.4)
+    "val_image_ms": 14.0 / 32,  # GPU ms per validated image on cached features (assumed: one cached step image)
+    "disk_bytes_per_s": 2e9,  # disk reads (local NVMe SSD; assumption)
 }
+
+
+def n_validations(dataset: str, protocol: str = "original") -> int:
+    """How many validations one paper run of ``dataset`` does (``stego_core.training.validation_steps``)."""
+    from .training import validation_steps
+
+    check_choice("dataset", dataset, DATASET_FACTS)
+    facts = DATASET_FACTS[dataset]
+    return len(validation_steps(facts.steps, REFERENCE["val_freq"], facts.train_items, facts.batch_size, protocol))
 
 
 def _shape(backbone: str) -> tuple[int, int, int]:
@@ -141,7 +170,7 @@ def block_gflops(backbone: str, res: int) -> float:
     return vit_flops(backbone, res) / 2 / 1e9
 
 
-def throughput(backbone: str, res: int, precision: str = "bf16") -> float:
+def throughput(backbone: str, res: int, precision: str = "fp32") -> float:
     """Images per second of feature extraction, scaled from the reference measurement by the FLOPs ratio."""
     check_choice("precision", precision, PRECISIONS)
     ref = REFERENCE["images_per_s"][precision]
@@ -164,7 +193,7 @@ def five_crop_bytes(facts: DatasetFacts) -> int:
     return int(facts.train_images * crop_pixels * bits / 8)
 
 
-def step_seconds(backbone: str, batch_size: int, source: str = "cache", precision: str = "bf16") -> float:
+def step_seconds(backbone: str, batch_size: int, source: str = "cache", precision: str = "fp32") -> float:
     """Seconds per training step: the reference step time scaled linearly in the batch size; for live features the
     backbone share (live - cached) scales with the backbone's FLOPs relative to ViT-B/8 at 224 px."""
     check_choice("source", source, FEATURE_SOURCES)
@@ -186,12 +215,14 @@ def eval_res(backbone: str, res: int = 320) -> int:
     return max(patch, patch * int(math.floor(res / patch + 0.5)))
 
 
-def dataset_costs(dataset: str, *, precision: str = "bf16", source: str = "cache", train_res: int = 224,
-                  val_res: int | None = None, k: int | None = None, backbone: str | None = None) -> dict[str, Any]:
-    """Disk bytes and GPU seconds of every stage of one dataset's paper run (one STEGO training run).
+def dataset_costs(dataset: str, *, precision: str = "fp32", source: str = "cache", train_res: int = 224,
+                  val_res: int | None = None, k: int | None = None, protocol: str = "original",
+                  backbone: str | None = None) -> dict[str, Any]:
+    """Disk bytes, GPU seconds and disk-read seconds of every stage of one dataset's paper run (one STEGO run).
 
-    precision: of the backbone passes ("fp32" original style, "bf16" fused); source: where training reads
-    features ("cache" = the feature store, "live" = two backbone passes per step, no store needed).
+    precision: of the backbone passes ("fp32" = ``01_features`` without amp, "bf16" = with amp); source: where
+    training reads features ("cache" = the feature store, "live" = two backbone passes per step, no store needed);
+    protocol: decides how often training validates (``n_validations``).
     val_res: None = ``eval_res(backbone)`` (320 px for the paper's backbones). backbone: None = the paper's for the
     dataset; another name of ``BACKBONE_SHAPES`` costs the same run on that backbone (an estimate, module doc).
     """
@@ -204,25 +235,46 @@ def dataset_costs(dataset: str, *, precision: str = "bf16", source: str = "cache
     n_train, n_val = facts.train_items, facts.val_images
     cache_train = n_train * feature_bytes_per_image(bb, train_res)
     cache_val = n_val * feature_bytes_per_image(bb, val_res)
-    return {
+    n_val_passes = n_validations(dataset, protocol)
+    val_pass_s = n_val * REFERENCE["val_image_ms"] / 1000.0
+    if source == "live":
+        val_pass_s += n_val / throughput(bb, val_res, precision)
+    cached = source == "cache"
+    train_images = five_crop_bytes(facts) or facts.train_images * facts.download_bytes_per_image  # as read
+    val_images = n_val * facts.download_bytes_per_image
+    # per step: the batch and one kNN partner per item; whole store items, or (live) their image files
+    item_read = feature_bytes_per_image(bb, train_res) if cached else train_images / n_train
+    out = {
         "dataset": dataset,
         "backbone": bb,
         "train_items": n_train,
         "val_images": n_val,
         "download_bytes": (facts.train_images + facts.val_images) * facts.download_bytes_per_image,
         "five_crop_bytes": five_crop_bytes(facts),
-        "feature_store_bytes": (cache_train + cache_val) if source == "cache" else 0,
+        "feature_store_bytes": (cache_train + cache_val) if cached else 0,
         "knn_bytes": n_train * k * 8,
         "cache_gpu_s": (n_train / throughput(bb, train_res, precision) + n_val / throughput(bb, val_res, precision))
-        if source == "cache" else n_train / throughput(bb, train_res, precision),  # live: the kNN pass only
+        if cached else n_train / throughput(bb, train_res, precision),  # live: the kNN pass only
         "train_gpu_s": facts.steps * step_seconds(bb, facts.batch_size, source, precision),
+        "validations": n_val_passes,
+        "val_gpu_s": n_val_passes * val_pass_s,
         "eval_gpu_s": 2 * n_val / throughput(bb, val_res, precision),
+        # disk reads: the images once when caching (live: the kNN pass over the training images), the batches of
+        # every step, the validation split at every validation (the store, or live its image files)
+        "cache_read_bytes": train_images + (val_images if cached else 0),
+        "train_read_bytes": int(facts.steps * 2 * facts.batch_size * item_read),
+        "val_read_bytes": n_val_passes * (cache_val if cached else val_images),
     }
+    reads = out["cache_read_bytes"] + out["train_read_bytes"] + out["val_read_bytes"]
+    out["read_bytes"] = reads
+    out["read_s"] = reads / REFERENCE["disk_bytes_per_s"]
+    return out
 
 
-def study_hours(dataset: str, *, precision: str = "bf16", seeds: int = 1) -> dict[str, Any]:
-    """GPU hours of the paper's dimension sweep for one dataset (``stego_core.sweep.study_grid``) on cached
-    features: the cache is built once, then every run pays its steps at the cached step time.
+def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protocol: str = "original") -> dict[str, Any]:
+    """GPU and disk-read hours of the paper's dimension sweep for one dataset (``stego_core.sweep.study_grid``) on
+    cached features: the cache is built once, then every run pays its steps and validations at the cached times
+    and reads its batches and validation passes from disk.
 
     dataset: a paper dataset, or a preset of the extended study (e.g. "potsdam_dinov3_sat": its dataset's sweep on
     its backbone, ``stego_core.training.NEWER_BACKBONE_PRESETS``).
@@ -236,14 +288,18 @@ def study_hours(dataset: str, *, precision: str = "bf16", seeds: int = 1) -> dic
     name, bb = PRESETS[dataset]["dataset"], PRESETS[dataset]["backbone"]
     train_s = sum(int(r.config["steps"]) * step_seconds(bb, int(r.config["batch_size"]), "cache", precision)
                   for r in runs)
-    once = dataset_costs(name, precision=precision, source="cache", backbone=bb)
+    once = dataset_costs(name, precision=precision, source="cache", protocol=protocol, backbone=bb)
+    per_run_read = once["train_read_bytes"] + once["val_read_bytes"]
+    read_s = (once["cache_read_bytes"] + len(runs) * per_run_read) / REFERENCE["disk_bytes_per_s"]
+    val_s = len(runs) * once["val_gpu_s"]
+    eval_s = len(runs) * once["eval_gpu_s"]
     return {"dataset": dataset, "runs": len(runs), "cache_h": once["cache_gpu_s"] / 3600, "train_h": train_s / 3600,
-            "eval_h": len(runs) * once["eval_gpu_s"] / 3600,
-            "total_h": (once["cache_gpu_s"] + train_s + len(runs) * once["eval_gpu_s"]) / 3600}
+            "validation_h": val_s / 3600, "eval_h": eval_s / 3600, "disk_read_h": read_s / 3600,
+            "total_h": (once["cache_gpu_s"] + train_s + val_s + eval_s + read_s) / 3600}
 
 
 def backbone_table(datasets: Iterable[str] = tuple(DATASET_FACTS), backbones: Iterable[str] | None = None, *,
-                   precision: str = "bf16", source: str = "cache") -> Any:
+                   precision: str = "fp32", source: str = "cache", protocol: str = "original") -> Any:
     """A pandas DataFrame, one row per dataset and backbone: the backbone's shape, its block GFLOPs per 224 px image
     (``block_gflops``) and their ratio to ViT-B/8's, images/s at 224 px, the feature store, one paper run's GPU
     minutes and, where the study has a preset for that dataset and backbone, the dimension sweep's GPU hours.
@@ -266,8 +322,8 @@ def backbone_table(datasets: Iterable[str] = tuple(DATASET_FACTS), backbones: It
         of_presets = [PRESETS[p]["backbone"] for p in STUDY_DIMS if PRESETS[p]["dataset"] == name]
         for bb in chosen if chosen is not None else list(dict.fromkeys([DATASET_FACTS[name].backbone, *of_presets])):
             width, patch, blocks = _shape(bb)
-            c = dataset_costs(name, precision=precision, source=source, backbone=bb)
-            gpu = c["cache_gpu_s"] + c["train_gpu_s"] + c["eval_gpu_s"]
+            c = dataset_costs(name, precision=precision, source=source, protocol=protocol, backbone=bb)
+            gpu = c["cache_gpu_s"] + c["train_gpu_s"] + c["val_gpu_s"] + c["eval_gpu_s"]
             presets = [p for p in STUDY_DIMS if PRESETS[p]["dataset"] == name and PRESETS[p]["backbone"] == bb]
             rows.append({
                 "dataset": name, "backbone": bb, "C": width, "patch": patch, "blocks": blocks,
@@ -275,7 +331,8 @@ def backbone_table(datasets: Iterable[str] = tuple(DATASET_FACTS), backbones: It
                 "GFLOPs per image": block_gflops(bb, 224), "FLOPs vs ViT-B/8": vit_flops(bb, 224) / anchor,
                 "images/s": throughput(bb, 224, precision), "feature store GB": c["feature_store_bytes"] / 1e9,
                 "paper run GPU min": gpu / 60,
-                "sweep GPU h": study_hours(presets[0], precision=precision)["total_h"] if presets else math.nan,
+                "sweep GPU h": study_hours(presets[0], precision=precision, protocol=protocol)["total_h"]
+                if presets else math.nan,
                 "preset": presets[0] if presets else "",
                 "basis": "anchor: measured on an H200 at 224 px" if bb == REFERENCE["backbone"]
                 else "estimate: scaled by FLOPs",
@@ -292,16 +349,17 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover - loop always returns
 
 
-def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str = "bf16",
-               source: str = "cache") -> Any:
-    """A pandas DataFrame, one row per dataset: disk per stage (GB) and GPU minutes per stage, plus totals."""
+def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str = "fp32",
+               source: str = "cache", protocol: str = "original") -> Any:
+    """A pandas DataFrame, one row per dataset: disk per stage (GB), GPU minutes per stage (validation included),
+    disk reads (GB and minutes at ``REFERENCE["disk_bytes_per_s"]``) and the totals; wall = GPU + reads."""
     import pandas as pd
 
     rows = []
     for name in datasets:
-        c = dataset_costs(name, precision=precision, source=source)
+        c = dataset_costs(name, precision=precision, source=source, protocol=protocol)
         disk = c["download_bytes"] + c["five_crop_bytes"] + c["feature_store_bytes"] + c["knn_bytes"]
-        gpu = c["cache_gpu_s"] + c["train_gpu_s"] + c["eval_gpu_s"]
+        gpu = c["cache_gpu_s"] + c["train_gpu_s"] + c["val_gpu_s"] + c["eval_gpu_s"]
         rows.append({
             "dataset": name, "backbone": c["backbone"], "train items": c["train_items"],
             "val images": c["val_images"],
@@ -309,6 +367,9 @@ def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str
             "feature store GB": c["feature_store_bytes"] / 1e9, "kNN MB": c["knn_bytes"] / 1e6,
             "disk total GB": disk / 1e9,
             "caching GPU min": c["cache_gpu_s"] / 60, "training GPU min": c["train_gpu_s"] / 60,
+            "validations": c["validations"], "validation GPU min": c["val_gpu_s"] / 60,
             "evaluation GPU min": c["eval_gpu_s"] / 60, "GPU total min": gpu / 60,
+            "disk reads GB": c["read_bytes"] / 1e9, "disk read min": c["read_s"] / 60,
+            "wall total min": (gpu + c["read_s"]) / 60,
         })
     return pd.DataFrame(rows)

@@ -51,6 +51,8 @@ def image_bytes(image: Any, *, protocol: str = "original") -> np.ndarray:
     """The uint8 HWC image the CRF sees for an ImageNet-normalised float image [3, H, W] (tensor or array).
 
     "original": clip to [0, 255] after ×255, truncate, BGR order. "corrected": round, RGB order.
+    The truncation reproduces the reference byte for byte when ``image`` was normalised the way torchvision does it
+    (x / 255, then (x - mean) / std in float32), as every loader of this package does (``stego_core.data``).
     """
     import torch
 

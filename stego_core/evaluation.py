@@ -18,7 +18,8 @@ training-time validation uses too), ``evaluate_store`` (a feature store read in 
 validation does: per-batch standardised projections depend on the batch), ``evaluate`` (a dataset of images
 through the segmenter's backbone, flip-averaged) and ``store_code`` (the code of some store items, computed in
 the batches ``evaluate_store`` uses). ``final_rows`` / ``write_final_rows`` put an evaluation into the results
-store (stage ``"final"``: Table 2's rows). ``PAPER_TABLE2`` holds published reference numbers with their sources.
+store (stage ``"final"``: Table 2's rows). The papers' published numbers, with their sources, are in
+``stego_core.papers``.
 """
 from __future__ import annotations
 
@@ -35,57 +36,7 @@ from .metrics import UnsupervisedMetrics
 from .results import write_rows
 from .segmenter import PROBES, Segmenter
 
-__all__ = ["evaluate_batches", "evaluate_store", "evaluate", "store_code", "final_rows", "write_final_rows",
-           "PAPER_TABLE2"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# published numbers
-_PWC = "https://paperswithcode.com/paper/unsupervised-semantic-segmentation-by-2"
-_PWC_NOTE = ("STEGO paper (Hamilton et al., ICLR 2022), unsupervised (cluster-probe) results as listed by Papers with "
-             "Code for " + _PWC + " (the paper's Tables 1-2 report them after CRF)")
-
-def _not_found() -> dict[str, Any]:
-    """A Table 2 entry whose published numbers could not be found: every value None, with that as its source."""
-    return {"cluster": {"mIoU": None, "Accuracy": None}, "linear": {"mIoU": None, "Accuracy": None},
-            "source": "not found (see PAPER_TABLE2 docs)"}
-
-
-#: Reference numbers for the book's Table 2 (dataset -> method -> probe -> metric), each with its source.
-#: The stego-studies Table 2 (Koenig et al. 2023: released STEGO checkpoints vs the DINO baseline, evaluated with
-#: eval_segmentation.py and CRF) could not be found as text (the paper's stored pages end before the table and the
-#: repository README does not quote it), so its entries are None. The "STEGO paper" rows hold the numbers of the
-#: original STEGO paper that could be found; everything else is None rather than guessed.
-PAPER_TABLE2: dict[str, dict[str, Any]] = {
-    "cocostuff27": {
-        "backbone": "dino_vitb8", "code_dim": 90,
-        "STEGO (stego-studies Table 2)": _not_found(),
-        "DINO (stego-studies Table 2)": _not_found(),
-        "STEGO paper": {"cluster": {"mIoU": 28.2, "Accuracy": 56.9},
-                        "linear": {"mIoU": None, "Accuracy": None},
-                        "source": _PWC_NOTE + " (COCO-Stuff-27, STEGO ViT-B/8)"},
-    },
-    "cityscapes": {
-        "backbone": "dino_vitb8", "code_dim": 100,
-        "STEGO (stego-studies Table 2)": _not_found(),
-        "DINO (stego-studies Table 2)": _not_found(),
-        "STEGO paper": {"cluster": {"mIoU": 21.0, "Accuracy": 73.2},
-                        "linear": {"mIoU": None, "Accuracy": None},
-                        "source": _PWC_NOTE + " (Cityscapes test, STEGO)"},
-    },
-    "potsdam": {
-        "backbone": "dino_vits8", "code_dim": 70,
-        "STEGO (stego-studies Table 2)": _not_found(),
-        "DINO (stego-studies Table 2)": _not_found(),
-        "STEGO paper": {"cluster": {"mIoU": None, "Accuracy": 77.0},
-                        "linear": {"mIoU": None, "Accuracy": None},
-                        "source": _PWC_NOTE + " (Potsdam-3, STEGO)"},
-        "released checkpoint, user report": {
-            "cluster": {"mIoU": 62.57, "Accuracy": 77.03}, "linear": {"mIoU": 74.83, "Accuracy": 85.85},
-            "source": "github.com/mhamilton723/STEGO issue #39: a user's eval_segmentation.py run of "
-                      "potsdam_test.ckpt with CRF (quoted in stego-spec.md §7.5); not a paper number"},
-    },
-}
+__all__ = ["evaluate_batches", "evaluate_store", "evaluate", "store_code", "final_rows", "write_final_rows"]
 
 
 

@@ -18,17 +18,25 @@ Data:
   ``projections.fit_projection`` (read through ``projections.fitted_projections``: the PCA that the PCA runs used),
   one curve per feature source;
   ``variance_frame(curves)``: their cumulative sums against the fraction of components kept, each curve linearly
-  interpolated onto a common grid of ``n_points`` fractions of [0, 1] (the study used 768 points).
+  interpolated onto a common grid of ``n_points`` fractions of [0, 1] (the study used 768 points). As the study's
+  ``plot_pca_cum_variance`` drew it, the cumulative ratio of the first i + 1 components sits at x = i / (C - 1)
+  (``np.linspace(0, 1, C)``), so the curve starts at the first component's share at x = 0; ``style="components"``
+  puts it at the exact fraction (i + 1) / C instead, starting from (0, 0).
+- ``paper_dimension_table(datasets=None)``: the published Figure 4 curves (``stego_core.papers``, read off the
+  figure) in the ``dimension_table`` format, for the panel of published curves and for reference lines.
 
 Charts (Altair, tooltips everywhere, legends that highlight the clicked series):
-- ``variance_chart(frame)``: Figure 3, cumulative explained variance against the fraction of components, ticks at
-  0, D/16, D/4, D/2, 3D/4, D.
+- ``variance_chart(frame, reference=None)``: Figure 3, cumulative explained variance against the fraction of
+  components, ticks at 0, D/16, D/4, D/2, 3D/4, D; ``reference`` (``papers.figure3_points()``) adds the paper's
+  values as diamonds, labelled as read off the figure.
 - ``dimension_chart(table, metrics=("mIoU",))``: Figure 4 and its appendix variants. Rows = probes (linear, then
   cluster); columns = datasets (one metric) or metrics (one dataset, several metrics: the appendix's h-NNE panel).
   x = code dimension D on a log axis with ticks 3·2^k (plus the backbone's dimension when it is not one of them);
   every method but the DINO baseline is a line with points, with a band (or error bars) of ±1 std when a cell has
   several seeds; the DINO baseline (the raw features, D = C) is a dashed horizontal rule with a point at D = C.
-  An optional slider picks a dimension and labels every series' value there.
+  An optional slider picks a dimension and labels every series' value there. ``reference`` (a
+  ``paper_dimension_table``) adds the paper's curves as thin dashed lines (its DINO baseline as a dotted rule) to the
+  panels of the datasets the table shares with it (a paper profile's run; nothing for the demo's data).
 Colours follow the study (seaborn's colour-blind palette: STEGO 3, DINO 0, PCA 2, RP 6, h-NNE 8).
 """
 from __future__ import annotations
@@ -48,7 +56,8 @@ from .results import PROBES, best_rows
 
 __all__ = ["METHOD_LABELS", "METHOD_COLORS", "SERIES_ORDER", "dimension_table", "dimension_ticks", "pivot_table",
            "dimension_findings", "pca_variance_curves", "variance_findings", "variance_frame", "variance_chart",
-           "dimension_chart", "extended_study_rows", "backbone_comparison", "extended_study_status"]
+           "dimension_chart", "paper_dimension_table", "VARIANCE_STYLES", "extended_study_rows", "backbone_comparison",
+           "extended_study_status"]
 
 # display names of the methods (``results.method``) and their colours (seaborn "colorblind" indices 3, 0, 2, 6, 8)
 METHOD_LABELS: dict[str, str] = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO baseline"}
@@ -332,15 +341,21 @@ def variance_findings(curves: Mapping[str, Any] | pd.DataFrame) -> dict[str, Any
             "k90": int(np.searchsorted(cumulative, 0.9) + 1)}
 
 
-def variance_frame(curves: Mapping[str, Any] | pd.DataFrame, *, n_points: int = 768) -> pd.DataFrame:
+VARIANCE_STYLES = ("study", "components")
+
+
+def variance_frame(curves: Mapping[str, Any] | pd.DataFrame, *, n_points: int = 768,
+                   style: str = "study") -> pd.DataFrame:
     """Cumulative explained variance against the fraction of components kept, on a common grid.
 
     curves: label -> explained-variance ratio vector (length C, all components), or the frame of
-    ``pca_variance_curves``. Each curve is the points (k/C, sum of the first k ratios) for k = 0..C, linearly
-    interpolated onto ``n_points`` evenly spaced fractions of [0, 1]. Columns: source, fraction, components (= the
-    fraction times C), cumulative (in [0, 1]), n_components (C).
+    ``pca_variance_curves``. style "study" (the study's Figure 3): the points (i / (C - 1), sum of the first i + 1
+    ratios) for i = 0..C-1; "components": the points (k / C, sum of the first k ratios) for k = 0..C. Each curve is
+    linearly interpolated onto ``n_points`` evenly spaced fractions of [0, 1]. Columns: source, fraction,
+    components (how many components that x stands for), cumulative (in [0, 1]), n_components (C).
     """
     check_int("n_points", n_points, minimum=2)
+    check_choice("style", style, VARIANCE_STYLES)
     if isinstance(curves, pd.DataFrame):
         if not {"source", "ratio"} <= set(curves.columns):
             raise StegoError("curves: expected the frame of figures.pca_variance_curves (columns source, ratio)")
@@ -354,13 +369,30 @@ def variance_frame(curves: Mapping[str, Any] | pd.DataFrame, *, n_points: int = 
         if r.size < 1 or not np.all(np.isfinite(r)) or (r < -1e-9).any():
             raise StegoError(f"curves: {label!r} is not a vector of non-negative explained-variance ratios")
         c = r.size
-        xs = np.arange(c + 1) / c  # k / C for k = 0..C
-        ys = np.concatenate([[0.0], np.cumsum(r)])
-        parts.append(pd.DataFrame({"source": label, "fraction": grid, "components": grid * c,
+        if style == "study" and c > 1:
+            xs, ys = np.linspace(0.0, 1.0, c), np.cumsum(r)  # cumulative ratio i at x = i / (C - 1)
+            components = 1 + grid * (c - 1)
+        else:
+            xs, ys = np.arange(c + 1) / c, np.concatenate([[0.0], np.cumsum(r)])  # k / C for k = 0..C
+            components = grid * c
+        parts.append(pd.DataFrame({"source": label, "fraction": grid, "components": components,
                                    "cumulative": np.interp(grid, xs, ys), "n_components": c}))
     if not parts:
         return pd.DataFrame(columns=["source", "fraction", "components", "cumulative", "n_components"])
     return pd.concat(parts, ignore_index=True)
+
+
+def paper_dimension_table(datasets: Sequence[str] | str | None = None) -> pd.DataFrame:
+    """The published Figure 4 (Koenig et al. 2023, mIoU without CRF, read off the figure; ``stego_core.papers``) in
+    the ``dimension_table`` format: one "seed", std 0, ``protocol`` "original", no selected step."""
+    from . import papers
+
+    values = papers.figure4_values(datasets)
+    out = values.assign(series=values["method"].map(lambda m: METHOD_LABELS.get(m, m)), protocol="original",
+                        mean=values["value"], std=0.0, lo=values["value"], hi=values["value"], n_seeds=1,
+                        best_step=np.nan)
+    out = out.astype({"code_dim": "int64"})
+    return out.loc[:, _TABLE_COLUMNS].reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -371,30 +403,50 @@ _FRACTION_TICKS = (0.0, 1 / 16, 1 / 4, 1 / 2, 3 / 4, 1.0)
 _FRACTION_LABELS = "{'0': '0', '0.0625': 'D/16', '0.25': 'D/4', '0.5': 'D/2', '0.75': '3D/4', '1': 'D'}"
 
 
-def variance_chart(frame: pd.DataFrame, *, title: str = "Cumulative explained variance of PCA",
-                   width: int = 420, height: int = 280) -> alt.Chart:
-    """Figure 3: one line per feature source (``variance_frame``); x = fraction of the C components kept."""
+def variance_chart(frame: pd.DataFrame, *, reference: pd.DataFrame | None = None,
+                   title: str = "Cumulative explained variance of PCA", width: int = 420,
+                   height: int = 280) -> alt.LayerChart:
+    """Figure 3: one line per feature source (``variance_frame``); x = fraction of the C components kept.
+
+    reference: the paper's points (``papers.figure3_points()``: dataset, fraction, cumulative), drawn as diamonds
+    labelled "<dataset> · paper (read off the figure)".
+    """
     if not isinstance(frame, pd.DataFrame) or not {"source", "fraction", "cumulative"} <= set(frame.columns):
         raise StegoError("frame: expected the frame of figures.variance_frame (columns source, fraction, cumulative)")
     pick = alt.selection_point(fields=["source"], bind="legend")
     axis_x = alt.Axis(values=list(_FRACTION_TICKS), labelExpr=f"{_FRACTION_LABELS}[toString(datum.value)]",
                       title="components kept (fraction of D = C)")
-    return (alt.Chart(frame, title=title).mark_line(strokeWidth=2)
-            .encode(x=alt.X("fraction:Q", axis=axis_x, scale=alt.Scale(domain=[0, 1])),
-                    y=alt.Y("cumulative:Q", axis=alt.Axis(format="%", title="cumulative explained variance"),
-                            scale=alt.Scale(domain=[0, 1])),
-                    color=alt.Color("source:N", title="features"),
-                    opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
-                    tooltip=[alt.Tooltip("source:N", title="features"),
-                             alt.Tooltip("components:Q", title="components", format=".1f"),
-                             alt.Tooltip("n_components:Q", title="C"),
-                             alt.Tooltip("cumulative:Q", title="explained", format=".1%")])
-            .add_params(pick).properties(width=width, height=height))
+    x = alt.X("fraction:Q", axis=axis_x, scale=alt.Scale(domain=[0, 1]))
+    y = alt.Y("cumulative:Q", axis=alt.Axis(format="%", title="cumulative explained variance"),
+              scale=alt.Scale(domain=[0, 1]))
+    color = alt.Color("source:N", title="features")
+    fade = alt.condition(pick, alt.value(1.0), alt.value(0.15))
+    layers = [alt.Chart(frame).mark_line(strokeWidth=2).encode(
+        x=x, y=y, color=color, opacity=fade,
+        tooltip=[alt.Tooltip("source:N", title="features"),
+                 alt.Tooltip("components:Q", title="components", format=".1f"),
+                 alt.Tooltip("n_components:Q", title="C"),
+                 alt.Tooltip("cumulative:Q", title="explained", format=".1%")]).add_params(pick)]
+    if reference is not None and len(reference):
+        from .papers import DATASET_LABELS
+
+        if not {"dataset", "fraction", "cumulative"} <= set(reference.columns):
+            raise StegoError("reference: expected papers.figure3_points() (columns dataset, fraction, cumulative)")
+        ref = reference.assign(source=reference["dataset"].map(lambda d: DATASET_LABELS.get(d, d))
+                               + " · paper (read off the figure)")
+        layers.append(alt.Chart(ref).mark_point(shape="diamond", size=90, filled=True).encode(
+            x=x, y=y, color=color, opacity=fade,
+            tooltip=[alt.Tooltip("source:N", title="values"), alt.Tooltip("fraction:Q", format=".2f"),
+                     alt.Tooltip("cumulative:Q", title="explained", format=".0%")]))
+    return alt.layer(*layers, title=title).properties(width=width, height=height)
 
 
-def _panel_frame(table: pd.DataFrame, metrics: Sequence[str],
-                 methods: Sequence[str] | None) -> tuple[pd.DataFrame, str]:
-    """Rows of the chart with a ``panel`` column (dataset or metric) and the log2-D stretches the slider needs."""
+def _panel_frame(table: pd.DataFrame, metrics: Sequence[str], methods: Sequence[str] | None,
+                 reference: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+    """Rows of the chart with a ``panel`` column (dataset or metric) and the log2-D stretches the slider needs.
+
+    ``kind`` is "ours" for the table's rows and "paper" for the ``reference`` rows of the table's datasets, which
+    join the panel of their dataset (labelled with our backbone)."""
     t = table[table["metric"].isin(list(metrics))]
     if methods is not None:
         t = t[t["method"].isin(list(methods))]
@@ -403,6 +455,19 @@ def _panel_frame(table: pd.DataFrame, metrics: Sequence[str],
                          "expected a dimension_table with those")
     t = t.copy()
     t["dataset_label"] = t["dataset"] + " · " + t["backbone"]
+    t["kind"] = "ours"
+    if reference is not None and len(reference):
+        _check_table(reference)
+        ref = reference[reference["metric"].isin(list(metrics)) & reference["probe"].isin(set(t["probe"]))]
+        if methods is not None:
+            ref = ref[ref["method"].isin(list(methods))]
+        label = t.groupby("dataset", sort=False)["dataset_label"].first()
+        ref = ref[ref["dataset"].isin(label.index)].copy()
+        if len(ref):
+            ref["dataset_label"] = ref["dataset"].map(label)
+            ref["kind"] = "paper"
+            ref["series"] = ref["series"] + " (paper)"
+            t = pd.concat([t, ref], ignore_index=True)
     datasets = list(dict.fromkeys(t["dataset_label"]))
     if len(metrics) == 1:
         t["panel"], facet_title = t["dataset_label"], "dataset"
@@ -417,7 +482,7 @@ def _panel_frame(table: pd.DataFrame, metrics: Sequence[str],
     t = t.sort_values(["_d", "_m", "probe", "method", "code_dim"], kind="stable").drop(columns=["_m", "_d"])
     # slider support: each point owns the stretch of log2 D closer to it than to the series' neighbouring dims
     t["log2_dim"] = np.log2(t["code_dim"].astype("float64"))
-    group = t.groupby(["panel", "probe", "method"], sort=False)["log2_dim"]
+    group = t.groupby(["panel", "probe", "method", "kind"], sort=False)["log2_dim"]
     t["lo_edge"] = ((t["log2_dim"] + group.shift(1)) / 2).fillna(-100.0)
     t["hi_edge"] = ((t["log2_dim"] + group.shift(-1)) / 2).fillna(100.0)
     t["label"] = t["series"] + ": " + t["mean"].map(lambda v: f"{v:.1f}")
@@ -426,25 +491,31 @@ def _panel_frame(table: pd.DataFrame, metrics: Sequence[str],
 
 def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), methods: Sequence[str] | None = None,
                     probes: Sequence[str] = ("linear", "cluster"), spread: str = "band", slider: bool = True,
-                    title: str | None = None, width: int = 260, height: int = 190) -> alt.FacetChart:
+                    reference: pd.DataFrame | None = None, title: str | None = None, width: int = 260,
+                    height: int = 190) -> alt.FacetChart:
     """Figure 4 (and its appendix variants): probe scores against the code dimension D, one panel per probe and
     dataset (or metric). See the module doc for the series, axes and interactions.
 
     table: ``dimension_table``. metrics: one metric (columns = datasets) or several for one dataset (columns =
     metrics). methods: which methods to draw (None = all present). spread: "band" or "errorbar" (±1 std over seeds,
     drawn where a cell has several seeds) or "none". slider: add a dimension slider that labels every series' value.
+    reference: published values in the same format (``paper_dimension_table()``), drawn as thin dashed lines
+    ("<method> (paper)", same colours) in the panels of the datasets ``table`` has too; ignored elsewhere.
     """
     _check_table(table)
     check_choice("spread", spread, SPREADS)
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     for p in probes:
         check_choice("probes", p, PROBES)
-    t, facet_title = _panel_frame(table[table["probe"].isin(list(probes))], metrics, methods)
+    t, facet_title = _panel_frame(table[table["probe"].isin(list(probes))], metrics, methods, reference)
     present = [m for m in SERIES_ORDER if m in set(t["method"])] + sorted(set(t["method"]) - set(SERIES_ORDER))
-    color = alt.Color("series:N", title="method",
-                      scale=alt.Scale(domain=[METHOD_LABELS.get(m, m) for m in present],
-                                      range=[METHOD_COLORS.get(m, "#949494") for m in present]),
-                      legend=alt.Legend(orient="right", symbolOpacity=1.0))
+    domain = [METHOD_LABELS.get(m, m) for m in present]
+    colours = [METHOD_COLORS.get(m, "#949494") for m in present]
+    papers_present = [m for m in present if ((t["kind"] == "paper") & (t["method"] == m)).any()]
+    domain += [METHOD_LABELS.get(m, m) + " (paper)" for m in papers_present]
+    colours += [METHOD_COLORS.get(m, "#949494") for m in papers_present]
+    color = alt.Color("series:N", title="method", scale=alt.Scale(domain=domain, range=colours),
+                      legend=alt.Legend(orient="right", symbolOpacity=1.0, labelLimit=220))
     dims = sorted(set(int(d) for d in t["code_dim"]))
     ticks = dimension_ticks(dims)
     # the backbone's C gets a tick of its own unless it sits too close to a 3·2^k tick to be read
@@ -462,11 +533,20 @@ def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), 
                alt.Tooltip("std:Q", format=".2f"), alt.Tooltip("n_seeds:Q", title="seeds"),
                alt.Tooltip("best_step:Q", title="selected step", format=".0f"),
                alt.Tooltip("dataset:N"), alt.Tooltip("backbone:N")]
-    is_dino, not_dino = "datum.method == 'dino'", "datum.method != 'dino'"
+    ours, paper = "datum.kind == 'ours'", "datum.kind == 'paper'"
+    is_dino, not_dino = f"{ours} && datum.method == 'dino'", f"{ours} && datum.method != 'dino'"
     base = alt.Chart()
     lines = base.mark_line(point=alt.OverlayMarkDef(filled=True, size=40)).encode(
         x=x, y=y, color=color, opacity=fade, tooltip=tooltip).transform_filter(not_dino).add_params(pick)
     layers = [lines]
+    if (t["kind"] == "paper").any():  # the published curves: thin dashed lines, the DINO baseline a dotted rule
+        ref_tip = [alt.Tooltip("series:N", title="published"), alt.Tooltip("code_dim:Q", title="D"),
+                   alt.Tooltip("probe:N"), alt.Tooltip("mean:Q", title="value (read off the figure)", format=".1f")]
+        layers.append(base.mark_line(strokeDash=[5, 3], strokeWidth=1.3, point=alt.OverlayMarkDef(size=12)).encode(
+            x=x, y=y, color=color, opacity=fade, tooltip=ref_tip).transform_filter(
+            f"{paper} && datum.method != 'dino'"))
+        layers.append(base.mark_rule(strokeDash=[1, 3], strokeWidth=1.5).encode(
+            y=y, color=color, opacity=fade, tooltip=ref_tip).transform_filter(f"{paper} && datum.method == 'dino'"))
     several = f"{not_dino} && datum.n_seeds > 1"
     if not (t["n_seeds"] > 1).any():
         spread = "none"  # one seed everywhere: nothing to draw (and no empty layers)
@@ -488,7 +568,8 @@ def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), 
                       .transform_filter(f"{is_dino} && datum.n_seeds > 1"))
     params = []
     if slider:
-        lo, hi = float(t["log2_dim"].min()), float(t["log2_dim"].max())
+        own = t[t["kind"] == "ours"]
+        lo, hi = float(own["log2_dim"].min()), float(own["log2_dim"].max())
         mid = float(np.log2(dims[len(dims) // 2]))
         params.append(alt.param(name="log2_D", value=round(mid, 2), bind=alt.binding_range(
             min=round(lo, 2), max=round(hi, 2), step=0.05, name="log₂ D: pick a dimension ")))

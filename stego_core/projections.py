@@ -26,10 +26,12 @@ Transform ``transform(feats [B, C, h, w]) -> [B, k, h, w]`` float32 (tensor in -
 ndarray in -> ndarray), or ``transform_tokens(X [N, C]) -> [N, k]``:
 
 - ``standardize="per_batch"`` (the study's protocol, quirk 15): the tokens of the batch being transformed are
-  standardised with the batch's *own* per-channel mean and population std, exactly as the original — no epsilon, so
-  a channel that is constant over the batch gives inf/NaN like the original would (never seen with real backbone
-  features; a batch of one token always does this, so don't project single tokens this way). The projected code
-  therefore depends on the batch composition (validation batches of 8, training 32/16, h-NNE caches 512).
+  standardised with the batch's *own* per-channel mean and population std, exactly as the original. A channel that
+  is constant over the batch: PCA divides by its zero std (the study's PCA forward is plain torch, no epsilon, so
+  inf/NaN as there; never seen with real backbone features, but a batch of one token always does it, so don't
+  project single tokens this way), while RP and h-NNE give it scale 1, i.e. the value 0 (the study standardised
+  their batches with scikit-learn's ``StandardScaler().fit_transform``). The projected code therefore depends on the
+  batch composition (validation batches of 8, training 32/16, h-NNE caches 512).
 - ``standardize="train"`` (corrected): the fitted ``mean_`` / ``scale_`` are used, so each token maps the same way in
   every batch; zero-variance channels are guarded by StandardScaler's scale 1.
 Then the standardised tokens are multiplied by the first k axes (``X @ components_.T``, no further centring: PCA's
@@ -37,10 +39,11 @@ own mean is ~0 on standardised data and the original ignores it too). The origin
 scikit-learn (float64 on old versions); here codes are always float32.
 
 Helpers: ``make_projection(method, k, **kw)`` (registry ``PROJECTIONS``: "pca", "rp", "hnne", "identity"),
-``fit_projection(method, k, store, ...)`` (fit on the first ``n_images`` of a feature store, optional token sample and
-on-disk cache; the one function that fits), ``fitted_projections(method, root)`` (the cached fits, read back for the
-figures), ``project_store(proj, store, root)`` (precompute projected features into a resumable store —
-``ProjectedStore`` — used for h-NNE, whose on-the-fly transform is too slow for training).
+``fit_projection(method, k, store, ...)`` (fit on a seeded random sample of ``n_images`` items of a feature store,
+optional token sample and on-disk cache; the one function that fits), ``fitted_projections(method, root)`` (the
+cached fits, read back for the figures), ``project_store(proj, store, root)`` (precompute projected features into a
+resumable store — ``ProjectedStore`` — used for h-NNE, whose on-the-fly transform is too slow for training; the
+batches are random mixes of the store, as the study's were of its shuffled cache).
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ from .config import StegoError, artifact_dir, check_choice, check_int, config_ha
 
 __all__ = [
     "STANDARDIZE", "PROJECTIONS", "PCAProjection", "RandomProjection", "HNNEProjection", "IdentityProjection",
-    "make_projection", "fit_projection", "fitted_projections", "project_store", "open_projected_store",
+    "make_projection", "fit_projection", "fit_items", "fitted_projections", "project_store", "open_projected_store",
     "ProjectedStore",
 ]
 
@@ -164,11 +167,21 @@ class _Projection(BaseEstimator):
         if not hasattr(self, "mean_"):
             raise StegoError(f"{type(self).__name__}: not fitted yet; call fit(X) on token vectors [N, C] first")
 
+    # per-batch standardisation of a channel constant over the batch: False divides by its zero std (the study's
+    # torch PCA forward), True gives it scale 1 like scikit-learn's StandardScaler (the study's RP / h-NNE forward)
+    _constant_scale_one = False
+
     def _standardize(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.standardize == "per_batch":
-            # The study: the batch's own statistics, population std, no epsilon (quirk 15).
+            # The study: the batch's own statistics, population std (quirk 15).
             mean = tokens.mean(dim=0, keepdim=True)  # [1, C]
             std = tokens.std(dim=0, unbiased=False, keepdim=True)  # [1, C]
+            if self._constant_scale_one:
+                lo = tokens.amin(dim=0, keepdim=True)  # [1, C]
+                constant = lo == tokens.amax(dim=0, keepdim=True)  # [1, C]
+                # StandardScaler: scale 1 and (in float64) the exact mean, so the channel becomes exactly 0
+                mean = torch.where(constant, lo, mean)
+                std = torch.where(constant, torch.ones_like(std), std)
             return (tokens - mean) / std
         return (tokens - self._torch("mean_", tokens.device, tokens.dtype)) / self._torch(
             "scale_", tokens.device, tokens.dtype)
@@ -268,6 +281,7 @@ class RandomProjection(_Projection):
     """
 
     method = "rp"
+    _constant_scale_one = True  # the study standardised RP batches with StandardScaler
 
     def __init__(self, n_components: int, *, standardize: str = "per_batch", random_state: int | None = 0):
         self.n_components = n_components
@@ -289,6 +303,7 @@ class HNNEProjection(_Projection):
     """
 
     method = "hnne"
+    _constant_scale_one = True  # the study standardised h-NNE batches with StandardScaler
 
     def __init__(self, n_components: int, *, standardize: str = "per_batch", metric: str = "cosine",
                  random_state: int | None = 0, hnne_version: str = "v1", radius: float = 0.45,
@@ -392,15 +407,29 @@ def _store_geometry(store: Any) -> tuple[int, int, int, int]:
     return n, int(feats.shape[1]), int(feats.shape[2]), int(feats.shape[3])
 
 
-def _store_tokens(store: Any, n_images: int, n_tokens: int | None, random_state: int, *,
-                  chunk: int = 64, progress: bool = False) -> np.ndarray:
-    """Tokens [N, C] float32 of the first ``n_images`` items, optionally a uniform sample of ``n_tokens`` of them.
+def fit_items(n_items: int, n_images: int, item_seed: int = 0) -> np.ndarray:
+    """The store items a projection is fitted on: all of them when ``n_images >= n_items``, else a seeded random
+    sample of ``n_images`` (sorted; the first ``n_images`` of a permutation drawn from ``item_seed``).
 
-    The sample is drawn without replacement over all n_images*h*w tokens (torch.randperm, seeded by
+    The study fitted on "the first 5,000 images" of a training cache written in shuffled order, i.e. on a random
+    subset; taking items 0..N-1 of our stores (which keep dataset order) would fit on the first source images of a
+    five-crop tree or on a handful of Cityscapes cities instead.
+    """
+    check_int("n_images", n_images, minimum=1)
+    if n_images >= n_items:
+        return np.arange(n_items)
+    return np.sort(np.random.default_rng(item_seed).permutation(n_items)[:n_images])
+
+
+def _store_tokens(store: Any, items: np.ndarray, n_tokens: int | None, random_state: int, *,
+                  chunk: int = 64, progress: bool = False) -> np.ndarray:
+    """Tokens [N, C] float32 of the store items ``items``, optionally a uniform sample of ``n_tokens`` of them.
+
+    The sample is drawn without replacement over all len(items)*h*w tokens (torch.randperm, seeded by
     ``random_state``) and gathered chunk by chunk, so only the sample is ever held in memory.
     """
-    n_items, c, h, w = _store_geometry(store)
-    n_img = min(n_images, n_items)
+    _, c, h, w = _store_geometry(store)
+    n_img = len(items)
     total = n_img * h * w
     if n_tokens is not None and n_tokens < total:
         gen = torch.Generator().manual_seed(int(random_state))
@@ -412,7 +441,7 @@ def _store_tokens(store: Any, n_images: int, n_tokens: int | None, random_state:
     per_img = h * w
     for start in tqdm(range(0, n_img, chunk), desc="reading features", disable=not progress):
         stop = min(start + chunk, n_img)
-        feats = store.read(list(range(start, stop)))["feats"]
+        feats = store.read(items[start:stop])["feats"]
         tokens, _ = _feats_to_tokens(torch.as_tensor(feats).float())  # [n*h*w, C], row = (image, y, x)
         tokens = tokens.numpy()
         if chosen is None:
@@ -427,10 +456,11 @@ def _store_tokens(store: Any, n_images: int, n_tokens: int | None, random_state:
 
 
 def _fit_key(method: str, k: int | None, store: Any, n_images: int, n_tokens: int | None, random_state: int,
-             kw: Mapping[str, Any]) -> dict:
+             kw: Mapping[str, Any], item_seed: int = 0) -> dict:
     meta = getattr(store, "meta", {}) or {}
     key = {"method": method, "k": k, "store": str(getattr(store, "path", "")), "n_images": n_images,
-           "n_tokens": n_tokens, "random_state": random_state, "options": dict(kw),
+           "items": f"random sample, seed {item_seed}", "n_tokens": n_tokens, "random_state": random_state,
+           "options": dict(kw),
            "source": {name: meta.get(name) for name in ("dataset", "split", "backbone", "res", "crop", "n_items")}}
     if method == "pca":  # one PCA serves every k; standardize only matters at transform time
         key["k"] = None
@@ -440,10 +470,13 @@ def _fit_key(method: str, k: int | None, store: Any, n_images: int, n_tokens: in
 
 
 def fit_projection(method: str, k: int | None, store: Any, *, n_images: int = 5000, n_tokens: int | None = None,
-                   random_state: int = 0, root: str | os.PathLike | None = None, progress: bool = False,
-                   **kw: Any) -> _Projection:
-    """Fit a projection on the first ``n_images`` items of a FeatureStore (study: 5000 cached training images).
+                   random_state: int = 0, item_seed: int = 0, root: str | os.PathLike | None = None,
+                   progress: bool = False, **kw: Any) -> _Projection:
+    """Fit a projection on ``n_images`` items of a FeatureStore drawn at random (study: 5000 cached training images).
 
+    The items are ``fit_items(len(store), n_images, item_seed)``: a seeded random sample, like the first 5,000
+    images of the study's training cache, which was written in shuffled order (one fixed shuffle, so every method
+    and k of a store sees the same images; ``item_seed`` picks it).
     ``n_tokens``: fit on a uniform sample of that many tokens (None = all; h-NNE: None means the study's 1e6). The
     sample is drawn from ``random_state`` for every fit (the study seeded once per script, so each k of its loop
     saw a different subset).
@@ -453,6 +486,7 @@ def fit_projection(method: str, k: int | None, store: Any, *, n_images: int = 50
     """
     check_choice("method", method, PROJECTIONS)
     check_int("n_images", n_images, minimum=1)
+    check_int("item_seed", item_seed, minimum=0)
     if n_tokens is not None:
         check_int("n_tokens", n_tokens, minimum=2)
     if method == "hnne" and n_tokens is None:
@@ -465,7 +499,7 @@ def fit_projection(method: str, k: int | None, store: Any, *, n_images: int = 50
 
     cache_file = None
     if root is not None:
-        key = _fit_key(method, k, store, n_images, n_tokens, random_state, kw)
+        key = _fit_key(method, k, store, n_images, n_tokens, random_state, kw, item_seed)
         cache_file = artifact_dir("projections", method, key, root) / "projection.pkl"
         if cache_file.exists():
             with open(cache_file, "rb") as fh:
@@ -475,13 +509,14 @@ def fit_projection(method: str, k: int | None, store: Any, *, n_images: int = 50
                 cached.standardize = kw.get("standardize", "per_batch")
             return cached
 
-    X = _store_tokens(store, n_images, n_tokens, random_state, progress=progress)
+    X = _store_tokens(store, fit_items(len(store), n_images, item_seed), n_tokens, random_state,
+                      progress=progress)
     proj._fit_tokens(X, copy=False)  # X is ours: standardise it in place
     del X
     if cache_file is not None:
         _write_pickle_atomic(cache_file, proj)
         write_json_atomic(cache_file.parent / "meta.json", _fit_key(method, k, store, n_images, n_tokens,
-                                                                   random_state, kw))
+                                                                   random_state, kw, item_seed))
     return proj
 
 
@@ -582,22 +617,29 @@ def _projection_fingerprint(proj: _Projection) -> str:
 
 
 def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None = None, *, batch_size: int = 512,
-                  progress: bool = True) -> ProjectedStore:
+                  shuffle: bool = True, seed: int = 0, progress: bool = True) -> ProjectedStore:
     """Precompute ``proj.transform`` of every item of ``store`` into ``<root>/projected/<name>-<hash>/``.
 
-    Batches of ``batch_size`` images in store order (the study: 512, per-batch standardisation, CPU). Resumable:
-    ``progress.json`` records the items written, and a re-run continues from there; ``DONE`` is written last and a
-    finished store is reopened without work. The key hashes the source store and the fitted projection.
+    Batches of ``batch_size`` images (the study: 512, per-batch standardisation, CPU). ``shuffle=True``: each batch
+    is a random mix of the store (consecutive stretches of a permutation drawn from ``seed``), as the study's were:
+    it projected its training cache, written in shuffled order, in consecutive batches. ``shuffle=False``: batches
+    of consecutive items (the study's validation cache was written in order). Either way row i of the result is
+    item i of the store. Resumable: ``progress.json`` records how many items (in batch order) are written, and a
+    re-run continues from there; ``DONE`` is written last and a finished store is reopened without work. The key
+    hashes the source store, the fitted projection and the batching.
     """
     proj._check_fitted()
     check_int("batch_size", batch_size, minimum=1)
+    check_int("seed", seed, minimum=0)
     n, c, h, w = _store_geometry(store)
     if c != proj.n_features_in_:
         raise StegoError(f"store: features have {c} channels but the projection was fitted on {proj.n_features_in_}")
     k = proj.n_components_out
     src_meta = dict(getattr(store, "meta", {}) or {})
+    batches = f"shuffled, seed {seed}" if shuffle else "in order"
     cfg = {"source": str(getattr(store, "path", "")), "source_meta": src_meta, "method": proj.method, "k": k,
-           "params": proj.get_params(), "fit": _projection_fingerprint(proj), "batch_size": batch_size}
+           "params": proj.get_params(), "fit": _projection_fingerprint(proj), "batch_size": batch_size,
+           "batches": batches}
     name = "-".join(str(src_meta.get(f, "store")) for f in ("dataset", "split", "backbone")) + f"-{proj.method}{k}"
     folder = artifact_dir("projected", name, cfg, root)
     if (folder / "DONE").exists():
@@ -606,7 +648,7 @@ def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None 
 
     meta = {**src_meta, "dim": k, "grid": [h, w], "n_items": n,
             "projection": {"method": proj.method, "k": k, "params": proj.get_params(), "batch_size": batch_size,
-                           "source": cfg["source"], "config_hash": config_hash(cfg)}}
+                           "batches": batches, "source": cfg["source"], "config_hash": config_hash(cfg)}}
     write_json_atomic(folder / "meta.json", meta)
     feats_path = folder / "feats.npy"
     progress_path = folder / "progress.json"
@@ -616,11 +658,13 @@ def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None 
         out = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float32, shape=(n, k, h, w))
     else:
         out = np.load(feats_path, mmap_mode="r+")
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     with tqdm(total=n, initial=done, desc=f"projecting ({proj.method}-{k})", unit="img", disable=not progress) as bar:
         for start in range(done, n, batch_size):
             stop = min(start + batch_size, n)
-            feats = torch.as_tensor(store.read(list(range(start, stop)))["feats"]).float()
-            out[start:stop] = proj.transform(feats).cpu().numpy()
+            items = np.sort(order[start:stop])  # one batch; sorted reads are cheaper and the statistics the same
+            feats = torch.as_tensor(store.read(items)["feats"]).float()
+            out[items] = proj.transform(feats).cpu().numpy()  # rows stay in item order
             out.flush()
             write_json_atomic(progress_path, {"items_done": stop})
             bar.update(stop - start)

@@ -14,15 +14,18 @@ What one run does (stego-spec.md §2-§5, §7.1, §8.4):
   cross-entropy with logits upsampled to the label size), one backward, Adam steps for head (``lr``), cluster probe
   and linear probe (``probe_lr``).
 - Methods other than ``"stego"`` (the study's baselines, §8.1/§8.4) build no head and no correspondence loss: the
-  code is a fixed projection of the features (identity for ``"dino"``, PCA / Gaussian RP / h-NNE fitted on the first
-  ``n_fit_images`` training images) and only the probes learn, with the identical probe schedule, so the comparison
-  is fair. h-NNE, too slow per batch, is applied once to both stores (``projections.project_store``, as the study
-  precomputed its h-NNE caches) and training reads the projected copies.
-- Validation every ``val_freq`` steps and after the last one over the whole validation store (§7.1), through the
+  code is a fixed projection of the features (identity for ``"dino"``, PCA / Gaussian RP / h-NNE fitted on a seeded
+  random sample of ``n_fit_images`` training items) and only the probes learn, with the identical probe schedule,
+  so the comparison is fair. h-NNE, too slow per batch, is applied once to both stores (``projections.project_store``,
+  as the study precomputed its h-NNE caches; training batches of random items, validation in order) and training
+  reads the projected copies.
+- Validation over the whole validation store (§7.1) at the steps ``validation_steps`` gives (below), through the
   same prediction path as every other consumer (a ``stego_core.segmenter.Segmenter`` over the run's modules, scored
   by ``stego_core.evaluation.evaluate_batches``): code upsampled bilinearly to the label resolution, cluster and
-  linear predictions, pooled confusion matrices with Hungarian (cluster) and identity (linear) assignment. The best checkpoint by validation cluster mIoU and the last one are
-  kept in the run folder ``<root>/runs/<dataset>-<method>-d<code_dim>-s<seed>-<hash>/`` beside ``meta.json``.
+  linear predictions, pooled confusion matrices with Hungarian (cluster) and identity (linear) assignment. The best
+  checkpoint by validation cluster mIoU and the last one (the final weights, saved after the last step whether or
+  not it validated) are kept in the run folder ``<root>/runs/<dataset>-<method>-d<code_dim>-s<seed>-<hash>/``
+  beside ``meta.json``.
 - Checkpoints hold the optimiser and RNG states, so a run interrupted (crash, kill, ``max_steps_this_call``) and
   resumed ends with the same weights as an uninterrupted one (bit-identical on CPU). ``results.csv`` (tidy rows,
   ``stego_core.results``) and a ``DONE`` marker are written at the end; a finished run is loaded, not retrained.
@@ -32,6 +35,19 @@ What one run does (stego-spec.md §2-§5, §7.1, §8.4):
   so a run trained on a GPU loads anywhere (``Segmenter.from_run(run_dir, device=...)``).
 - The kNN table of the training store is built by the feature stage (``01_features``, ``knn.build_knn``); a missing
   one stops training with the command that builds it (``knn.require_knn``).
+
+When validation runs (``validation_steps``). ``"original"`` reproduces PyTorch Lightning 1.x, which ran the
+reference's loop (``Trainer(max_steps=..., val_check_interval=val_freq)``): the interval is counted in batches
+*within each epoch* (``_should_check_val_fx``: validate after batch ``i`` of an epoch, 0-based, when
+``(i + 1) % val_freq == 0``; the counter restarts with every epoch), and reaching ``max_steps`` adds no validation
+of its own. With E = ceil(items / batch_size) batches per epoch that is global steps e·E + j·val_freq (j ≥ 1,
+j·val_freq ≤ E). Where PL 1.x would refuse to start (val_freq > E raises a ValueError), we validate once per epoch
+at its last batch, which is what STEGO's own ``train_segmentation.py`` falls back to (it drops
+``val_check_interval`` already when it exceeds a quarter epoch; stego-studies dropped that rule). Not reproduced:
+PL's two-batch sanity check before training (its metrics were never logged). Should a run end before any of those
+steps (fewer steps than one interval or epoch), it validates once after its last step, so that every run has a
+best checkpoint and results rows; the study never ran that short. ``"corrected"`` validates every ``val_freq``
+global steps and after the last step (the final weights are always scored).
 
 Protocols. ``"original"`` copies the reference: the kNN table built from channel-dropped descriptors (§4, quirk 1),
 a third channel dropout on the features that make the correspondence tensor F (§1.3, quirk 2), per-batch
@@ -86,6 +102,7 @@ __all__ = [
     "train",
     "run_dir_for",
     "resolve_device",
+    "validation_steps",
 ]
 
 METHODS = ("stego", "dino", "pca", "rp", "hnne")
@@ -120,7 +137,7 @@ class TrainConfig:
     seed: int = 0  # seeds initialisation, batch order, kNN partner ranks, dropout and point sampling
     protocol: str = "original"  # "original" copies the reference's quirks; "corrected" fixes them (module doc)
     feature_source: str = "cache"  # "cache": stored features; "live": backbone on the stored images every step
-    val_freq: int = 100  # validate (and checkpoint) every this many steps, and after the last step
+    val_freq: int = 100  # validate (and checkpoint) every this many steps (original: counted within each epoch)
     lr: float = 5e-4  # Adam learning rate of the head
     probe_lr: float = 5e-3  # Adam learning rate of both probes (hard-coded in the reference)
     n_neighbors: int = 7  # partners are drawn from kNN ranks 1..n_neighbors (rank 0 is the image itself)
@@ -130,7 +147,7 @@ class TrainConfig:
     stabilize: bool = False  # also clamp them at 0.8 from above (reference "stabalize", off)
     extra_clusters: int = 0  # E: cluster-probe centres beyond the K classes (0 in every published run)
     val_batch_size: int = 8  # validation batch (matters for per-batch standardised projections; studies: 8)
-    n_fit_images: int = 5000  # training images whose tokens fit PCA / RP / h-NNE (studies: first 5000)
+    n_fit_images: int = 5000  # training images whose tokens fit PCA / RP / h-NNE (studies: 5000 of a shuffled cache)
     hnne_tokens: int = 1_000_000  # h-NNE is fitted on a uniform sample of this many of those tokens (study: 1e6)
 
     def __post_init__(self) -> None:
@@ -341,6 +358,26 @@ def _pickle_atomic(obj: Any, path: Path) -> None:
         raise
 
 
+def validation_steps(steps: int, val_freq: int, n_items: int, batch_size: int,
+                     protocol: str = "original") -> list[int]:
+    """The global steps (1-based, ascending) after which a run of ``steps`` steps validates (module docstring).
+
+    "original": PyTorch Lightning 1.x's ``val_check_interval`` counted within each epoch of E = ceil(n_items /
+    batch_size) batches (once per epoch, at its last batch, when val_freq > E), nothing extra at the last step.
+    "corrected": every ``val_freq`` steps and after the last one. Never empty: a run too short for the rule
+    validates after its last step.
+    """
+    for name, value in (("steps", steps), ("val_freq", val_freq), ("n_items", n_items), ("batch_size", batch_size)):
+        check_int(name, value, minimum=1)
+    check_choice("protocol", protocol, PROTOCOLS)
+    if protocol == "corrected":
+        return sorted(set(range(val_freq, steps + 1, val_freq)) | {steps})
+    per_epoch = -(-n_items // batch_size)  # batches per epoch (the loader keeps the last, short batch)
+    interval = val_freq if val_freq <= per_epoch else per_epoch
+    out = [s for s in range(1, steps + 1) if ((s - 1) % per_epoch + 1) % interval == 0]
+    return out or [steps]
+
+
 def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> Tensor:
     """Item indices of training step ``step`` (0-based): epochs of a seeded permutation, last batch kept short
     (``drop_last=False``). Stateless in ``step``, so resuming needs no sampler state."""
@@ -407,7 +444,7 @@ def _load_live_backbone(store: Any, backbone: nn.Module | None, device: torch.de
 
 
 def _make_projection(cfg: TrainConfig, store: Any, in_dim: int, root, progress: bool) -> Any:
-    """Fit the baseline's projection on the tokens of the first ``n_fit_images`` training items (spec §8.3;
+    """Fit the baseline's projection on the tokens of ``n_fit_images`` random training items (spec §8.3;
     h-NNE on a sample of ``hnne_tokens`` of those tokens, the study's 1e6 by default). PCA fits are cached under
     ``<root>/projections`` and shared by all dims."""
     from .projections import fit_projection
@@ -576,11 +613,12 @@ def train(
     train_src, val_src = train_store, val_store
     if cfg.method == "hnne":
         # h-NNE is too slow to apply per batch: like the study, precompute projected copies of both stores
-        # (batches of 512, per-batch standardisation under the original protocol) and train on those.
+        # (batches of 512, per-batch standardisation under the original protocol) and train on those. The study's
+        # training cache was shuffled, so its batches were random mixes; its validation cache was in order.
         from .projections import project_store
 
-        train_src = project_store(projection, train_store, artifacts_root(root), progress=progress)
-        val_src = project_store(projection, val_store, artifacts_root(root), progress=progress)
+        train_src = project_store(projection, train_store, artifacts_root(root), shuffle=True, progress=progress)
+        val_src = project_store(projection, val_store, artifacts_root(root), shuffle=False, progress=progress)
 
     bb = _load_live_backbone(train_store, backbone, dev) if live else None
     limit = int(preload_mb) << 20
@@ -660,6 +698,8 @@ def train(
     for m in modules:
         m.train()
     stop_at = cfg.steps if max_steps_this_call is None else min(cfg.steps, step + max_steps_this_call)
+    validate_at = set(validation_steps(cfg.steps, cfg.val_freq, train_feats.n, cfg.batch_size, cfg.protocol))
+    saved_at = step if last_path.exists() else None  # the step last.pt holds
     code_corr = None
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.run_name, disable=not progress, unit="step")
     try:
@@ -712,7 +752,7 @@ def train(
                 history.extend({"step": step, "split": "train", "metric": k, "value": v} for k, v in logs.items())
                 bar.set_postfix(loss=f"{logs['loss/total']:.4f}", refresh=False)
 
-            if step % cfg.val_freq == 0 or step == cfg.steps:
+            if step in validate_at:
                 metrics = _validate(step_segmenter, val_feats, cfg)
                 history.extend({"step": step, "split": "val", "metric": k, "value": v} for k, v in metrics.items())
                 last_metrics = {"step": step, **metrics}
@@ -722,10 +762,11 @@ def train(
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", val_cluster_mIoU=f"{metrics['cluster/mIoU']:.1f}",
                                 refresh=False)
                 save_last(step)
+                saved_at = step
             if callback is not None:
                 callback(step, logs)
-        if step < cfg.steps and (not last_path.exists() or step % cfg.val_freq != 0):
-            save_last(step)  # stopped by max_steps_this_call: keep the exact position
+        if saved_at != step:
+            save_last(step)  # the final weights, or the exact position when stopped by max_steps_this_call
     finally:
         bar.close()
 

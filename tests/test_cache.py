@@ -299,6 +299,7 @@ def test_names_resolve_through_the_registries(tmp_path, monkeypatch):
     assert len(store) == 3 and store.meta["dataset"] == "mosaic" and store.meta["backbone"] == "efficientnet_lite0"
     assert store.meta["dataset_options"] == {"n_images": 3, "scene_size": 64} and store.res == 32
     assert store.meta["weights"] == "random" and Path(store.path).name.startswith("mosaic-val-efficientnet_lite0-32-")
+    assert store.meta["weights_source"] == "random (seed 0)"  # which weights the features came from
     from stego_core.data import load_dataset
 
     ds = load_dataset("mosaic", "val", res=32, n_images=3, scene_size=64)
@@ -310,3 +311,17 @@ def test_names_resolve_through_the_registries(tmp_path, monkeypatch):
     assert cache_features("mosaic", "val", "efficientnet_lite0", **kw).path == store.path and len(loads) == 1
     # other weights are another store
     assert cache_features("mosaic", "val", "efficientnet_lite0", **{**kw, "weights": None}).path != store.path
+
+
+def test_meta_names_the_weights_file(tmp_path, monkeypatch):
+    """The store says which file its features came from; the DINO default is the study's 300-epoch ViT-S/8."""
+    import stego_core.backbones as backbones
+    from stego_core.cache import cache_features
+
+    monkeypatch.setattr(backbones, "load_backbone", lambda name, weights=None, *, device="cpu": FakeBackbone())
+    kw = dict(res=32, dataset_options={"n_images": 2, "scene_size": 64}, root=tmp_path, progress=False)
+    store = cache_features("mosaic", "val", "dino_vits8", **kw)
+    assert store.meta["weights_source"] == ("https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/"
+                                            "dino_deitsmall8_300ep_pretrain.pth")
+    local = cache_features("mosaic", "val", "dino_vits8", weights=str(tmp_path / "mine.pth"), **kw)
+    assert local.meta["weights_source"] == str(tmp_path / "mine.pth") and local.path != store.path

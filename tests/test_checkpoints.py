@@ -214,3 +214,20 @@ def test_backbone_names():
     assert backbone_name_for("vit_small", 16) == "dino_vits16"
     with pytest.raises(StegoError, match="model_type"):
         backbone_name_for("vit_huge", 14)
+
+
+def test_built_backbone_names_the_checkpoint_as_its_weights():
+    import timm
+
+    from stego_core.checkpoints import LoadedCheckpoint
+    from stego_core.heads import STEGOHead
+    from stego_core.probes import ClusterProbe, LinearProbe
+
+    vit = timm.create_model("vit_small_patch16_224.dino", pretrained=False)
+    ck = LoadedCheckpoint(path="released/model.ckpt", backbone_name="dino_vits16", dataset="cocostuff27",
+                          code_dim=5, n_classes=27, extra_clusters=0, head=STEGOHead(384, 5),
+                          cluster_probe=ClusterProbe(5, 27), linear_probe=LinearProbe(5, 27),
+                          backbone_state=vit.state_dict(), hparams={})
+    backbone = ck.build_backbone()
+    assert torch.equal(backbone.vit.pos_embed, vit.pos_embed)
+    assert "released/model.ckpt" in backbone.weights_source  # not the temporary file the weights went through

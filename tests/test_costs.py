@@ -21,7 +21,8 @@ def test_throughput_scales_with_flops():
     # 320 px: N = 1601 vs 785 tokens; per block 24 N C^2 + 4 N^2 C
     c = 768
     ratio = (24 * 785 * c * c + 4 * 785 ** 2 * c) / (24 * 1601 * c * c + 4 * 1601 ** 2 * c)
-    assert costs.throughput("dino_vitb8", 320) == pytest.approx(ref["bf16"] * ratio)
+    assert costs.throughput("dino_vitb8", 320, "bf16") == pytest.approx(ref["bf16"] * ratio)
+    assert costs.throughput("dino_vitb8", 320) == pytest.approx(ref["fp32"] * ratio)  # 01_features' precision
     assert costs.throughput("dino_vits8", 224) > 3 * costs.throughput("dino_vitb8", 224)  # ~4x fewer FLOPs
 
 
@@ -36,6 +37,7 @@ def test_step_seconds():
 def test_dataset_costs_by_hand():
     c = costs.dataset_costs("cocostuff27")
     n_train, n_val = 49_629 * 5, 2_175
+    assert costs.throughput("dino_vitb8", 224) == pytest.approx(255.0)  # the default is fp32, as 01_features
     assert c["train_items"] == n_train and c["val_images"] == n_val
     assert c["feature_store_bytes"] == n_train * costs.feature_bytes_per_image("dino_vitb8", 224) + \
         n_val * costs.feature_bytes_per_image("dino_vitb8", 320)
@@ -58,10 +60,15 @@ def test_table_and_sweep():
     row = table.iloc[0]
     parts = row["download GB"] + row["five-crop GB"] + row["feature store GB"] + row["kNN MB"] / 1000
     assert row["disk total GB"] == pytest.approx(parts)
-    gpu = row["caching GPU min"] + row["training GPU min"] + row["evaluation GPU min"]
+    gpu = row["caching GPU min"] + row["training GPU min"] + row["validation GPU min"] + row["evaluation GPU min"]
     assert row["GPU total min"] == pytest.approx(gpu)
     sweep = costs.study_hours("potsdam")
-    assert sweep["runs"] > 10 and sweep["total_h"] == pytest.approx(sweep["cache_h"] + sweep["train_h"] + sweep["eval_h"])
+    parts = sweep["cache_h"] + sweep["train_h"] + sweep["validation_h"] + sweep["eval_h"] + sweep["disk_read_h"]
+    assert sweep["runs"] > 10 and sweep["total_h"] == pytest.approx(parts)
+    one = costs.dataset_costs("potsdam")  # every run reads its batches and validation passes again
+    reads = one["cache_read_bytes"] + sweep["runs"] * (one["train_read_bytes"] + one["val_read_bytes"])
+    assert sweep["disk_read_h"] == pytest.approx(reads / 2e9 / 3600)
+    assert sweep["validation_h"] == pytest.approx(sweep["runs"] * one["val_gpu_s"] / 3600)
     assert costs.study_hours("potsdam", seeds=2)["runs"] == 2 * sweep["runs"]
 
 
@@ -73,3 +80,30 @@ def test_bad_input_and_formatting():
     with pytest.raises(StegoError, match="dataset"):
         costs.dataset_costs("mosaic")
     assert costs.format_bytes(999) == "999 B" and costs.format_bytes(1_234_567) == "1.2 MB"
+
+
+def test_validations_and_disk_reads_by_hand():
+    item224 = costs.feature_bytes_per_image("dino_vitb8", 224)
+    item320 = costs.feature_bytes_per_image("dino_vitb8", 320)
+    c = costs.dataset_costs("cocostuff27")
+    # one epoch of 248,145 crops / batch 32 = 7,755 batches outlasts 7,000 steps: a validation every 100 steps
+    assert c["validations"] == 70 == costs.n_validations("cocostuff27")
+    assert c["val_gpu_s"] == pytest.approx(70 * 2_175 * 0.014 / 32)
+    assert c["train_read_bytes"] == 7000 * 2 * 32 * item224  # batch + one partner per item, whole store items
+    assert c["val_read_bytes"] == 70 * 2_175 * item320  # the whole validation store every validation
+    assert c["cache_read_bytes"] == c["five_crop_bytes"] + 2_175 * (152_000 + 5_000)
+    assert c["read_s"] == pytest.approx((c["cache_read_bytes"] + c["train_read_bytes"] + c["val_read_bytes"]) / 2e9)
+    # Cityscapes: 14,875 crops / 32 = 465 batches per epoch, 4 validations in each of 15 whole epochs
+    assert costs.dataset_costs("cityscapes")["validations"] == 60
+    # Potsdam: 4,545 / 16 = 285 batches per epoch: 2 per epoch, 17 whole epochs + step 100 of the 18th
+    assert costs.dataset_costs("potsdam")["validations"] == 35
+    assert costs.dataset_costs("potsdam", protocol="corrected")["validations"] == 50  # every 100 steps
+    live = costs.dataset_costs("potsdam", source="live")
+    per_pass = 855 * 0.014 / 32 + 855 / costs.throughput("dino_vits8", 320, "fp32")
+    assert live["val_gpu_s"] == pytest.approx(35 * per_pass)  # live: the backbone runs at every validation
+    assert live["val_read_bytes"] == 35 * 855 * 2 * 160_000 and live["feature_store_bytes"] == 0
+    row = costs.cost_table(["cocostuff27"]).iloc[0]
+    gpu = row["caching GPU min"] + row["training GPU min"] + row["validation GPU min"] + row["evaluation GPU min"]
+    assert row["GPU total min"] == pytest.approx(gpu)
+    assert row["wall total min"] == pytest.approx(gpu + c["read_s"] / 60)
+    assert row["disk reads GB"] == pytest.approx(c["read_bytes"] / 1e9)

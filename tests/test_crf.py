@@ -159,3 +159,33 @@ def test_workers_argument_is_checked():
     with pytest.raises(StegoError, match="workers"):
         CRFPool(workers=0)
     assert CRFPool().workers == (os.cpu_count() or 1)
+
+
+def test_crf_bytes_match_torchvision_round_trip_for_every_byte(tmp_path):
+    """Quirk 9 exactly: a dataset item's image, handed to the CRF under "original", gives the bytes of the reference
+    chain ToTensor (x/255) -> Normalize -> UnNormalize (t*std + mean) -> to_pil_image (x255, truncate) -> BGR, for
+    all 256 byte values in every channel."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms.functional import to_pil_image
+
+    from stego_core.crf import image_bytes
+    from stego_core.data import load_dataset
+
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = np.stack([values, values[::-1], values.T], axis=-1)  # every byte value in every channel
+    (tmp_path / "imgs" / "val").mkdir(parents=True)
+    Image.fromarray(rgb).save(tmp_path / "imgs" / "val" / "all-bytes.png")
+    ds = load_dataset("directory", "val", res=16, crop="none", root=tmp_path, n_classes=2)
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    t = T.Normalize(mean, std)(T.ToTensor()(Image.fromarray(rgb)))
+    for c in range(3):  # STEGO's UnNormalize: in place, channel by channel
+        t[c].mul_(std[c]).add_(mean[c])
+    reference = np.array(to_pil_image(t))[:, :, ::-1]
+    ours = image_bytes(ds[0]["img"], protocol="original")
+    assert ours.shape == reference.shape == (16, 16, 3)
+    np.testing.assert_array_equal(ours, reference)
+    # the truncation matters: many bytes come back one lower than they went in, and "corrected" restores them all
+    assert (reference[:, :, ::-1] != rgb).mean() > 0.1
+    np.testing.assert_array_equal(image_bytes(ds[0]["img"], protocol="corrected"), rgb)

@@ -132,20 +132,44 @@ def test_dimension_ticks():
     assert figures.dimension_ticks([3, 48], extra=[112]) == [3, 6, 12, 24, 48, 96, 112]
 
 
-def test_variance_frame_matches_cumulative_sum(tmp_path):
-    ratio = np.array([0.5, 0.25, 0.125, 0.125])
-    frame = figures.variance_frame({"toy": ratio}, n_points=9)  # fractions 0, 1/8, ..., 1
+def test_variance_frame_is_drawn_as_the_study_did():
+    """stego-studies' plot_pca_cum_variance: x = np.linspace(0, 1, C) against the cumulative ratios, so the share of
+    the first i + 1 components sits at x = i / (C - 1)."""
+    ratio = np.array([0.4, 0.3, 0.2, 0.1])  # C = 4: cumulative 0.4, 0.7, 0.9, 1.0 at x = 0, 1/3, 2/3, 1
+    frame = figures.variance_frame({"toy": ratio}, n_points=7)  # fractions 0, 1/6, ..., 1
     got = frame.set_index("fraction")["cumulative"]
-    assert got.loc[0.0] == 0.0 and got.loc[1.0] == pytest.approx(1.0)
-    assert got.loc[0.25] == pytest.approx(0.5) and got.loc[0.5] == pytest.approx(0.75)
-    assert got.loc[0.125] == pytest.approx(0.25)  # halfway between 0 and the first component
+    assert got.iloc[0] == pytest.approx(0.4) and got.iloc[-1] == pytest.approx(1.0)
+    assert got.iloc[2] == pytest.approx(0.7) and got.iloc[4] == pytest.approx(0.9)  # x = 1/3 and 2/3
+    assert got.iloc[3] == pytest.approx(0.8)  # x = 1/2: halfway between 0.7 and 0.9
+    assert frame["components"].iloc[3] == pytest.approx(2.5)  # 1 + x (C - 1)
+    # the exact fraction of components instead: (k / C, share of the first k), from (0, 0)
+    exact = figures.variance_frame({"toy": ratio}, n_points=9, style="components").set_index("fraction")["cumulative"]
+    assert exact.iloc[0] == 0.0 and exact.iloc[2] == pytest.approx(0.4) and exact.iloc[4] == pytest.approx(0.7)
+    assert exact.iloc[1] == pytest.approx(0.2)  # halfway between 0 and the first component
     assert (np.diff(got.values) >= 0).all()
     with pytest.raises(StegoError, match="curves"):
         figures.variance_frame({"bad": [np.nan, 1.0]})
-    spec = figures.variance_chart(frame).to_dict()
-    assert spec["encoding"]["x"]["axis"]["values"] == [0.0, 0.0625, 0.25, 0.5, 0.75, 1.0]
-    assert "D/16" in spec["encoding"]["x"]["axis"]["labelExpr"]
-    assert spec["params"][0]["bind"] == "legend"
+    with pytest.raises(StegoError, match="style"):
+        figures.variance_frame({"toy": ratio}, style="exact")
+
+
+def test_variance_chart_shows_the_papers_points():
+    from stego_core import papers
+
+    frame = figures.variance_frame({"toy": np.array([0.5, 0.25, 0.125, 0.125])}, n_points=9)
+    spec = figures.variance_chart(frame, reference=papers.figure3_points()).to_dict()
+    line, points = spec["layer"]
+    assert line["encoding"]["x"]["axis"]["values"] == [0.0, 0.0625, 0.25, 0.5, 0.75, 1.0]
+    assert "D/16" in line["encoding"]["x"]["axis"]["labelExpr"]
+    assert [p["bind"] for p in spec["params"]] == ["legend"]
+    assert points["mark"]["shape"] == "diamond"
+    rows = spec["datasets"][points["data"]["name"]]
+    got = {(r["source"], r["fraction"]): r["cumulative"] for r in rows}
+    assert got[("Cityscapes · paper (read off the figure)", 0.25)] == 0.70
+    assert got[("Potsdam-3 · paper (read off the figure)", 0.5)] == 0.79
+    assert got[("COCO-Stuff-27 · paper (read off the figure)", 0.25)] == 0.55 and len(got) == 6
+    plain = figures.variance_chart(frame).to_dict()
+    assert len(plain["layer"]) == 1
 
 
 def test_pca_variance_curves_reads_cached_fits(tmp_path):
@@ -250,3 +274,42 @@ def test_dimension_table_from_results_store(tmp_path):
 
     table = figures.dimension_table(load_results(tmp_path))
     assert set(table["method"]) == {"stego", "dino"} and set(table["code_dim"]) == {3, 6, C}
+
+
+def test_dimension_chart_draws_the_papers_curves_for_a_paper_dataset():
+    from stego_core import papers
+
+    reference = figures.paper_dimension_table()
+    ours = figures.dimension_table(_results(dataset="cocostuff27"))
+    spec = _spec(figures.dimension_chart(ours, reference=reference))
+    rows = _data(spec)
+    published = [r for r in rows if r["kind"] == "paper"]
+    assert {r["dataset"] for r in published} == {"cocostuff27"}  # only the datasets that ran
+    got = {(r["method"], r["code_dim"], r["probe"]): r["mean"] for r in published}
+    want = papers.figure4_values("cocostuff27")
+    assert got == {(r.method, r.code_dim, r.probe): r.value for r in want.itertuples()}
+    assert got[("stego", 3, "cluster")] == 13 and got[("rp", 768, "linear")] == 39
+    assert got[("dino", 768, "cluster")] == 12.7
+    assert {r["series"] for r in published} == {"STEGO (paper)", "PCA (paper)", "RP (paper)", "DINO baseline (paper)"}
+    assert {r["panel"] for r in published} <= {r["panel"] for r in rows if r["kind"] == "ours"}
+    dashed = [lay for lay in _layers(spec) if lay["mark"].get("strokeDash") and "paper" in
+              lay.get("transform", [{}])[0].get("filter", "")]
+    assert len(dashed) == 2  # the curves and the DINO baseline's rule
+    assert "DINO baseline (paper)" in _layers(spec)[0]["encoding"]["color"]["scale"]["domain"]
+    # the demo's data: no published values to draw
+    demo = _spec(figures.dimension_chart(figures.dimension_table(_results()), reference=reference))
+    assert all(r["kind"] == "ours" for r in _data(demo))
+
+
+def test_paper_dimension_table_is_a_chart_of_the_published_figure():
+    from stego_core import papers
+
+    table = figures.paper_dimension_table()
+    assert set(table.columns) >= {"dataset", "method", "code_dim", "probe", "metric", "mean", "series"}
+    spec = _spec(figures.dimension_chart(table, slider=False, title="read off the figure"))
+    rows = _data(spec)
+    values = papers.figure4_values()
+    assert len(rows) == len(values)
+    assert {(r["dataset"], r["method"], r["code_dim"], r["probe"], r["mean"]) for r in rows} == \
+        {(r.dataset, r.method, r.code_dim, r.probe, r.value) for r in values.itertuples()}
+    assert len(spec["facet"]["column"]["sort"]) == 3 and "read off" in json.dumps(spec["title"])

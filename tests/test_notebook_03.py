@@ -53,6 +53,8 @@ def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
     assert glued["dim_min_dim"] == "3" and glued["dim_n_dims_pca"] == "1"
     charts = _charts(nb)
     assert len(charts) == 3  # Figure 3, Figure 4 (mIoU), accuracies
+    fig3_points = [r for rows in charts[0]["datasets"].values() for r in rows if "paper" in str(r.get("source"))]
+    assert len(fig3_points) == 6  # the paper's Figure 3 values, 2 per dataset, beside the demo's curve
     fig4 = charts[1]
     rows = next(iter(fig4["datasets"].values()))
     assert {r["series"] for r in rows} == {"STEGO", "PCA", "DINO baseline"}
@@ -74,14 +76,20 @@ def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
     g6 = _glued(nb6)
     assert g6["res_n_runs"] == "8" and g6["res_n_curves"] == "1"
     assert float(g6["res_stego_cluster_min"]) == pytest.approx(float(glued["dim_stego_cluster_min"]))
-    assert len(_charts(nb6)) == 3  # Figure 3, Figure 4, accuracies (no h-NNE runs: a note instead)
+    charts6 = _charts(nb6)
+    assert len(charts6) == 4  # Figure 3, Figure 4, the published Figure 4, accuracies (no h-NNE runs: a note)
+    published = next(iter(charts6[2]["datasets"].values()))
+    assert {r["dataset"] for r in published} == {"cocostuff27", "cityscapes", "potsdam"}
+    assert "read off" in json.dumps(charts6[2]["title"])
+    # the demo's data is none of the paper's datasets: no reference lines in its Figure 4
+    assert all(r["kind"] == "ours" for r in next(iter(charts6[1]["datasets"].values())))
 
     # in the book the Results pages paste the figures: 06 then glues them without drawing them itself
     quiet = study.run_notebook("06_results", {"slider": False, "show_figures": False}, workdir=tmp_path / "book")
     nb6q = nbformat.read(quiet.output, as_version=4)
     assert not _errors(nb6q) and _charts(nb6q) == []
     gq = _glued(nb6q)
-    for key in ("fig3", "fig4", "fig_accuracy", "fig_hnne", "fig4_table"):
+    for key in ("fig3", "fig4", "fig4_paper", "fig_accuracy", "fig_hnne", "fig4_table"):
         assert key in gq, key
     assert gq["res_var_n_components"] == g6["res_var_n_components"] == "96"  # 6 images x 4 x 4 tokens < C
     assert gq["res_stego_beats_pca_cluster"] == g6["res_stego_beats_pca_cluster"]

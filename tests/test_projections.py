@@ -1,4 +1,5 @@
 """Projections against scikit-learn: PCA/RP maths, the two standardisation protocols, h-NNE shapes, store helpers."""
+import itertools
 import json
 import pickle
 
@@ -260,19 +261,47 @@ def _store(n=12, c=8, h=3, w=4, seed=0):
     return FakeStore(torch.randn(n, c, h, w, generator=g) * torch.linspace(0.5, 3, c).view(1, c, 1, 1) + 1.0)
 
 
-def test_fit_projection_uses_first_n_images_and_token_sample(tmp_path):
+def _items_fitted_on(store, proj, size):
+    """Brute force: the ``size`` store items whose tokens have exactly the fitted channel means."""
+    import itertools
+
+    found = []
+    for items in itertools.combinations(range(len(store)), size):
+        tokens = store.feats[list(items)].permute(0, 2, 3, 1).reshape(-1, store.feats.shape[1]).double()
+        if np.allclose(tokens.mean(0).numpy(), proj.mean_, rtol=0, atol=1e-5):
+            found.append(items)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_fit_projection_uses_a_seeded_random_sample_of_items_and_a_token_sample(tmp_path):
+    """The study fitted on the first 5000 images of a cache written in shuffled order: a random subset, not the
+    store's first items."""
     store = _store()
     proj = fit_projection("pca", 3, store, n_images=5)
-    X = store.feats[:5].permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    items = _items_fitted_on(store, proj, 5)
+    assert items != (0, 1, 2, 3, 4)
+    X = store.feats[list(items)].permute(0, 2, 3, 1).reshape(-1, 8).numpy()
     ref = PCAProjection(3).fit(X)
     np.testing.assert_allclose(proj.components_, ref.components_, rtol=1e-5, atol=1e-6)
     assert proj.pca_.n_samples_ == 5 * 12
+    assert _items_fitted_on(store, fit_projection("pca", 3, store, n_images=5), 5) == items  # seeded
+    assert _items_fitted_on(store, fit_projection("pca", 3, store, n_images=5, item_seed=1), 5) != items
+    every = fit_projection("pca", 3, store, n_images=50)  # more than the store holds: all items
+    np.testing.assert_allclose(every.mean_, store.feats.permute(0, 2, 3, 1).reshape(-1, 8).mean(0).numpy(),
+                               rtol=1e-5, atol=1e-5)
 
+    # a token sample: torch.randperm(random_state) over the tokens of the sampled items, in store order
     sampled = fit_projection("rp", 3, store, n_images=10, n_tokens=50, random_state=4)
     assert sampled.n_features_in_ == 8
-    all_tokens = store.feats[:10].permute(0, 2, 3, 1).reshape(-1, 8).numpy()
     chosen = np.sort(torch.randperm(120, generator=torch.Generator().manual_seed(4))[:50].numpy())
-    np.testing.assert_allclose(sampled.mean_, all_tokens[chosen].mean(0), rtol=1e-5, atol=1e-6)
+    matches = []
+    for left_out in itertools.combinations(range(12), 2):
+        kept = [i for i in range(12) if i not in left_out]
+        tokens = store.feats[kept].permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+        if np.allclose(sampled.mean_, tokens[chosen].mean(0), rtol=1e-5, atol=1e-6):
+            matches.append(kept)
+    assert len(matches) == 1 and matches[0] != list(range(10))
 
 
 def test_fit_projection_caches_pca_once_for_every_k(tmp_path):
@@ -290,13 +319,13 @@ def test_project_store_matches_batched_transform_and_resumes(tmp_path):
     proj = fit_projection("pca", 3, store, n_images=10)
     store.fail_after = store.reads + 2  # two batches, then an "interruption"
     with pytest.raises(RuntimeError, match="interruption"):
-        project_store(proj, store, tmp_path, batch_size=3, progress=False)
+        project_store(proj, store, tmp_path, batch_size=3, shuffle=False, progress=False)
     folder = next(tmp_path.glob("projected/*"))
     assert json.loads((folder / "progress.json").read_text())["items_done"] == 6
     assert not (folder / "DONE").exists()
     store.fail_after = None
     reads_before = store.reads
-    out = project_store(proj, store, tmp_path, batch_size=3, progress=False)
+    out = project_store(proj, store, tmp_path, batch_size=3, shuffle=False, progress=False)
     assert store.reads - reads_before == 2  # only items 6..9 (batches [6,9) and [9,10)) were projected again
     assert len(out) == 10 and out.dim == 3 and out.meta["projection"]["method"] == "pca"
     expected = torch.cat([proj.transform(store.feats[s:s + 3]) for s in range(0, 10, 3)])
@@ -308,7 +337,50 @@ def test_project_store_matches_batched_transform_and_resumes(tmp_path):
     store.fail_after = store.reads
     again = open_projected_store(out.path, store)
     assert len(again) == 10
-    assert project_store(proj, store, tmp_path, batch_size=3, progress=False).path == out.path
+    assert project_store(proj, store, tmp_path, batch_size=3, shuffle=False, progress=False).path == out.path
+
+
+def _batches_of(store, out, proj, size):
+    """Brute force: the ``size``-item groups whose stored codes are exactly the per-batch projection of that group."""
+    import itertools
+
+    stored = out.read(list(range(len(store))))["feats"]
+    return [items for items in itertools.combinations(range(len(store)), size)
+            if torch.allclose(stored[list(items)], proj.transform(store.feats[list(items)]), atol=1e-5)]
+
+
+def test_project_store_batches_are_random_mixes_stored_in_item_order(tmp_path):
+    """The study projected its shuffled training cache in consecutive batches: each batch (and so each per-batch
+    standardisation) was a random mix of items. Row i must still be item i."""
+    store = _store(n=12)
+    proj = fit_projection("rp", 3, store, n_images=12)  # per-batch standardisation: codes depend on the batch
+    out = project_store(proj, store, tmp_path, batch_size=4, progress=False)
+    groups = _batches_of(store, out, proj, 4)
+    assert sorted(i for g in groups for i in g) == list(range(12))  # three batches that partition the items
+    assert (0, 1, 2, 3) not in groups and (4, 5, 6, 7) not in groups
+    again = project_store(proj, store, tmp_path / "again", batch_size=4, progress=False)
+    torch.testing.assert_close(again.read(list(range(12)))["feats"], out.read(list(range(12)))["feats"])  # seeded
+    ordered = project_store(proj, store, tmp_path, batch_size=4, shuffle=False, progress=False)
+    assert ordered.path != out.path
+    assert _batches_of(store, ordered, proj, 4) == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
+
+
+@pytest.mark.parametrize("method", ["rp", "hnne"])
+def test_constant_channel_per_batch_gets_scale_one_like_standard_scaler(method):
+    """The study standardised RP and h-NNE batches with StandardScaler().fit_transform: a channel constant over the
+    batch gets scale 1 (so the value 0), not NaN (PCA's torch forward divides by zero instead, tested above)."""
+    from sklearn.preprocessing import StandardScaler
+
+    X = _tokens(n=600, seed=9)
+    proj = (RandomProjection(3, random_state=0) if method == "rp" else HNNEProjection(2)).fit(X)
+    batch = X[:4 * 3 * 3].copy()
+    batch[:, 1] = 0.37  # constant over the batch
+    got = proj.transform(_as_feats(batch, 4, 3, 3))
+    assert torch.isfinite(got).all()
+    scaled = StandardScaler().fit_transform(batch).astype(np.float32)
+    assert np.abs(scaled[:, 1]).max() < 1e-6  # the constant channel becomes (about) 0, not NaN
+    ref = proj.hnne_.transform(scaled) if method == "hnne" else scaled @ proj.components_.T
+    torch.testing.assert_close(got, _as_feats(np.asarray(ref, np.float32), 4, 3, 3), rtol=1e-4, atol=1e-4)
 
 
 def test_fit_projection_identity_records_channels():

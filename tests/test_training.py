@@ -233,7 +233,10 @@ def test_run_folder_checkpoints_rows_and_histograms(stego_and_untrained):
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["status"] == "done" and meta["config"]["code_dim"] == 3 and meta["best"] == stego.best
     val = stego.history[stego.history.split == "val"]
-    assert sorted(val.step.unique()) == [30, 60]
+    # PyTorch Lightning 1.x: 64 items / batch 8 = 8 batches per epoch < val_freq 30, so once per epoch at its last
+    # batch (STEGO's fallback), and nothing extra at step 60 (max_steps)
+    assert sorted(val.step.unique()) == [8, 16, 24, 32, 40, 48, 56]
+    assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == 60  # the final weights are kept anyway
     assert stego.best["cluster/mIoU"] == val[val.metric == "cluster/mIoU"].value.max()
 
     rows = pd.read_csv(run_dir / "results.csv")
@@ -437,8 +440,37 @@ def test_live_features_match_cached_features(tmp_path):
     for k, v in _weights(cached).items():
         assert torch.equal(v, _weights(live)[k]), k
     assert live.best == cached.best
-    # 12 steps x 8 images x (batch + partner) + 2 validations x 8 images
-    assert net.images_seen == 12 * 8 * 2 + 2 * 8
+    # 12 steps x 8 images x (batch + partner) + 4 validations x 8 images (24 items / batch 8 = 3 batches per
+    # epoch < val_freq 6: once per epoch, after steps 3, 6, 9, 12)
+    assert net.images_seen == 12 * 8 * 2 + 4 * 8
+
+
+def test_validation_steps_follow_lightning_1x_under_original():
+    from stego_core.training import validation_steps
+
+    # 10 items / batch 4 = 3 batches per epoch (the last one short); val_freq 2: batch 2 of every epoch
+    assert validation_steps(12, 2, 10, 4) == [2, 5, 8, 11]
+    assert validation_steps(12, 2, 10, 4, "corrected") == [2, 4, 6, 8, 10, 12]
+    # val_freq above the batches of an epoch (PL 1.x would refuse): once per epoch, at its last batch
+    assert validation_steps(12, 5, 10, 4) == [3, 6, 9, 12]
+    assert validation_steps(10, 5, 10, 4, "corrected") == [5, 10]
+    # a run too short for any of those validates once, after its last step
+    assert validation_steps(2, 5, 10, 4) == [2] and validation_steps(2, 5, 10, 4, "corrected") == [2]
+    # Cityscapes: 2,975 x 5 crops / batch 32 = 465 batches per epoch; validations at 100..400 of each epoch,
+    # 15 whole epochs in 7000 steps (the 16th has 25 steps): 60 validations, the last at 14 x 465 + 400 = 6910
+    city = validation_steps(7000, 100, 14_875, 32)
+    assert len(city) == 60 and city[:5] == [100, 200, 300, 400, 565] and city[-1] == 6910
+    # COCO-Stuff: one epoch is 7,755 batches, longer than the run: every 100 steps, 7000 included
+    assert validation_steps(7000, 100, 248_145, 32) == list(range(100, 7001, 100))
+    with pytest.raises(StegoError, match="protocol"):
+        validation_steps(10, 5, 10, 4, "pl2")
+
+
+def test_a_run_without_a_validation_step_validates_after_its_last(tmp_path, stores):
+    tr, va = stores  # 64 items / batch 8 = 8 batches per epoch; 5 steps: no epoch end, no val_freq multiple
+    res = train(_cfg(steps=5, val_freq=30), train_store=tr, val_store=va, root=tmp_path, progress=False)
+    assert sorted(res.history[res.history.split == "val"].step.unique()) == [5] and res.best["step"] == 5
+    assert (res.run_dir / "best.pt").exists() and (res.run_dir / "DONE").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
