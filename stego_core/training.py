@@ -81,13 +81,11 @@ from .config import (
     check_choice,
     check_float,
     check_int,
-    code_hash,
     ensure_writable,
     resolve_device,
     write_json_atomic,
 )
 from .evaluation import evaluate_batches
-from .guards import artifact_lock, disk_full_guard, note
 from .heads import STEGOHead
 from .knn import require_knn
 from .probes import ClusterProbe, LinearProbe, linear_probe_loss
@@ -340,29 +338,14 @@ def _cpu(obj: Any) -> Any:
 
 def _save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    obj = _cpu(obj)
-    need = 2 * sum(t.numel() * t.element_size() for t in _tensors(obj))  # last.pt and best.pt
-    with disk_full_guard(path.parent, need, f"the training run {path.parent.name}"):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(obj, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def _tensors(obj: Any):
-    """Every tensor inside nested dicts / lists / tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(_cpu(obj), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _pickle_atomic(obj: Any, path: Path) -> None:
@@ -598,17 +581,6 @@ def train(
 
     run_dir = run_dir_for(cfg, train_store, val_store, root)
     ensure_writable(run_dir, "root")
-    with artifact_lock(run_dir, f"the training run {run_dir.name}"):  # one writer per run; a second one waits
-        return _train_locked(cfg, run_dir, train_store, val_store, in_dim, n_classes, dev, root=root,
-                             progress=progress, resume=resume, backbone=backbone, callback=callback,
-                             max_steps_this_call=max_steps_this_call, preload_mb=preload_mb)
-
-
-def _train_locked(cfg: TrainConfig, run_dir: Path, train_store: Any, val_store: Any, in_dim: int, n_classes: int,
-                  dev: torch.device, *, root: Any, progress: bool, resume: bool, backbone: nn.Module | None,
-                  callback: Callable[[int, dict[str, float]], None] | None, max_steps_this_call: int | None,
-                  preload_mb: int) -> TrainResult:
-    """``train`` once the run's folder is known and locked."""
     last_path, best_path, done_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "DONE"
     if resume and done_path.exists() and last_path.exists():
         return _finished_result(run_dir, cfg, dev)
@@ -686,12 +658,6 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, train_store: Any, val_store: 
         if ck.get("version") != _CKPT_VERSION or ck.get("config") != cfg.to_dict():
             raise StegoError(f"resume: {last_path} belongs to another configuration or version; "
                              f"pass resume=False to start over")
-        if ck.get("code") != code_hash():
-            note(f"resuming the training run {run_dir.name} at step {ck['step']} of {cfg.steps}: it was started by "
-                 f"a different stego_core (code {ck.get('code') or 'unrecorded'}, this one {code_hash()}), so this "
-                 f"resumes someone else's run and mixes two versions; pass resume=False to start over")
-        else:
-            note(f"resuming the training run {run_dir.name} at step {ck['step']} of {cfg.steps}")
         if head is not None:
             head.load_state_dict(ck["head"])
             opt_head.load_state_dict(ck["opt_head"])
@@ -707,7 +673,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, train_store: Any, val_store: 
 
     def save_last(done_steps: int) -> None:
         _save_atomic({
-            "version": _CKPT_VERSION, "config": cfg.to_dict(), "step": done_steps, "code": code_hash(),
+            "version": _CKPT_VERSION, "config": cfg.to_dict(), "step": done_steps,
             "head": head.state_dict() if head is not None else None,
             "cluster_probe": cluster_probe.state_dict(), "linear_probe": linear_probe.state_dict(),
             "opt_head": opt_head.state_dict() if opt_head is not None else None,
