@@ -30,9 +30,10 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -327,7 +328,8 @@ def _book_setup(base: Path) -> None:
         (nb / f"{name}.py").write_text(_TINY_NOTEBOOK)
     (base / "old.yaml").write_text(f"notebooks:\n  - notebook: {nb / 't1_first.py'}\n    parameters: {{n: 2}}\n"
                                    f"  - notebook: {nb / 't2_second.py'}\n    parameters: {{n: 2}}\n")
-    (base / "new.yaml").write_text(f"notebooks:\n  - notebook: {nb / 't1_first.py'}\n    parameters: {{n: 4, pause: 0.5}}\n"
+    (base / "new.yaml").write_text(f"notebooks:\n  - notebook: {nb / 't1_first.py'}\n"
+                                   f"    parameters: {{n: 4, pause: 0.5}}\n"
                                    f"  - notebook: {nb / 't2_second.py'}\n    parameters: {{n: 5, pause: 0.5}}\n")
     run_profile(base / "old.yaml", workdir=base, log=lambda msg: None)  # the chapters a new run must replace
 
