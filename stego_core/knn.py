@@ -183,9 +183,10 @@ def pair_statistics(store: Any, table: torch.Tensor | np.ndarray, *, n_neighbors
     """Feature correlations F and label agreement of token pairs, per pair type of STEGO's loss.
 
     For ``n_images`` anchor images drawn from the store (seeded), each is paired with itself, with a partner drawn
-    from its kNN ranks 1..``n_neighbors`` (as training draws it; None: STEGO's 7, fewer for a narrower table) and with a random other image. For every pair, F is
-    the cosine correlation of all anchor tokens with all partner tokens (``losses.tensor_correlation``), centred per
-    anchor token when ``pointwise`` (as the loss centres it); ``points`` token pairs are then kept at random.
+    from its kNN ranks 1..``n_neighbors`` (as training draws it; None: STEGO's 7, fewer for a narrower table) and
+    with a random other image. For every pair, F is the cosine correlation of all anchor tokens with all partner
+    tokens (``losses.tensor_correlation``), centred per anchor token when ``pointwise`` (as the loss centres it);
+    ``points`` token pairs are then kept at random.
     Returns a pandas DataFrame with one row per kept token pair: ``pair`` (``PAIR_TYPES``), ``F`` and
     ``same_class`` (both tokens' labels, read at the token centres, are equal and not ignored). The shifts of the
     loss are thresholds on F: a pair is pulled together where F exceeds its term's shift, pushed apart below it.

@@ -68,7 +68,8 @@ def test_paired_differences_use_only_seeds_both_have_and_one_seed_is_undecided()
 
 def test_differences_verdict_is_generated_from_the_intervals():
     text = figures.differences_verdict(figures.paired_differences(_results(), "pca"))
-    assert text == "STEGO is above PCA at 1 of 2 dimensions, below at 0 and undecided at 1 (95 % intervals over 3 seeds)"
+    assert text == ("STEGO is above PCA at 1 of 2 dimensions, below at 0 and undecided at 1 "
+                    "(95 % intervals over 3 seeds)")
     single = figures.differences_verdict(figures.paired_differences(_results(seeds=(0,)), "pca"))
     assert "cannot be decided with one seed" in single and "positive at 2 of 2" in single
     with pytest.raises(StegoError, match="diffs"):
