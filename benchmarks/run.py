@@ -242,36 +242,15 @@ def bench_backbones(table: Table, plan: dict, device: torch.device) -> None:
 
 
 def _stego_step_fn(in_dim: int, n_classes: int, device: torch.device, batch: int):
-    """One STEGO training step (as ``stego_core.training.train`` does it) on given features and labels."""
-    from stego_core.heads import STEGOHead
-    from stego_core.losses import CorrespondenceLoss
-    from stego_core.probes import ClusterProbe, LinearProbe, linear_probe_loss
+    """One STEGO training step: ``stego_core.train_state.train_step`` on given features and labels."""
+    from stego_core.train_state import build_state, train_step
     from stego_core.training import make_config
 
     cfg = make_config("cocostuff27", batch_size=batch)
-    torch.manual_seed(0)
-    head = STEGOHead(in_dim, cfg.code_dim).to(device).train()
-    cluster = ClusterProbe(cfg.code_dim, n_classes).to(device).train()
-    linear = LinearProbe(cfg.code_dim, n_classes).to(device).train()
-    loss_fn = CorrespondenceLoss(
-        pos_intra_weight=cfg.pos_intra_weight, pos_inter_weight=cfg.pos_inter_weight,
-        neg_inter_weight=cfg.neg_inter_weight, pos_intra_shift=cfg.pos_intra_shift,
-        pos_inter_shift=cfg.pos_inter_shift, neg_inter_shift=cfg.neg_inter_shift, pointwise=cfg.pointwise,
-        feature_samples=cfg.feature_samples, neg_samples=cfg.neg_samples)
-    opts = [torch.optim.Adam(head.parameters(), lr=cfg.lr), torch.optim.Adam(cluster.parameters(), lr=cfg.probe_lr),
-            torch.optim.Adam(linear.parameters(), lr=cfg.probe_lr)]
+    state = build_state(cfg, in_dim, n_classes, device=device).train()
 
     def step(feats: torch.Tensor, feats_pos: torch.Tensor, label: torch.Tensor) -> None:
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        f, code = head.forward_with_feats(feats)
-        f_pos, code_pos = head.forward_with_feats(feats_pos)
-        loss = cfg.correspondence_weight * loss_fn(f, f_pos, code, code_pos)["total"]
-        cluster_loss, _ = cluster(code.detach())
-        loss = loss + cluster_loss + linear_probe_loss(linear(code.detach()), label)
-        loss.backward()
-        for opt in opts:
-            opt.step()
+        train_step(state, feats, label, feats_pos=feats_pos)
 
     return step
 
