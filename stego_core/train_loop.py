@@ -17,17 +17,26 @@ from __future__ import annotations
 import json
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import (PROTOCOLS, StegoError, artifact_dir, artifacts_root, check_choice, check_int, ensure_writable,
-                     write_json_atomic)
+from .config import (
+    PROTOCOLS,
+    StegoError,
+    artifact_dir,
+    artifacts_root,
+    check_choice,
+    check_int,
+    ensure_writable,
+    write_json_atomic,
+)
 from .evaluation import evaluate_batches
 from .results import write_rows
 from .segmenter import ProjectionCode, Segmenter

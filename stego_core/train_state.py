@@ -22,9 +22,10 @@ import copy
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ class TrainState:
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_head, self.opt_cluster, self.opt_linear) if o is not None]
 
-    def train(self, mode: bool = True) -> "TrainState":
+    def train(self, mode: bool = True) -> TrainState:
         for m in self.modules:
             m.train(mode)
         return self

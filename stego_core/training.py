@@ -60,8 +60,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,8 +70,16 @@ from torch import nn
 from .config import PROTOCOLS, StegoError, check_choice, check_float, check_int, resolve_device
 from .knn import require_knn
 from .train_features import FeatureSource, check_stores, live_backbone, open_training_store
-from .train_loop import (RunSlot, TrainResult, finish_slot, prepare_slot, run_dir_for, run_group, start_state,
-                         validation_steps)
+from .train_loop import (
+    RunSlot,
+    TrainResult,
+    finish_slot,
+    prepare_slot,
+    run_dir_for,
+    run_group,
+    start_state,
+    validation_steps,
+)
 
 _Features = FeatureSource  # the name the tests spy on
 

@@ -125,7 +125,7 @@ def _batch(n=4, k=3, seed=0):
 
 def test_pool_matches_serial_loop_in_order():
     images, logits = _batch()
-    serial = [dense_crf(i, l) for i, l in zip(images, logits)]
+    serial = [dense_crf(im, lg) for im, lg in zip(images, logits)]
     with deadline(120):
         pooled = crf_batch(images, logits, workers=2, progress=False)
     assert len(pooled) == len(serial)
@@ -138,7 +138,7 @@ def test_pool_matches_serial_loop_in_order():
 
 def test_worker_exception_propagates_without_hanging():
     images, logits = _batch(3)
-    good = [(image_bytes(i), logits_to_probs(l, (24, 24))) for i, l in zip(images, logits)]
+    good = [(image_bytes(im), logits_to_probs(lg, (24, 24))) for im, lg in zip(images, logits)]
     bad_rgb = np.zeros((10, 10, 3), dtype=np.uint8)  # does not match its probabilities: fails inside the worker
     pairs = [good[0], (bad_rgb, good[1][1]), good[2]]
     with deadline(120), CRFPool(workers=2, progress=False) as pool:
