@@ -86,6 +86,7 @@ class TrainState:
     history: list = field(default_factory=list)  # {"step", "split", "metric", "value"} rows
     best: dict = field(default_factory=dict)  # step + metrics of the best validation (cluster mIoU)
     last_metrics: dict = field(default_factory=dict)  # step + metrics of the last validation
+    _in_scope: bool = field(default=False, repr=False)  # inside own_rng()
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -103,21 +104,23 @@ class TrainState:
     @contextlib.contextmanager
     def own_rng(self) -> Iterator[None]:
         """Run the block with this run's state of the global generator(s); the advanced state is kept on exit."""
-        if self.rng is None:
+        if self.rng is None or self._in_scope:
             yield
             return
+        self._in_scope = True
         torch.set_rng_state(self.rng)
         if self.rng_cuda is not None:
             torch.cuda.set_rng_state(self.rng_cuda, self.device)
         try:
             yield
         finally:
+            self._in_scope = False
             self.rng = torch.get_rng_state()
             if self.rng_cuda is not None:
                 self.rng_cuda = torch.cuda.get_rng_state(self.device)
 
     def _rng_now(self) -> tuple[Tensor, Tensor | None]:
-        if self.rng is not None:
+        if self.rng is not None and not self._in_scope:  # inside own_rng() the global generators are the run's
             return self.rng, self.rng_cuda
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return torch.get_rng_state(), cuda
