@@ -16,6 +16,21 @@ def _torch_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global random state (Python, numpy, torch), whatever ran before it: a test's
+    draws do not depend on the order the tests run in (``pytest -p randomly`` shuffles it)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
 @pytest.fixture
 def golden():
     """The public reference values computed with the original code (../shared/reference/golden-public.json)."""
