@@ -65,7 +65,8 @@ import torch
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import backbones, cache, data, evaluation, explorer, papers, results as results_store, runs, viz
+from stego_core import backbones, cache, data, evaluation, explorer, papers, results as results_store, runs
+from stego_core.book import viz
 from stego_core.evaluation import evaluate
 from stego_core.segmenter import Segmenter
 from stego_core.training import PRESETS

@@ -48,7 +48,7 @@ from .config import (PROTOCOLS, StegoError, check_choice, check_int, ensure_writ
                      write_json_atomic)
 from .data import normalize
 from .segmenter import PROBES, Segmenter
-from .viz import overlay
+from .book.viz import overlay
 
 __all__ = ["PROBES", "IMAGE_EXTENSIONS", "Segmentation", "segment_images", "upsampled_argmax", "network_size",
            "main"]
