@@ -59,13 +59,13 @@ progress = True  # show progress bars
 # %%
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import backbones, cache, data, evaluation, explorer, papers, results as results_store, runs
+from stego_core import backbones, cache, data, evaluation, explorer, papers, runs
+from stego_core import results as results_store
 from stego_core.book import viz
 from stego_core.evaluation import evaluate
 from stego_core.segmenter import Segmenter

@@ -105,7 +105,8 @@ def precompute(models: dict[tuple[str, int], Segmenter], store: Any, indices: Se
                                  progress=False)
             matched[(method, dim)] = seg.match(res["cluster"]["assignment"])
             for probe in PROBES:
-                metric_rows.append({"method": method, "label": model_label(method, dim), "code_dim": dim, "probe": probe,
+                metric_rows.append({"method": method, "label": model_label(method, dim), "code_dim": dim,
+                                    "probe": probe,
                                         "crf": False, "split": "val", "n_images": res["n_images"],
                                         "mIoU": res[f"{probe}/mIoU"], "Accuracy": res[f"{probe}/Accuracy"]})
             code = store_code(seg, store, indices, batch_size=batch_size)  # [n,D,h,w]

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..config import StegoError, repo_root
-from .runner import CHAPTERS, _log, run_profile
+from .runner import CHAPTERS, log, run_profile
 from .vendor import VENDOR, vendor_js
 
 # What a book copy (``--workdir``) needs from the checkout.
@@ -86,7 +86,7 @@ def _prune_toc(node: Any, keep: Callable[[str], bool]) -> Any:
 
 
 def build_book(workdir: str | os.PathLike | None = None, *, strict: bool = True,
-               log: Callable[[str], None] = _log) -> Path:
+               log: Callable[[str], None] = log) -> Path:
     """Build the HTML book in ``workdir`` (default: the checkout) and return the path of its ``index.html``.
 
     Chapters listed in ``_toc.yml`` that have not been executed are left out of this build (with a note).
@@ -130,7 +130,7 @@ def build_book(workdir: str | os.PathLike | None = None, *, strict: bool = True,
 
 
 def make_book(profile: str | os.PathLike = "demo", *, workdir: str | os.PathLike | None = None, force: bool = False,
-              log: Callable[[str], None] = _log) -> Path:
+              log: Callable[[str], None] = log) -> Path:
     """``stego-study book``: run the profile's notebooks into ``workdir`` (default: the checkout; another folder
     gets a copy of the book's sources), build the book there and return the path of ``index.html``."""
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import altair as alt
 import numpy as np
@@ -129,18 +130,99 @@ def _panel_frame(table: pd.DataFrame, metrics: Sequence[str], methods: Sequence[
     return t.reset_index(drop=True), facet_title
 
 
+def _series_color(t: pd.DataFrame) -> alt.Color:
+    """One colour per method (the study's), the published curves ("<method> (paper)") in the same colours."""
+    present = [m for m in SERIES_ORDER if m in set(t["method"])] + sorted(set(t["method"]) - set(SERIES_ORDER))
+    domain = [METHOD_LABELS.get(m, m) for m in present]
+    colours = [METHOD_COLORS.get(m, "#949494") for m in present]
+    papers_present = [m for m in present if ((t["kind"] == "paper") & (t["method"] == m)).any()]
+    domain += [METHOD_LABELS.get(m, m) + " (paper)" for m in papers_present]
+    colours += [METHOD_COLORS.get(m, "#949494") for m in papers_present]
+    return alt.Color("series:N", title="method", scale=alt.Scale(domain=domain, range=colours),
+                     legend=alt.Legend(orient="right", symbolOpacity=1.0, labelLimit=220))
+
+
+def _dimension_axis(t: pd.DataFrame, dims: list[int]) -> alt.X:
+    """x = D on a log axis, ticks 3·2^k plus the backbone's C unless it sits too close to one of them to be read."""
+    ticks = dimension_ticks(dims)
+    ticks = sorted(set(ticks) | {d for d in t.loc[t["method"] == "dino", "code_dim"].astype(int)
+                                 if min(abs(math.log2(d / k)) for k in ticks) > 0.5})
+    return alt.X("code_dim:Q", title="code dimension D (log scale)",
+                 scale=alt.Scale(type="log", base=2, domain=[min(dims + ticks), max(dims + ticks)], nice=False),
+                 axis=alt.Axis(values=ticks, format="d", labelOverlap=False))
+
+
+def _tooltip() -> list[alt.Tooltip]:
+    return [alt.Tooltip("series:N", title="method"), alt.Tooltip("code_dim:Q", title="D"),
+            alt.Tooltip("probe:N"), alt.Tooltip("metric:N"), alt.Tooltip("mean:Q", format=".2f"),
+            alt.Tooltip("std:Q", format=".2f"), alt.Tooltip("n_seeds:Q", title="seeds"),
+            alt.Tooltip("best_step:Q", title="selected step", format=".0f"),
+            alt.Tooltip("dataset:N"), alt.Tooltip("backbone:N")]
+
+
+def _paper_layers(base: alt.Chart, enc: dict[str, Any]) -> list[alt.Chart]:
+    """The published curves: thin dashed lines, the DINO baseline a dotted rule."""
+    ref_tip = [alt.Tooltip("series:N", title="published"), alt.Tooltip("code_dim:Q", title="D"),
+               alt.Tooltip("probe:N"), alt.Tooltip("mean:Q", title="value (read off the figure)", format=".1f")]
+    paper = "datum.kind == 'paper'"
+    return [base.mark_line(strokeDash=[5, 3], strokeWidth=1.3, point=alt.OverlayMarkDef(size=12)).encode(
+                x=enc["x"], y=enc["y"], color=enc["color"], opacity=enc["opacity"], tooltip=ref_tip)
+            .transform_filter(f"{paper} && datum.method != 'dino'"),
+            base.mark_rule(strokeDash=[1, 3], strokeWidth=1.5).encode(
+                y=enc["y"], color=enc["color"], opacity=enc["opacity"], tooltip=ref_tip)
+            .transform_filter(f"{paper} && datum.method == 'dino'")]
+
+
+def _spread_layers(base: alt.Chart, enc: dict[str, Any], spread: str, y_title: str, pick: Any) -> list[alt.Chart]:
+    """±1 std over seeds where a cell has several: a band or error bars for the curves, a band for the DINO rule."""
+    if spread == "none":
+        return []
+    several = f"{_NOT_DINO} && datum.n_seeds > 1"
+    lo = alt.Y("lo:Q", title=y_title)
+    if spread == "band":
+        layers = [base.mark_area(opacity=0.2).encode(
+            x=enc["x"], y=lo, y2="hi:Q", color=enc["color"],
+            opacity=alt.condition(pick, alt.value(0.22), alt.value(0.03))).transform_filter(several)]
+    else:
+        layers = [base.mark_rule(strokeWidth=1.5).encode(x=enc["x"], y=lo, y2="hi:Q", color=enc["color"],
+                                                         opacity=enc["opacity"]).transform_filter(several)]
+    layers.append(base.mark_rect(opacity=0.12).encode(y=lo, y2="hi:Q", color=enc["color"])
+                  .transform_filter(f"{_IS_DINO} && datum.n_seeds > 1"))
+    return layers
+
+
+def _slider(base: alt.Chart, enc: dict[str, Any], t: pd.DataFrame, dims: list[int]) -> tuple[Any, list[alt.Chart]]:
+    """A control that picks a code dimension D (in D, the reader's unit: 3, 6, …, 768) and labels every series'
+    value there with a rule at D."""
+    own = sorted({int(d) for d in t.loc[(t["kind"] == "ours") & (t["method"] != "dino"), "code_dim"]}) or dims
+    param = alt.param(name="D", value=own[len(own) // 2], bind=alt.binding_select(
+        options=own, labels=[f"D = {d}" for d in own], name="code dimension D: "))
+    log2_d = "(log(D) / LN2)"
+    at_dim = f"{_NOT_DINO} && datum.lo_edge <= {log2_d} && {log2_d} < datum.hi_edge"
+    flip = f"{log2_d} > {(math.log2(own[0]) + math.log2(own[-1])) / 2:.3f}"  # labels left of the rule on the right
+    layers = [base.mark_rule(color="#777777", strokeDash=[2, 2]).encode(x=enc["x"])
+              .transform_filter(at_dim).transform_aggregate(code_dim="max(code_dim)"),
+              base.mark_text(align=alt.expr(f"{flip} ? 'right' : 'left'"), dx=alt.expr(f"{flip} ? -6 : 6"),
+                             fontSize=10).encode(text="label:N", **enc).transform_filter(at_dim)]
+    return param, layers
+
+
+_OURS = "datum.kind == 'ours'"
+_IS_DINO, _NOT_DINO = f"{_OURS} && datum.method == 'dino'", f"{_OURS} && datum.method != 'dino'"
+
+
 def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), methods: Sequence[str] | None = None,
                     probes: Sequence[str] = ("linear", "cluster"), spread: str = "band", slider: bool = True,
-                    reference: pd.DataFrame | None = None, title: str | None = None, width: int = 260,
+                    reference: pd.DataFrame | None = None, title: str | None = None, width: int | str = 260,
                     height: int = 190) -> alt.FacetChart:
     """Figure 4 (and its appendix variants): probe scores against the code dimension D, one panel per probe and
     dataset (or metric). See the module doc for the series, axes and interactions.
 
     table: ``dimension_table``. metrics: one metric (columns = datasets) or several for one dataset (columns =
     metrics). methods: which methods to draw (None = all present). spread: "band" or "errorbar" (±1 std over seeds,
-    drawn where a cell has several seeds) or "none". slider: add a dimension slider that labels every series' value.
-    reference: published values in the same format (``paper_dimension_table()``), drawn as thin dashed lines
-    ("<method> (paper)", same colours) in the panels of the datasets ``table`` has too; ignored elsewhere.
+    drawn where a cell has several seeds) or "none". slider: add a control that picks a dimension D and labels
+    every series' value there. reference: published values in the same format (``paper_dimension_table()``), drawn
+    as thin dashed lines ("<method> (paper)", same colours) in the panels of the datasets ``table`` has too.
     """
     check_table(table)
     check_choice("spread", spread, SPREADS)
@@ -148,78 +230,29 @@ def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), 
     for p in probes:
         check_choice("probes", p, PROBES)
     t, facet_title = _panel_frame(table[table["probe"].isin(list(probes))], metrics, methods, reference)
-    present = [m for m in SERIES_ORDER if m in set(t["method"])] + sorted(set(t["method"]) - set(SERIES_ORDER))
-    domain = [METHOD_LABELS.get(m, m) for m in present]
-    colours = [METHOD_COLORS.get(m, "#949494") for m in present]
-    papers_present = [m for m in present if ((t["kind"] == "paper") & (t["method"] == m)).any()]
-    domain += [METHOD_LABELS.get(m, m) + " (paper)" for m in papers_present]
-    colours += [METHOD_COLORS.get(m, "#949494") for m in papers_present]
-    color = alt.Color("series:N", title="method", scale=alt.Scale(domain=domain, range=colours),
-                      legend=alt.Legend(orient="right", symbolOpacity=1.0, labelLimit=220))
     dims = sorted({int(d) for d in t["code_dim"]})
-    ticks = dimension_ticks(dims)
-    # the backbone's C gets a tick of its own unless it sits too close to a 3·2^k tick to be read
-    ticks = sorted(set(ticks) | {d for d in t.loc[t["method"] == "dino", "code_dim"].astype(int)
-                                 if min(abs(math.log2(d / k)) for k in ticks) > 0.5})
-    x = alt.X("code_dim:Q", title="code dimension D (log scale)",
-              scale=alt.Scale(type="log", base=2, domain=[min(dims + ticks), max(dims + ticks)], nice=False),
-              axis=alt.Axis(values=ticks, format="d", labelOverlap=False))
     y_title = f"{metrics[0]} (%)" if len(metrics) == 1 else "score (%)"
-    y = alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False))
     pick = alt.selection_point(fields=["series"], bind="legend", name="series_pick")
-    fade = alt.condition(pick, alt.value(1.0), alt.value(0.12))
-    tooltip = [alt.Tooltip("series:N", title="method"), alt.Tooltip("code_dim:Q", title="D"),
-               alt.Tooltip("probe:N"), alt.Tooltip("metric:N"), alt.Tooltip("mean:Q", format=".2f"),
-               alt.Tooltip("std:Q", format=".2f"), alt.Tooltip("n_seeds:Q", title="seeds"),
-               alt.Tooltip("best_step:Q", title="selected step", format=".0f"),
-               alt.Tooltip("dataset:N"), alt.Tooltip("backbone:N")]
-    ours, paper = "datum.kind == 'ours'", "datum.kind == 'paper'"
-    is_dino, not_dino = f"{ours} && datum.method == 'dino'", f"{ours} && datum.method != 'dino'"
+    enc = {"x": _dimension_axis(t, dims), "y": alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False)),
+           "color": _series_color(t), "opacity": alt.condition(pick, alt.value(1.0), alt.value(0.12)),
+           "tooltip": _tooltip()}
     base = alt.Chart()
-    lines = base.mark_line(point=alt.OverlayMarkDef(filled=True, size=40)).encode(
-        x=x, y=y, color=color, opacity=fade, tooltip=tooltip).transform_filter(not_dino).add_params(pick)
-    layers = [lines]
-    if (t["kind"] == "paper").any():  # the published curves: thin dashed lines, the DINO baseline a dotted rule
-        ref_tip = [alt.Tooltip("series:N", title="published"), alt.Tooltip("code_dim:Q", title="D"),
-                   alt.Tooltip("probe:N"), alt.Tooltip("mean:Q", title="value (read off the figure)", format=".1f")]
-        layers.append(base.mark_line(strokeDash=[5, 3], strokeWidth=1.3, point=alt.OverlayMarkDef(size=12)).encode(
-            x=x, y=y, color=color, opacity=fade, tooltip=ref_tip).transform_filter(
-            f"{paper} && datum.method != 'dino'"))
-        layers.append(base.mark_rule(strokeDash=[1, 3], strokeWidth=1.5).encode(
-            y=y, color=color, opacity=fade, tooltip=ref_tip).transform_filter(f"{paper} && datum.method == 'dino'"))
-    several = f"{not_dino} && datum.n_seeds > 1"
+    layers = [base.mark_line(point=alt.OverlayMarkDef(filled=True, size=40)).encode(**enc)
+              .transform_filter(_NOT_DINO).add_params(pick)]
+    if (t["kind"] == "paper").any():
+        layers += _paper_layers(base, enc)
     if not (t["n_seeds"] > 1).any():
         spread = "none"  # one seed everywhere: nothing to draw (and no empty layers)
-    if spread == "band":
-        layers.append(base.mark_area(opacity=0.2).encode(x=x, y=alt.Y("lo:Q", title=y_title), y2="hi:Q",
-                                                             color=color, opacity=alt.condition(
-                                                                 pick, alt.value(0.22), alt.value(0.03)))
-                      .transform_filter(several))
-    elif spread == "errorbar":
-        layers.append(base.mark_rule(strokeWidth=1.5).encode(x=x, y=alt.Y("lo:Q", title=y_title), y2="hi:Q",
-                                                            color=color, opacity=fade).transform_filter(several))
+    layers += _spread_layers(base, enc, spread, y_title, pick)
     # the DINO baseline: dashed horizontal rule (+ a ±std band over seeds) and a point at its own D = C
-    layers.append(base.mark_rule(strokeDash=[6, 4], strokeWidth=2).encode(y=y, color=color, opacity=fade,
-                                                                          tooltip=tooltip).transform_filter(is_dino))
-    layers.append(base.mark_point(filled=True, size=60, shape="circle").encode(
-        x=x, y=y, color=color, opacity=fade, tooltip=tooltip).transform_filter(is_dino))
-    if spread != "none":
-        layers.append(base.mark_rect(opacity=0.12).encode(y=alt.Y("lo:Q", title=y_title), y2="hi:Q", color=color)
-                      .transform_filter(f"{is_dino} && datum.n_seeds > 1"))
+    layers.append(base.mark_rule(strokeDash=[6, 4], strokeWidth=2).encode(
+        y=enc["y"], color=enc["color"], opacity=enc["opacity"], tooltip=enc["tooltip"]).transform_filter(_IS_DINO))
+    layers.append(base.mark_point(filled=True, size=60, shape="circle").encode(**enc).transform_filter(_IS_DINO))
     params = []
     if slider:
-        own = t[t["kind"] == "ours"]
-        lo, hi = float(own["log2_dim"].min()), float(own["log2_dim"].max())
-        mid = float(np.log2(dims[len(dims) // 2]))
-        params.append(alt.param(name="log2_D", value=round(mid, 2), bind=alt.binding_range(
-            min=round(lo, 2), max=round(hi, 2), step=0.05, name="log₂ D: pick a dimension ")))
-        at_dim = f"{not_dino} && datum.lo_edge <= log2_D && log2_D < datum.hi_edge"
-        layers.append(base.mark_rule(color="#777777", strokeDash=[2, 2]).encode(x=x)
-                      .transform_filter(at_dim).transform_aggregate(code_dim="max(code_dim)"))
-        flip = f"log2_D > {(lo + hi) / 2:.3f}"  # labels to the left of the rule in the right half of the axis
-        layers.append(base.mark_text(align=alt.expr(f"{flip} ? 'right' : 'left'"), dx=alt.expr(f"{flip} ? -6 : 6"),
-                                     fontSize=10).encode(
-            x=x, y=y, text="label:N", color=color, opacity=fade, tooltip=tooltip).transform_filter(at_dim))
+        param, slider_layers = _slider(base, enc, t, dims)
+        params.append(param)
+        layers += slider_layers
     chart = alt.layer(*layers, data=t).properties(width=width, height=height).facet(
         row=alt.Row("probe_title:N", title=None, sort=[PROBE_TITLES[p] for p in probes]),
         column=alt.Column("panel:N", title=facet_title, sort=list(dict.fromkeys(t["panel"]))),

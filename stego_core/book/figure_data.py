@@ -91,7 +91,7 @@ def dimension_table(results: pd.DataFrame, *, protocol: str | None = "original",
     if protocol is not None:
         check_choice("protocol", protocol, ("original", "corrected"))
     best = best_rows(results)
-    keep = (best["stage"] == "best") & (best["split"] == "val") & (best["crf"] != True)
+    keep = (best["stage"] == "best") & (best["split"] == "val") & (best["crf"] != True)  # noqa: E712 - nullable
     keep &= best["probe"].isin(PROBES) & best["metric"].isin(list(metrics)) & best["value"].notna()
     if protocol is not None:
         keep &= best["protocol"] == protocol

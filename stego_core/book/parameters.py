@@ -99,7 +99,8 @@ def read_parameters(notebook: str | os.PathLike) -> list[Parameter]:
 
 
 def parse_value(text: str) -> Any:
-    """A ``-p`` value as papermill reads it, extended to YAML literals: ``3``, ``0.5``, ``true``, ``[1, 2]``, ``None``."""
+    """A ``-p`` value as papermill reads it, extended to YAML literals: ``3``, ``0.5``, ``true``, ``[1, 2]``,
+    ``None``."""
     if text in ("None", "null", "~"):
         return None
     if text in ("True", "False"):

@@ -25,7 +25,7 @@ KERNEL_NAME = "stego-study"
 CHAPTERS = Path("book") / "chapters"
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[stego-study] {msg}", flush=True)
 
 
@@ -83,7 +83,7 @@ class RunResult:
 
 def run_notebook(notebook: str | os.PathLike, parameters: dict[str, Any] | None = None, *,
                  workdir: str | os.PathLike | None = None, force: bool = False,
-                 log: Callable[[str], None] = _log) -> RunResult:
+                 log: Callable[[str], None] = log) -> RunResult:
     """Execute one notebook with papermill into ``<workdir>/book/chapters/NAME.ipynb`` (skipped when current)."""
     import nbformat
 
@@ -148,7 +148,7 @@ def _execute(nb_in: Path, nb_out: Path, params: dict[str, Any]) -> None:
 
 
 def run_profile(profile: str | os.PathLike, *, workdir: str | os.PathLike | None = None, force: bool = False,
-                log: Callable[[str], None] = _log) -> list[RunResult]:
+                log: Callable[[str], None] = log) -> list[RunResult]:
     """Run every notebook of a profile, in order."""
     runs = load_profile(profile)
     return [run_notebook(nb, params, workdir=workdir, force=force, log=log) for nb, params in runs]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import StegoError, repo_root
-from .runner import _log
+from .runner import log
 
 VENDOR = Path("book") / "vendor"
 # The npm packages served from <html>/vendor/: (folder, package, version, files to keep (tar members under package/)).
@@ -38,7 +38,7 @@ _VENDOR_SKIP = (".map", "es5/sre/", "es5/node-main.js", "es5/tex-chtml", "es5/te
 _VENDOR_LAYOUT = 4  # bump when the selection above changes, so existing vendor folders are unpacked again
 # Loaded between require.js and the widget manager (see _config.yml): the manager finds its fonts relative to the
 # URL require.js gives its module, which would otherwise be <page folder>/@jupyter-widgets/html-manager/dist/.
-_WIDGETS_CONFIG_JS = """// Written by stego_core.book.vendor.vendor_js: serve the widget manager and its fonts from <book>/vendor/.
+_WIDGETS_CONFIG_JS = """// Written by stego_core.book.vendor: the widget manager and its fonts come from <book>/vendor/.
 (function () {
   var vendor = new URL("../", document.currentScript.src).href;
   window.__jupyter_widgets_assets_path__ = vendor + "html-manager/";
@@ -53,7 +53,7 @@ _WIDGETS_CONFIG_JS = """// Written by stego_core.book.vendor.vendor_js: serve th
 
 
 def vendor_js(dest: str | os.PathLike | None = None, *, force: bool = False,
-              log: Callable[[str], None] = _log) -> Path:
+              log: Callable[[str], None] = log) -> Path:
     """Fetch the pinned npm packages (once) and unpack what the pages load into ``<dest>/site/vendor``."""
     dest = Path(dest) if dest is not None else repo_root() / VENDOR
     site = dest / "site" / "vendor"

@@ -1,4 +1,5 @@
-"""Pictures and charts for the notebooks: label overlays, image grids, PCA colourings, Altair charts that render offline.
+"""Pictures and charts for the notebooks: label overlays, image grids, PCA colourings, Altair charts that render
+offline.
 
 Images here are uint8 ``[H, W, 3]`` numpy arrays (RGB). Charts are Altair charts with tooltips and a legend that
 highlights the clicked entries. Importing this module registers and enables the ``stego`` Altair renderer: it
@@ -290,7 +291,7 @@ _LOADER = """
   }
   window.__stegoVega.then(function () { draw(window.vegaEmbed); }, fail);
 })();
-"""
+"""  # noqa: E501 (JavaScript)
 
 
 def chart_html(spec: dict, *, embed_options: dict | None = None) -> str:

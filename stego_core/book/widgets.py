@@ -60,11 +60,9 @@ def label_data_url(label: np.ndarray, palette: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-
-
 def explorer_table(data: ExplorerData, *, quality: int = 85) -> pd.DataFrame:
-    """The explorer's content (``explorer.precompute``) as one row per picture: item, method (label), dim (0 = any, for DINO), crf, probe, kind
-    ("image"/"label"/"prediction"), url (data URL), caption."""
+    """The explorer's content (``explorer.precompute``) as one row per picture: item, method (label), dim (0 = any,
+    for DINO), crf, probe, kind ("image"/"label"/"prediction"), url (data URL), caption."""
     rows = []
     for i, item in enumerate(data.indices):
         rows.append({"item": item, "method": "", "dim": 0, "crf": False, "probe": "", "kind": "image",
@@ -79,9 +77,9 @@ def explorer_table(data: ExplorerData, *, quality: int = 85) -> pd.DataFrame:
         val_miou = float(val.loc[key, "mIoU"]) if key in val.index else float("nan")
         caption = (f"{model_label(method, dim)} · {probe} probe · CRF {'on' if crf else 'off'} · "
                    f"this image mIoU {shown:.1f} · val mIoU (no CRF) {val_miou:.1f}")
-        rows.append({"item": item, "method": METHOD_LABELS.get(method, method), "dim": 0 if method == "dino" else dim,
-                         "crf": bool(crf), "probe": probe, "kind": "prediction", "url": label_data_url(pred, data.palette),
-                         "caption": caption})
+        rows.append({"item": item, "method": METHOD_LABELS.get(method, method),
+                     "dim": 0 if method == "dino" else dim, "crf": bool(crf), "probe": probe, "kind": "prediction",
+                     "url": label_data_url(pred, data.palette), "caption": caption})
     return pd.DataFrame(rows)
 
 
@@ -212,7 +210,8 @@ def live_explorer(data: ExplorerData, backbone: Any, *, res: int = 224, workers:
                                workers=workers or 1, protocol=data.protocol)[0].numpy()
             photo_w.value = png(image)
             pred_w.value = png(overlay(image, pred, data.palette, 0.6))
-            status.value = f"{model_label(*model_dd.value)}, {probe_tb.value} probe, CRF {'on' if crf_cb.value else 'off'}"
+            crf = "on" if crf_cb.value else "off"
+            status.value = f"{model_label(*model_dd.value)}, {probe_tb.value} probe, CRF {crf}"
         except Exception as exc:  # noqa: BLE001 - shown in the panel, the kernel keeps running
             status.value = f"error: {exc}"
 
