@@ -251,6 +251,45 @@ def bar_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, too
     return alt.Chart(df, title=title or "").mark_bar().encode(**enc).properties(width=width, height=height)
 
 
+PAIR_LABELS = {"self": "self (image with itself)", "knn": "kNN partner", "random": "random image"}
+
+
+def pair_correlation_chart(pairs: pd.DataFrame, shifts: dict[str, float] | None = None, *, bins: int = 40,
+                           title: str | None = None, width: int = 560, height: int = 240) -> alt.Chart:
+    """Histograms of the feature correlation F per pair type (``knn.pair_statistics``), each normalised to its
+    pair type's count, with the loss's shifts (``{"self": b, "knn": b, "random": b}``) as labelled vertical rules:
+    a pair of that type is pulled together where F exceeds its rule and pushed apart below it."""
+    need = {"pair", "F"}
+    if not isinstance(pairs, pd.DataFrame) or not need <= set(pairs.columns):
+        raise ValueError("pairs: expected the frame of stego_core.knn.pair_statistics (columns pair, F)")
+    lo = float(min(pairs["F"].min(), *(shifts or {}).values(), -0.2))
+    hi = float(max(pairs["F"].max(), *(shifts or {}).values(), 0.6))
+    edges = np.linspace(lo, hi, bins + 1)
+    rows = []
+    for pair, values in pairs.groupby("pair", sort=False)["F"]:
+        counts = np.histogram(values, bins=edges)[0]
+        rows += [{"pair": PAIR_LABELS.get(pair, pair), "from": float(a), "to": float(b), "share": c / len(values)}
+                 for a, b, c in zip(edges[:-1], edges[1:], counts)]
+    hist = pd.DataFrame(rows)
+    order = [PAIR_LABELS.get(p, p) for p in pairs["pair"].drop_duplicates()]
+    pick = alt.selection_point(fields=["pair"], bind="legend")
+    color = alt.Color("pair:N", sort=order, title="pair type")
+    areas = alt.Chart(hist).mark_area(interpolate="step-after", line=True).encode(
+        x=alt.X("from:Q", title="feature correlation F"), y=alt.Y("share:Q", stack=None, title="share of pairs"),
+        color=color, opacity=alt.condition(pick, alt.value(0.35), alt.value(0.04)),
+        tooltip=["pair", alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"),
+                 alt.Tooltip("share:Q", format=".3f")]).add_params(pick)
+    layers = [areas]
+    if shifts:
+        rules = pd.DataFrame([{"pair": PAIR_LABELS.get(p, p), "shift": float(b), "label": f"shift {p} = {b:g}"}
+                              for p, b in shifts.items()])
+        base = alt.Chart(rules).encode(x="shift:Q", color=color)
+        layers += [base.mark_rule(strokeDash=[4, 3], strokeWidth=2).encode(tooltip=["pair", "shift"]),
+                   base.mark_text(angle=270, align="left", baseline="bottom", dx=4, dy=-2).encode(
+                       text="label:N", y=alt.value(4))]
+    return alt.layer(*layers, title=title or "").properties(width=width, height=height)
+
+
 # --------------------------------------------------------------------------------------------- offline renderer
 
 CDN = "https://cdn.jsdelivr.net/npm/"
