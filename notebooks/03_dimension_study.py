@@ -60,7 +60,8 @@ import numpy as np
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import cache, config, figures, papers, projections, sweep, training
+from stego_core import cache, config, papers, projections, sweep, training
+from stego_core.book import figures
 
 cache_options = {split: dict(res=split_res, crop=split_crop, weights=weights, dataset_options=dataset_options,
                              device=device)
