@@ -214,17 +214,25 @@ def _sweep_specs():
             for m, d in (("stego", 3), ("pca", 4), ("rp", 3))]
 
 
-def _sweep_run_fn(spec, *, run_dir, root=None, progress=False):
-    from stego_core.training import train
+def _fused_group_run(specs, *, root=None, progress=False):
+    """``fused.train_group_run`` on the harness's fake stores (the real one builds registry datasets' stores)."""
+    from stego_core.config import write_json_atomic
+    from stego_core.training import train_group
 
     train_store, val_store = _stores(Path(root))
-    return train(spec.train_config(), train_store=train_store, val_store=val_store, root=root, progress=False)
+    results = train_group([s.train_config() for s in specs], train_store=train_store, val_store=val_store,
+                          root=root, progress=False)
+    for spec, result in zip(specs, results, strict=True):
+        write_json_atomic(Path(spec.run_dir(root)) / "run.json", {"train_run_dir": str(result.run_dir)})
+    return results
 
 
 def _sweep_run(root: Path) -> None:
+    from stego_core import fused
     from stego_core.sweep import run_sweep
 
-    run_sweep(_sweep_specs(), root=root, run_fn=_sweep_run_fn, progress=False)
+    fused.train_group_run = _fused_group_run  # in the forked child only
+    run_sweep(_sweep_specs(), root=root, progress=False, fused=True)
 
 
 def _sweep_read(root: Path) -> str | None:
@@ -320,7 +328,7 @@ print([i * i for i in range(n)])
 
 
 def _book_setup(base: Path) -> None:
-    from stego_core.study import run_profile
+    from stego_core.book.runner import run_profile
 
     nb = base / "nb"
     nb.mkdir(parents=True)
@@ -335,7 +343,7 @@ def _book_setup(base: Path) -> None:
 
 
 def _book_run(root: Path) -> None:
-    from stego_core.study import run_profile
+    from stego_core.book.runner import run_profile
 
     # the profile names the notebooks by absolute path: point it at this trial's copy
     text = (root / "new.yaml").read_text().replace(str(root.parent / "base"), str(root))
@@ -370,7 +378,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("knn", lambda base: _upstream(base, knn=False), _knn_run, _knn_read, "kNN table"),
     Stage("fivecrop", _fivecrop_setup, _fivecrop_run, _fivecrop_read, "five-crop tree (3 images, 30 files)"),
     Stage("training", lambda base: _upstream(base), _training_run, _runs_read, "training run (60 steps)"),
-    Stage("sweep", lambda base: _upstream(base), _sweep_run, _sweep_read, "sweep (STEGO, PCA, RP runs)"),
+    Stage("sweep", lambda base: _upstream(base), _sweep_run, _sweep_read, "fused sweep (STEGO, PCA, RP runs)"),
     Stage("projected", _projected_setup, _projected_run, _projected_read, "h-NNE projected store"),
     Stage("evaluation", lambda base: _upstream(base, run=True), _evaluation_run, _evaluation_read,
           "Table 2 evaluation with the CRF pool"),
@@ -386,9 +394,10 @@ def serve() -> None:
     ``{"pid"}`` at once and ``{"rc"}`` when the child has ended."""
     import torch
 
+    import stego_core.book.runner  # noqa: F401
     import stego_core.cache  # noqa: F401 - imported once here, inherited by every child
     import stego_core.evaluation  # noqa: F401
-    import stego_core.study  # noqa: F401
+    import stego_core.fused  # noqa: F401
     import stego_core.training  # noqa: F401
 
     torch.set_num_threads(1)
