@@ -58,7 +58,8 @@ from .results import PROBES, best_rows
 __all__ = ["METHOD_LABELS", "METHOD_COLORS", "SERIES_ORDER", "dimension_table", "dimension_ticks", "pivot_table",
            "dimension_findings", "pca_variance_curves", "variance_findings", "variance_frame", "variance_chart",
            "dimension_chart", "paper_dimension_table", "VARIANCE_STYLES", "extended_study_rows", "backbone_comparison",
-           "extended_study_status", "paired_differences", "differences_verdict", "convergence_table"]
+           "extended_study_status", "paired_differences", "differences_verdict", "convergence_table",
+           "differences_table", "differences_chart"]
 
 # display names of the methods (``results.method``) and their colours (seaborn "colorblind" indices 3, 0, 2, 6, 8)
 METHOD_LABELS: dict[str, str] = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO baseline"}
@@ -200,6 +201,47 @@ def differences_verdict(diffs: pd.DataFrame, *, method: str = "STEGO", baseline:
     return (f"{method} is above {name} at {int(counts.get('above', 0))} of {n} dimensions, below at "
             f"{int(counts.get('below', 0))} and undecided at {int(counts.get('undecided', 0))} "
             f"(95 % intervals over {seeds} seeds)")
+
+
+def differences_table(diffs: pd.DataFrame) -> pd.DataFrame:
+    """A readable table of ``paired_differences`` frames (concatenated with a ``comparison`` column such as
+    "STEGO − PCA"): one row per comparison and D with the mean difference, its 95 % interval and the verdict."""
+    if not isinstance(diffs, pd.DataFrame) or not {"comparison", "mean", "lo", "hi"} <= set(diffs.columns):
+        raise StegoError("diffs: expected paired_differences frames with a 'comparison' column")
+    if diffs.empty:
+        return pd.DataFrame(columns=["comparison", "D", "seeds", "mean difference", "95 % interval", "verdict"])
+
+    def interval(lo: float, hi: float) -> str:
+        return "–" if not (np.isfinite(lo) and np.isfinite(hi)) else f"[{lo:+.1f}, {hi:+.1f}]"
+
+    return pd.DataFrame({
+        "comparison": diffs["comparison"].to_numpy(), "D": diffs["code_dim"].astype(int).to_numpy(),
+        "seeds": diffs["n_seeds"].astype(int).to_numpy(), "mean difference": diffs["mean"].astype(float).round(1),
+        "95 % interval": [interval(a, b) for a, b in zip(diffs["lo"].astype(float), diffs["hi"].astype(float))],
+        "verdict": diffs["verdict"].to_numpy()}).reset_index(drop=True)
+
+
+def differences_chart(diffs: pd.DataFrame, *, width: int = 520, height: int = 200) -> alt.Chart:
+    """Mean paired difference (points) against D on a log axis, one colour per comparison, with the 95 % intervals
+    as error bars and a rule at zero: a bar entirely above the rule is a difference the seeds support."""
+    if not isinstance(diffs, pd.DataFrame) or "comparison" not in diffs.columns:
+        raise StegoError("diffs: expected paired_differences frames with a 'comparison' column")
+    data = diffs.assign(code_dim=diffs["code_dim"].astype(int), mean=diffs["mean"].astype(float),
+                        lo=diffs["lo"].astype(float).fillna(diffs["mean"].astype(float)),
+                        hi=diffs["hi"].astype(float).fillna(diffs["mean"].astype(float)))
+    pick = alt.selection_point(fields=["comparison"], bind="legend")
+    x = alt.X("code_dim:Q", scale=alt.Scale(type="log", base=2), title="code dimension D",
+              axis=alt.Axis(values=dimension_ticks(sorted(set(data["code_dim"])))))
+    color = alt.Color("comparison:N", title=None)
+    opacity = alt.condition(pick, alt.value(1.0), alt.value(0.15))
+    base = alt.Chart(data)
+    tooltip = ["comparison", "code_dim", "n_seeds", alt.Tooltip("mean:Q", format="+.1f"),
+               alt.Tooltip("lo:Q", format="+.1f"), alt.Tooltip("hi:Q", format="+.1f"), "verdict"]
+    bars = base.mark_errorbar(ticks=True).encode(x=x, y=alt.Y("lo:Q", title="difference in cluster mIoU (points)"),
+                                                 y2="hi:Q", color=color, opacity=opacity)
+    points = base.mark_line(point=True).encode(x=x, y="mean:Q", color=color, opacity=opacity, tooltip=tooltip)
+    zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="#555").encode(y="y:Q")
+    return alt.layer(zero, bars, points.add_params(pick)).properties(width=width, height=height)
 
 
 def convergence_table(results: pd.DataFrame, *, protocol: str | None = "original") -> pd.DataFrame:
