@@ -125,7 +125,7 @@ diff_table
 
 # %% [markdown]
 # On {glue:md}`res_dataset`: {glue:text}`res_verdict_pca:s`; {glue:text}`res_verdict_rp:s`;
-# {glue:text}`res_verdict_hnne:s`; against the raw features, {glue:text}`res_verdict_dino:s`.
+# {glue:text}`res_verdict_hnne:s`; {glue:text}`res_verdict_dino:s`.
 # {glue:text}`res_n_last_best` of the {glue:text}`res_n_sweep_runs` runs selected their last validation step as
 # their best (a run still improving when it stopped).
 #

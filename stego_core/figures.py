@@ -191,7 +191,8 @@ def differences_verdict(diffs: pd.DataFrame, *, method: str = "STEGO", baseline:
         raise StegoError("diffs: expected the frame of figures.paired_differences")
     if diffs.empty:
         return f"no paired runs of {method} and {baseline or 'the baseline'}"
-    name = baseline or METHOD_LABELS.get(str(diffs["baseline"].iloc[0]), str(diffs["baseline"].iloc[0]))
+    key = str(diffs["baseline"].iloc[0])
+    name = baseline or ("the raw features" if key == "dino" else METHOD_LABELS.get(key, key))
     counts = diffs["verdict"].value_counts()
     n = len(diffs)
     seeds = int(diffs["n_seeds"].min())

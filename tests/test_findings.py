@@ -71,6 +71,8 @@ def test_differences_verdict_is_generated_from_the_intervals():
     assert text == ("STEGO is above PCA at 1 of 2 dimensions, below at 0 and undecided at 1 "
                     "(95 % intervals over 3 seeds)")
     single = figures.differences_verdict(figures.paired_differences(_results(seeds=(0,)), "pca"))
+    raw = figures.differences_verdict(figures.paired_differences(_results(), "dino"))
+    assert raw.startswith("STEGO is above the raw features at 2 of 2")
     assert "cannot be decided with one seed" in single and "positive at 2 of 2" in single
     with pytest.raises(StegoError, match="diffs"):
         figures.differences_verdict(pd.DataFrame({"x": [1]}))
