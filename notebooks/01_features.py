@@ -48,7 +48,8 @@ import pandas as pd
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import cache, knn, training, viz
+from stego_core import cache, knn, training
+from stego_core.book import viz
 
 timings = []
 stores = {}

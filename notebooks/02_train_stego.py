@@ -79,7 +79,8 @@ import pandas as pd
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import cache, evaluation, training, viz
+from stego_core import cache, evaluation, training
+from stego_core.book import viz
 from stego_core.segmenter import Segmenter
 
 stores = {split: cache.cache_features(dataset, split, backbone, res=split_res, crop=split_crop, weights=weights,

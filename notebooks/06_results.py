@@ -40,7 +40,8 @@ import pandas as pd
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import figures, findings, papers, sweep, viz
+from stego_core import findings, papers, sweep
+from stego_core.book import figures, viz
 
 store = sweep.load_sweep_results(root)
 table = figures.dimension_table(store, protocol=protocol)

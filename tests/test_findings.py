@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from stego_core import figures
+from stego_core.book import figures
 from stego_core.config import StegoError
 from stego_core.results import RESULT_DTYPES
 

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from stego_core import knn, viz
+from stego_core import knn
+from stego_core.book import viz
 from stego_core.config import StegoError
 from stego_core.data import MOSAIC_SOURCES, load_dataset
 

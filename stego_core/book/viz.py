@@ -4,7 +4,7 @@ offline.
 Images here are uint8 ``[H, W, 3]`` numpy arrays (RGB). Charts are Altair charts with tooltips and a legend that
 highlights the clicked entries. Importing this module registers and enables the ``stego`` Altair renderer: it
 writes a chart as HTML that loads vega, vega-lite and vega-embed from the book's own ``vendor/`` folder (see
-``stego_core.study.vendor_js``), through require.js when the page has it (widget pages) and plain script tags
+``stego_core.book.vendor.vendor_js``), through require.js when the page has it (widget pages) and plain script tags
 otherwise; outside a built book (a live notebook) it falls back to the jsDelivr CDN.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from ..data import unnormalize
+
 IGNORE_COLOR = (0, 0, 0)  # colour of ignored pixels (label -1) in colourised labels
 
 # --------------------------------------------------------------------------------------------- images
@@ -30,8 +32,6 @@ IGNORE_COLOR = (0, 0, 0)  # colour of ignored pixels (label -1) in colourised la
 def to_image(img: Any) -> np.ndarray:
     """An ImageNet-normalised float tensor/array [3,H,W] (a dataset item's ``img``) -> uint8 [H,W,3]."""
     import torch
-
-    from .data import unnormalize
 
     t = torch.as_tensor(img, dtype=torch.float32)
     rgb01 = unnormalize(t)  # [3,H,W] in [0, 1]
@@ -208,11 +208,11 @@ def class_histogram_chart(df: pd.DataFrame, *, x: str = "class", y: str = "fract
     """Bars per class (``df`` from :func:`class_statistics`) in the classes' own colours; click to highlight."""
     pick = alt.selection_point(fields=[x], on="click", clear="dblclick")
     tooltip = [c for c in df.columns if c not in (color,)]
-    enc = dict(x=alt.X(f"{x}:N", sort=None, title=None),
-               y=alt.Y(f"{y}:Q", title=y, axis=alt.Axis(format="%" if y == "fraction" else "")),
-               color=alt.Color(f"{color}:N", scale=None) if color in df.columns else alt.Color(f"{x}:N"),
-               opacity=alt.condition(pick, alt.value(1.0), alt.value(0.3)),
-               tooltip=tooltip)
+    enc = {"x": alt.X(f"{x}:N", sort=None, title=None),
+               "y": alt.Y(f"{y}:Q", title=y, axis=alt.Axis(format="%" if y == "fraction" else "")),
+               "color": alt.Color(f"{color}:N", scale=None) if color in df.columns else alt.Color(f"{x}:N"),
+               "opacity": alt.condition(pick, alt.value(1.0), alt.value(0.3)),
+               "tooltip": tooltip}
     chart = alt.Chart(df, title=title or "").mark_bar().encode(**enc).add_params(pick)
     if column:
         chart = chart.encode(column=alt.Column(f"{column}:N", title=None))
@@ -225,8 +225,8 @@ def line_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, to
     """Lines of ``y`` over ``x`` per ``color`` group; clicking legend entries highlights those lines."""
     tooltip = list(tooltip) if tooltip is not None else [c for c in (color, x, y) if c]
     scale = alt.Scale(type="log", base=2) if log_x else alt.Scale(zero=False)
-    enc: dict[str, Any] = dict(x=alt.X(f"{x}:Q", scale=scale), y=alt.Y(f"{y}:Q", scale=alt.Scale(zero=False)),
-                               tooltip=tooltip)
+    enc: dict[str, Any] = {"x": alt.X(f"{x}:Q", scale=scale), "y": alt.Y(f"{y}:Q", scale=alt.Scale(zero=False)),
+                               "tooltip": tooltip}
     base = alt.Chart(df, title=title or "")
     if color:
         pick = alt.selection_point(fields=[color], bind="legend")
@@ -241,7 +241,7 @@ def bar_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, too
               title: str | None = None, width: int = 360, height: int = 220) -> alt.Chart:
     """Horizontal-label bars of ``y`` per ``x`` (e.g. timings per stage), coloured by ``color``."""
     tooltip = list(tooltip) if tooltip is not None else list(df.columns)
-    enc: dict[str, Any] = dict(x=alt.X(f"{x}:N", sort=None, title=None), y=alt.Y(f"{y}:Q"), tooltip=tooltip)
+    enc: dict[str, Any] = {"x": alt.X(f"{x}:N", sort=None, title=None), "y": alt.Y(f"{y}:Q"), "tooltip": tooltip}
     if color:
         pick = alt.selection_point(fields=[color], bind="legend")
         enc.update(color=alt.Color(f"{color}:N"), xOffset=alt.XOffset(f"{color}:N"),
