@@ -5,10 +5,12 @@ dict with what a test needs to check the loader by hand: the raw label arrays as
 edge values of each format (COCO-Stuff 0/181/255, Cityscapes 0..33, Potsdam 0..5 and 255).
 ``write_synthetic_tree`` writes the tree ``stego-study preflight --synthetic`` runs a profile on: at least 12
 training and 4 validation images at the datasets' real sizes (COCO 480x640, Cityscapes 1024x2048, Potsdam 200x200
-tiles), in block-smooth random colours so the files stay small and decode fast.
+tiles), in block-smooth random colours so the files stay small and decode fast. ``miniature_copy`` makes the
+same kind of tree from a real one (links to its first images, lists cut to them) for preflight's end-to-end run.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,48 @@ def write_synthetic_tree(dataset: str, root: str | Path, *, n_train: int = 12, n
     else:
         make_potsdam(root, size=size, seed=seed, float_images=True, n_train=n_train, n_val=n_val)
     return {"train": n_train, "val": n_val}
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        os.symlink(src.resolve(), dst)
+
+
+def miniature_copy(dataset: str, source: str | os.PathLike, dest: str | os.PathLike, *, n_train: int = 12,
+                   n_val: int = 4) -> Path:
+    """A copy of the first ``n_train`` / ``n_val`` images of each split of a real tree under ``dest`` (links to
+    the files, lists cut to them), in the same layout; returns ``dest`` (a data root)."""
+    from . import data
+    from .config import StegoError
+
+    source, dest = Path(source), Path(dest)
+    counts = {"train": n_train, "val": n_val}
+    if dataset == "cocostuff27":
+        for split, n in counts.items():
+            ds = data.load_dataset(dataset, split, root=source)
+            ids, folder = ds.ids[:n], ds.img_dir.name
+            for image_id in ids:
+                _link(ds.img_dir / f"{image_id}.jpg", dest / "cocostuff" / "images" / folder / f"{image_id}.jpg")
+                _link(ds.lbl_dir / f"{image_id}.png", dest / "cocostuff" / "annotations" / folder / f"{image_id}.png")
+            lst = dest / ds.list_path.relative_to(source)
+            lst.parent.mkdir(parents=True, exist_ok=True)
+            lst.write_text("".join(f"{i}\n" for i in ids))
+    elif dataset == "cityscapes":
+        for split, n in counts.items():
+            ds = data.load_dataset(dataset, split, root=source)
+            for img, lbl in ds.pairs[:n]:
+                _link(img, dest / "cityscapes" / "leftImg8bit" / split / img.parent.name / img.name)
+                _link(lbl, dest / "cityscapes" / "gtFine" / split / lbl.parent.name / lbl.name)
+    elif dataset == "potsdam":
+        for split, n in counts.items():
+            ds = data.load_dataset(dataset, split, root=source)
+            ids = ds.ids[:n]
+            for image_id in ids:
+                _link(ds.img_dir / f"{image_id}.mat", dest / "potsdam" / "imgs" / f"{image_id}.mat")
+                if (ds.gt_dir / f"{image_id}.mat").exists():
+                    _link(ds.gt_dir / f"{image_id}.mat", dest / "potsdam" / "gt" / f"{image_id}.mat")
+            (dest / ds.lists[0].relative_to(source)).write_text("".join(f"{i}\n" for i in ids))
+    else:
+        raise StegoError(f"dataset: no miniature copy for {dataset!r}; expected one of {', '.join(SYNTHETIC_SIZES)}")
+    return dest

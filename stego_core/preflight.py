@@ -40,7 +40,7 @@ from typing import Any
 from .config import StegoError
 
 __all__ = ["Check", "PreflightReport", "expected_counts", "check_data", "check_weights", "check_device",
-           "check_disk", "miniature_tree", "preflight", "format_table", "main"]
+           "check_disk", "preflight", "format_table", "main"]
 
 PAPER_DATASETS = ("cocostuff27", "cityscapes", "potsdam")
 N_DECODE = 3  # files decoded per split (first, middle, last)
@@ -240,51 +240,6 @@ def check_disk(dataset: str, backbone: str, *, artifacts: str | os.PathLike | No
                  "" if ok else "free space or point STEGO_ARTIFACTS (and STEGO_DATA) at a bigger disk")
 
 
-# --------------------------------------------------------------------------------------------- miniature trees
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not dst.exists():
-        os.symlink(src.resolve(), dst)
-
-
-def miniature_tree(dataset: str, source: str | os.PathLike, dest: str | os.PathLike, *, n_train: int = MINI_TRAIN,
-                   n_val: int = MINI_VAL) -> Path:
-    """A copy of the first ``n_train`` / ``n_val`` images of each split of a real tree under ``dest`` (links to
-    the files, lists cut to them), in the same layout; returns ``dest`` (a data root)."""
-    from . import data
-
-    source, dest = Path(source), Path(dest)
-    counts = {"train": n_train, "val": n_val}
-    if dataset == "cocostuff27":
-        for split, n in counts.items():
-            ds = data.load_dataset(dataset, split, root=source)
-            ids, folder = ds.ids[:n], ds.img_dir.name
-            for image_id in ids:
-                _link(ds.img_dir / f"{image_id}.jpg", dest / "cocostuff" / "images" / folder / f"{image_id}.jpg")
-                _link(ds.lbl_dir / f"{image_id}.png", dest / "cocostuff" / "annotations" / folder / f"{image_id}.png")
-            lst = dest / ds.list_path.relative_to(source)
-            lst.parent.mkdir(parents=True, exist_ok=True)
-            lst.write_text("".join(f"{i}\n" for i in ids))
-    elif dataset == "cityscapes":
-        for split, n in counts.items():
-            ds = data.load_dataset(dataset, split, root=source)
-            for img, lbl in ds.pairs[:n]:
-                _link(img, dest / "cityscapes" / "leftImg8bit" / split / img.parent.name / img.name)
-                _link(lbl, dest / "cityscapes" / "gtFine" / split / lbl.parent.name / lbl.name)
-    elif dataset == "potsdam":
-        for split, n in counts.items():
-            ds = data.load_dataset(dataset, split, root=source)
-            ids = ds.ids[:n]
-            for image_id in ids:
-                _link(ds.img_dir / f"{image_id}.mat", dest / "potsdam" / "imgs" / f"{image_id}.mat")
-                if (ds.gt_dir / f"{image_id}.mat").exists():
-                    _link(ds.gt_dir / f"{image_id}.mat", dest / "potsdam" / "gt" / f"{image_id}.mat")
-            (dest / ds.lists[0].relative_to(source)).write_text("".join(f"{i}\n" for i in ids))
-    else:
-        raise StegoError(f"dataset: no miniature tree for {dataset!r}; expected one of {', '.join(PAPER_DATASETS)}")
-    return dest
-
-
 # --------------------------------------------------------------------------------------------- the end-to-end run
 @contextlib.contextmanager
 def _environ(**values: str) -> Iterator[None]:
@@ -327,7 +282,7 @@ def _pilot_runs(profile: str, **shared: Any) -> list[tuple[str, dict[str, Any]]]
 _TMP_PILOT = dict(n_examples=2, n_stats=4, batch_size=4, k=30, n_queries=2, n_neighbors_shown=2, n_pca=2, steps=4,
                   val_freq=2, n_neighbors=4, dims=[6, 24, 96], n_fit_images=8, hnne_tokens=2000, crf_images=2,
                   workers=1, n_images=2, batch_sizes=[1, 4, 0])
-_TMP_OVERRIDES = dict(steps=4, batch_size=4, val_freq=2, n_neighbors=4, n_fit_images=8)
+_TMP_OVERRIDES = dict(steps=4, batch_size=4, val_freq=2, n_neighbors=4)
 
 
 def _timed(area: str, name: str, fn: Callable[[], Any], checks: list[Check], fix: str) -> Any:
@@ -430,6 +385,7 @@ def preflight(profile: str, *, synthetic: bool = False, data_root: str | os.Path
     temporary folder, removed afterwards).
     """
     from . import study
+    from .datatrees import miniature_copy
 
     log = log or (lambda msg: print(f"[preflight] {msg}", file=sys.stderr, flush=True))
     settings = _profile_settings(study.load_profile(profile))
@@ -472,7 +428,8 @@ def preflight(profile: str, *, synthetic: bool = False, data_root: str | os.Path
                                     "fix the checks above, then run preflight again"))
             else:
                 mini = data_root if synthetic else \
-                    miniature_tree(dataset, _data_root(data_root), work / "mini-data")
+                    miniature_copy(dataset, _data_root(data_root), work / "mini-data", n_train=MINI_TRAIN,
+                                   n_val=MINI_VAL)
                 checks += _end_to_end(profile, settings, Path(mini), work, weights=weights, device=device, log=log)
     return PreflightReport(profile, synthetic, checks)
 
