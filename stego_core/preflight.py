@@ -266,12 +266,12 @@ def _profile_settings(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def _pilot_runs(profile: str, **shared: Any) -> list[tuple[str, dict[str, Any]]]:
     """The profile's notebooks with its pilot settings, then ``shared`` given to every notebook that has them."""
-    from . import study
+    from .book import parameters
 
-    runs = study.load_profile(profile)
+    runs = parameters.load_profile(profile)
     out = []
     for nb, params in runs:
-        names = {p.name for p in study.read_parameters(nb)}
+        names = {p.name for p in parameters.read_parameters(nb)}
         pilot = {k: v for k, v in _TMP_PILOT.items() if k in names}
         if "overrides" in names:
             pilot["overrides"] = {**params.get("overrides", {}), **_TMP_OVERRIDES}
@@ -302,7 +302,7 @@ def _end_to_end(profile: str, settings: dict[str, Any], data_root: Path, work: P
                 device: str, log: Callable[[str], None]) -> list[Check]:
     """Five-crop preparation, every notebook of the profile with its pilot settings, and (DINO v1) Table 2 and
     ``segment`` with the STEGO run written as a released checkpoint; all inside ``work``."""
-    from . import study
+    from .book import runner
     from .checkpoints import RELEASED_BACKBONES, save_stego_checkpoint
     from .fivecrop import prepare_five_crops
     from .runs import find_runs
@@ -320,9 +320,9 @@ def _end_to_end(profile: str, settings: dict[str, Any], data_root: Path, work: P
         runs = _pilot_runs(profile, weights=weights, device=device, progress=False)
         for nb, params in runs:
             log(f"run {nb}")
-            done = _timed("run", nb, lambda nb=nb, params=params: study.run_notebook(
+            done = _timed("run", nb, lambda nb=nb, params=params: runner.run_notebook(
                 nb, params, workdir=book, force=True, log=quiet), checks,
-                f"the notebook with its traceback is {book / study.CHAPTERS / f'.{nb}.failed.ipynb'}")
+                f"the notebook with its traceback is {book / runner.CHAPTERS / f'.{nb}.failed.ipynb'}")
             if done is None:
                 return checks  # later chapters need this one's artifacts
         if backbone not in RELEASED_BACKBONES:
@@ -342,9 +342,9 @@ def _end_to_end(profile: str, settings: dict[str, Any], data_root: Path, work: P
             return checks
         params04 = dict(next((p for nb, p in runs if nb == "04_evaluate"), {}), checkpoint=str(ckpt))
         log("run 04_evaluate with the released checkpoint")
-        _timed("run", "Table 2 from the checkpoint", lambda: study.run_notebook(
+        _timed("run", "Table 2 from the checkpoint", lambda: runner.run_notebook(
             "04_evaluate", params04, workdir=work / "book-checkpoint", force=True, log=quiet), checks,
-            f"the notebook is {work / 'book-checkpoint' / study.CHAPTERS / '.04_evaluate.failed.ipynb'}")
+            f"the notebook is {work / 'book-checkpoint' / runner.CHAPTERS / '.04_evaluate.failed.ipynb'}")
         images = _segment_inputs(dataset, data_root, work / "photos")
         log("stego-study segment --checkpoint")
         code = _timed("run", "segment --checkpoint", lambda: segment_main(
@@ -384,11 +384,11 @@ def preflight(profile: str, *, synthetic: bool = False, data_root: str | os.Path
     synthetic); run: also the tiny end-to-end run; workdir: keep its artifacts and chapters there (default: a
     temporary folder, removed afterwards).
     """
-    from . import study
+    from .book import parameters
     from .datatrees import miniature_copy
 
     log = log or (lambda msg: print(f"[preflight] {msg}", file=sys.stderr, flush=True))
-    settings = _profile_settings(study.load_profile(profile))
+    settings = _profile_settings(parameters.load_profile(profile))
     dataset, backbone = settings["dataset"], settings["backbone"]
     if dataset not in PAPER_DATASETS:
         raise StegoError(f"--profile: {profile} runs on {dataset!r}; preflight checks the paper datasets' profiles "
