@@ -34,6 +34,7 @@ from .evaluation import evaluate_store
 from .knn import build_knn
 from .probes import ClusterProbe
 from .segmenter import Segmenter
+from .train_state import TrainState, train_step
 
 __all__ = ["protocol_runs", "best_metric", "class_histograms",
            "knn_agreement", "knn_quirk", "evaluate_run", "with_extra_clusters", "byte_difference",
@@ -144,14 +145,12 @@ def with_extra_clusters(segmenter: Segmenter, store: Any, extra_clusters: int, *
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = ClusterProbe(segmenter.code_dim, segmenter.n_classes + int(extra_clusters)).to(segmenter.device)
-    opt = torch.optim.Adam(probe.parameters(), lr=lr)
+    state = TrainState(cfg=None, cluster_probe=probe, linear_probe=None,
+                       opt_cluster=torch.optim.Adam(probe.parameters(), lr=lr), opt_linear=None)
     for _ in range(steps):
         idx = torch.randperm(len(store), generator=gen)[:batch_size].sort().values
         code = segmenter.code(store.read(idx.numpy())["feats"])  # [b,D,h,w], no gradient
-        loss, _ = probe(code)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(state, code, None, code=code)  # the training's probe step, cluster probe only
     return segmenter.with_cluster_probe(probe.eval())
 
 
