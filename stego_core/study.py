@@ -636,6 +636,14 @@ def _parser() -> argparse.ArgumentParser:
     params = sub.add_parser("params", help="list a notebook's parameters with their comments")
     params.add_argument("notebook")
     sub.add_parser("vendor", help="fetch the book's JavaScript from the npm registry into book/vendor/")
+    explore = sub.add_parser("explore", help="serve the live explorer (Voila, a real kernel) on localhost")
+    explore.add_argument("--profile", help="only this profile's runs (dataset, backbone), device and checkpoints")
+    explore.add_argument("--port", type=int, default=8866, help="local port to serve on (8866)")
+    explore.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    explore.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                         help="also offer this released STEGO .ckpt (repeatable)")
+    explore.add_argument("--root", help="artifacts folder with the runs (default: $STEGO_ARTIFACTS, else ./artifacts)")
+    explore.add_argument("--device", help="where the models run (default: the profile's, else cpu)")
     return ap
 
 
@@ -662,6 +670,11 @@ def main(argv: list[str] | None = None) -> int:
             run_notebook(args.notebook, values, workdir=workdir, force=args.force)
         elif args.command == "book":
             make_book(args.profile, workdir=args.workdir, force=args.force)
+        elif args.command == "explore":
+            from .book.explore import serve
+
+            return serve(profile=args.profile, port=args.port, open_browser=not args.no_browser, root=args.root,
+                         checkpoints=args.checkpoint, device=args.device)
     except StegoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

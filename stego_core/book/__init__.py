@@ -1,0 +1,1 @@
+"""The book tooling (placeholder until the book subpackage lands)."""
