@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make book          run the '$(PROFILE)' profile's notebooks with papermill and build the book (HTML under _build/html)"
-	@echo "make test          run the whole test suite"
+	@echo "make test          ruff check, then the whole test suite"
 	@echo "make system-deps   install the Debian packages the browser tests and the book need (chromium, npm; needs root)"
 	@echo "make benchmark     print the benchmark table (benchmarks/run.py)"
 
@@ -31,6 +31,7 @@ book: $(STAMP)
 	$(BIN)/stego-study book --profile $(PROFILE)
 
 test: $(STAMP)
+	$(BIN)/ruff check stego_core notebooks tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 benchmark: $(STAMP)

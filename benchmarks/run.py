@@ -39,8 +39,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,8 +221,8 @@ def bench_backbones(table: Table, plan: dict, device: torch.device) -> None:
             base_rate, ref = None, None
             for label, how in _modes(backbone):
                 feats = _features(backbone, img, **how)  # also the warm-up call of this mode
-                sec = time_call(lambda: _features(backbone, img, **how), device, min_time=plan["min_time"],
-                                warmup=0)
+                sec = time_call(lambda b=backbone, x=img, h=how: _features(b, x, **h), device,
+                                min_time=plan["min_time"], warmup=0)
                 rate = batch / sec
                 base_rate = base_rate or rate
                 table.add("backbone", f"{name} {res}px b{batch} {label}", rate, "images/s", ratio=rate / base_rate,
@@ -386,7 +387,7 @@ def bench_store(table: Table, plan: dict, workdir: Path) -> tuple[list[dict], di
     table.add("feature store", f"read {cfg}", rate, "images/s", note="local disk, warm page cache")
     table.add("feature store", f"read {cfg}", rate * total_per_item / 1e6, "MB/s")
     table.add("feature store", "bytes per image (feats + label + image + index)", total_per_item / 1e3, "kB")
-    table.add("feature store", f"write (cache_features, cheap stand-in backbone)", n_items / write_s, "images/s")
+    table.add("feature store", "write (cache_features, cheap stand-in backbone)", n_items / write_s, "images/s")
 
     # extrapolation: bytes per item = C*h*w*2 (fp16) + res^2*2 (int16 label) + res^2*3 (RGB) + 8 (index) + headers;
     # check the formula against the measured store first

@@ -73,9 +73,9 @@ progress = True  # show progress bars
 # the code of a head that never trains (its random initialisation), so the three can be compared.
 
 # %%
+import altair as alt
 import numpy as np
 import pandas as pd
-import altair as alt
 from IPython.display import Markdown
 from myst_nb import glue
 

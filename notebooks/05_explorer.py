@@ -52,8 +52,6 @@ progress = True  # show progress bars
 # tells how much class information the code still holds.
 
 # %%
-import numpy as np
-import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 

@@ -61,9 +61,10 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,13 +180,13 @@ class Backbone(nn.Module):
         self.weights = weights
         self.weights_source = weights if weights_source is None else weights_source
 
-    def freeze(self) -> "Backbone":
+    def freeze(self) -> Backbone:
         """Turn off gradients for every parameter and switch to eval mode."""
         for p in self.parameters():
             p.requires_grad_(False)
         return super().train(False)
 
-    def train(self, mode: bool = True) -> "Backbone":  # noqa: ARG002 - frozen: always eval
+    def train(self, mode: bool = True) -> Backbone:  # noqa: ARG002 - frozen: always eval
         return super().train(False)
 
     @property

@@ -59,8 +59,9 @@ Assumptions (``DATASET_FACTS``, ``REFERENCE``, and the function arguments):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .config import check_choice, check_int
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -154,7 +155,7 @@ class CRFPool:
         self.progress = progress
         self._executor: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> "CRFPool":
+    def __enter__(self) -> CRFPool:
         return self
 
     def __exit__(self, *exc) -> None:

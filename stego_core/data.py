@@ -203,7 +203,7 @@ MOSAIC_SOURCES = (
 _MOSAIC_SCALES = (0.5, 0.75, 1.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mosaic_luminance(loader: str, scale: float) -> np.ndarray:
     """A bundled image as histogram-equalised float32 luminance in [0, 1], rescaled by ``scale``."""
     import skimage.data
@@ -216,7 +216,7 @@ def _mosaic_luminance(loader: str, scale: float) -> np.ndarray:
     return exposure.equalize_hist(gray, nbins=256).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mosaic_texture(loader: str, scale: float, min_size: int) -> np.ndarray:
     """The luminance mirror-tiled so that every side is at least ``min_size`` (crop windows always fit)."""
     lum = _mosaic_luminance(loader, scale)

@@ -30,7 +30,8 @@ the package works without it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from .config import StegoError, check_float, check_int
 

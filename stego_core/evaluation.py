@@ -23,8 +23,9 @@ store (stage ``"final"``: Table 2's rows). The papers' published numbers, with t
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .config import PROTOCOLS, StegoError, check_choice, check_int
 from .backbones import extract_features
+from .config import PROTOCOLS, StegoError, check_choice, check_int
 from .crf import CRFPool
 from .data import normalize_uint8
 from .evaluation import evaluate_store, store_code
@@ -249,7 +250,7 @@ def explorer_chart(data: ExplorerData, *, size: int = 200, opacity: float = 0.65
 def _legend(class_names: Sequence[str], palette: Any) -> Any:
     import altair as alt
 
-    colors = ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in np.asarray(palette, dtype=np.uint8)]
+    colors = ["#{:02x}{:02x}{:02x}".format(*(int(v) for v in c)) for c in np.asarray(palette, dtype=np.uint8)]
     df = pd.DataFrame({"class": list(class_names), "class_id": range(len(class_names)),
                        "color": colors[: len(class_names)]})
     return (alt.Chart(df, title="classes").mark_square(size=160)
@@ -319,7 +320,8 @@ def live_explorer(data: ExplorerData, backbone: Any, *, res: int = 224, workers:
                                workers=workers or 1, protocol=data.protocol)[0].numpy()
             photo_w.value = png(image)
             pred_w.value = png(overlay(image, pred, data.palette, 0.6))
-            status.value = f"{model_label(*model_dd.value)}, {probe_tb.value} probe, CRF {'on' if crf_cb.value else 'off'}"
+            crf = "on" if crf_cb.value else "off"
+            status.value = f"{model_label(*model_dd.value)}, {probe_tb.value} probe, CRF {crf}"
         except Exception as exc:  # noqa: BLE001 - shown in the panel, the kernel keeps running
             status.value = f"error: {exc}"
 

@@ -15,7 +15,7 @@ Random draws, when the module makes them itself, happen in the reference's order
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

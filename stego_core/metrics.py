@@ -20,7 +20,8 @@ errors to the real classes' columns, and mIoU / per-class means are taken over t
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment

@@ -25,7 +25,8 @@ paper's; ``PAPER_SETTINGS`` the backbone and dimensions of each.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 

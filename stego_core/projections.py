@@ -54,8 +54,9 @@ import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,11 +127,11 @@ class _Projection(BaseEstimator):
         check_int("n_components", self.n_components, minimum=1)
         check_choice("standardize", self.standardize, STANDARDIZE)
 
-    def fit(self, X: Any, y: Any = None) -> "_Projection":
+    def fit(self, X: Any, y: Any = None) -> _Projection:
         """Fit on token vectors X [N, C]: per-channel standardisation, then the reducer. Returns self."""
         return self._fit_tokens(X, copy=True)
 
-    def _fit_tokens(self, X: Any, *, copy: bool) -> "_Projection":
+    def _fit_tokens(self, X: Any, *, copy: bool) -> _Projection:
         """``fit``; with copy=False a float array X is standardised in place (saves one copy of millions of tokens)."""
         self._check_params()
         X = _as_tokens(X)
@@ -263,7 +264,7 @@ class PCAProjection(_Projection):
         self.components_ = self.pca_.components_[:k].astype(np.float32)
         self._torch_cache = {}
 
-    def with_components(self, n_components: int) -> "PCAProjection":
+    def with_components(self, n_components: int) -> PCAProjection:
         """A fitted copy that keeps a different number of axes (PCA is fitted once for every k)."""
         self._check_fitted()
         check_int("n_components", n_components, minimum=1)
@@ -349,7 +350,7 @@ class IdentityProjection(_Projection):
         if self.n_components is not None:
             check_int("n_components", self.n_components, minimum=1)
 
-    def _fit_tokens(self, X: Any, *, copy: bool) -> "IdentityProjection":
+    def _fit_tokens(self, X: Any, *, copy: bool) -> IdentityProjection:
         """Only records C (the raw features are the code)."""
         self._check_params()
         X = _as_tokens(X)

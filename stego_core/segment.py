@@ -33,9 +33,10 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .backbones import load_backbone
-from .config import (PROTOCOLS, StegoError, check_choice, check_int, ensure_writable, resolve_device,
-                     write_json_atomic)
+from .config import PROTOCOLS, StegoError, check_choice, check_int, ensure_writable, resolve_device, write_json_atomic
 from .data import normalize
 from .segmenter import PROBES, Segmenter
 from .viz import overlay
@@ -138,7 +138,8 @@ def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
     for p in out:
         if p.stem in stems:
             raise StegoError(f"paths: {stems[p.stem]} and {p} share the name {p.stem!r}, so their outputs would "
-                             f"overwrite each other; expected distinct file names (segment them into separate out_dirs)")
+                             "overwrite each other; expected distinct file names (segment them into separate "
+                             "out_dirs)")
         stems[p.stem] = p
     return out
 

@@ -36,8 +36,9 @@ import contextlib
 import json
 import os
 import pickle
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from . import crf as crf_mod
 from .backbones import load_backbone
 from .checkpoints import LoadedCheckpoint, load_stego_checkpoint
 from .config import PROTOCOLS, StegoError, check_choice, check_int, resolve_device
-from .data import COCOSTUFF27_CLASSES, CITYSCAPES_CLASSES, POTSDAM_CLASSES, normalize_uint8
+from .data import CITYSCAPES_CLASSES, COCOSTUFF27_CLASSES, POTSDAM_CLASSES, normalize_uint8
 from .heads import STEGOHead
 from .metrics import cluster_to_class
 from .probes import ClusterProbe, LinearProbe
@@ -160,23 +161,23 @@ class Segmenter(nn.Module):
         """``info`` without the bulky entries (class names, palette, metrics): what made this segmenter."""
         return {k: v for k, v in self.info.items() if k not in ("class_names", "palette", "metrics")}
 
-    def _replace(self, **changes: Any) -> "Segmenter":
+    def _replace(self, **changes: Any) -> Segmenter:
         """A new segmenter sharing this one's modules, with some parts replaced, on this one's device."""
         parts = dict(code_map=self.code_map, cluster_probe=self.cluster_probe, linear_probe=self.linear_probe,
                      backbone=self.backbone, cluster_to_class=self.cluster_to_class, info=self.info)
         parts.update(changes)
         return Segmenter(**parts).to(self.device)
 
-    def match(self, assignment: tuple[Any, Any]) -> "Segmenter":
+    def match(self, assignment: tuple[Any, Any]) -> Segmenter:
         """This segmenter with the cluster -> class map of a Hungarian ``assignment`` (rows = clusters, cols = their
         classes, as ``UnsupervisedMetrics.compute()["assignment"]``); shares the modules."""
         return self._replace(cluster_to_class=cluster_to_class(assignment, self.n_clusters))
 
-    def with_cluster_probe(self, cluster_probe: ClusterProbe) -> "Segmenter":
+    def with_cluster_probe(self, cluster_probe: ClusterProbe) -> Segmenter:
         """This segmenter with another cluster probe (e.g. refitted with extra centres); no cluster map."""
         return self._replace(cluster_probe=cluster_probe, cluster_to_class=None)
 
-    def with_backbone(self, backbone: nn.Module) -> "Segmenter":
+    def with_backbone(self, backbone: nn.Module) -> Segmenter:
         """This segmenter with a backbone (moved to the segmenter's device), for ``image_code``."""
         return self._replace(backbone=backbone)
 
@@ -286,7 +287,8 @@ class Segmenter(nn.Module):
             preds = [torch.from_numpy(np.stack([m.argmax(0) for m in self.refine(
                 lp, images, pool=pool, workers=workers, protocol=protocol)]).astype(np.int64)) for lp in maps]
         else:
-            fns = [lambda up, fn=self._score_fn(p): fn(up).argmax(1) for p in probes]
+            scores = [self._score_fn(p) for p in probes]
+            fns = [lambda up, fn=fn: fn(up).argmax(1) for fn in scores]
             preds = [pred.cpu() for pred in self._upsampled(code, size, fns)]  # [B,H,W] each
         out = dict(zip(probes, preds))
         if "cluster" in out and map_clusters and self.cluster_to_class is not None:
@@ -296,7 +298,7 @@ class Segmenter(nn.Module):
     # ---- constructors ------------------------------------------------------------------------------------------------
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, which: str = "best", *, device: Any = "cpu",
-                 backbone: nn.Module | None = None) -> "Segmenter":
+                 backbone: nn.Module | None = None) -> Segmenter:
         """The segmenter of a run folder written by ``stego_core.training.train``: ``which`` = "best" (the best
         validation cluster mIoU, the study's model selection) or "last" (the final weights); eval mode, on
         ``device`` (checkpoints hold CPU tensors, so a run trained on a GPU loads anywhere). ``info`` holds the
@@ -340,7 +342,7 @@ class Segmenter(nn.Module):
     def from_checkpoint(cls, checkpoint: Any, *, trusted: bool = False, device: Any = "cpu",
                         protocol: str = "original", weights: str | None = None, with_backbone: bool = True,
                         expected_dataset: str | None = None, expected_classes: int | None = None,
-                        expected_backbone: str | None = None, expected_code_dim: int | None = None) -> "Segmenter":
+                        expected_backbone: str | None = None, expected_code_dim: int | None = None) -> Segmenter:
         """The segmenter of a released STEGO checkpoint (a ``.ckpt`` path or a ``checkpoints.LoadedCheckpoint``).
 
         The expected_* values (the dataset, its number of classes, the backbone and code dimension of the profile)

@@ -45,9 +45,10 @@ import tarfile
 import tempfile
 import time
 import tokenize
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -83,7 +84,7 @@ _WIDGETS_CONFIG_JS = """// Written by stego_core.study.vendor_js: serve the widg
                                      "@jupyter-widgets/html-manager/dist": vendor + "html-manager"}});
   }
 })();
-"""
+"""  # noqa: E501 (JavaScript)
 # What a book copy (``--workdir``) needs from the checkout.
 _BOOK_SOURCES = ("_config.yml", "_toc.yml", "book")
 _BOOK_SKIP = {"chapters", "vendor", "_build"}
@@ -168,7 +169,8 @@ def read_parameters(notebook: str | os.PathLike) -> list[Parameter]:
 
 
 def parse_value(text: str) -> Any:
-    """A ``-p`` value as papermill reads it, extended to YAML literals: ``3``, ``0.5``, ``true``, ``[1, 2]``, ``None``."""
+    """A ``-p`` value as papermill reads it, extended to YAML literals: ``3``, ``0.5``, ``true``, ``[1, 2]``,
+    ``None``."""
     if text in ("None", "null", "~"):
         return None
     if text in ("True", "False"):
@@ -451,7 +453,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
         src = root / item
         if src.is_dir():
             shutil.copytree(src, workdir / item, dirs_exist_ok=True,
-                            ignore=lambda d, names: [n for n in names if Path(d) == src and n in _BOOK_SKIP])
+                            ignore=lambda d, names, top=src: [n for n in names if Path(d) == top and n in _BOOK_SKIP])
         else:
             shutil.copy2(src, workdir / item)
     return workdir

@@ -28,15 +28,24 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import (PROTOCOLS, StegoError, artifact_dir, check_choice, check_int, config_hash, stage_root,
-                     write_json_atomic)
+from .config import (
+    PROTOCOLS,
+    StegoError,
+    artifact_dir,
+    check_choice,
+    check_int,
+    config_hash,
+    stage_root,
+    write_json_atomic,
+)
 from .results import empty_results, load_results, summarise
 
 __all__ = ["SWEEP_METHODS", "STUDY_DIMS", "STUDY_METHODS", "RunSpec", "SweepGrid", "SweepResult", "study_grid",

@@ -1,4 +1,5 @@
-"""Pictures and charts for the notebooks: label overlays, image grids, PCA colourings, Altair charts that render offline.
+"""Pictures and charts for the notebooks: label overlays, image grids, PCA colourings, Altair charts that render
+offline.
 
 Images here are uint8 ``[H, W, 3]`` numpy arrays (RGB). Charts are Altair charts with tooltips and a legend that
 highlights the clicked entries. Importing this module registers and enables the ``stego`` Altair renderer: it
@@ -14,7 +15,8 @@ import html
 import io
 import itertools
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import altair as alt
 import numpy as np
@@ -184,7 +186,7 @@ def class_statistics(dataset: Any, n_images: int | None = None, *, progress: boo
 
 def hex_colors(palette: Any) -> list[str]:
     """uint8 [K,3] -> ["#rrggbb", ...]."""
-    return ["#%02x%02x%02x" % tuple(int(v) for v in rgb) for rgb in np.asarray(palette, dtype=np.uint8)]
+    return ["#{:02x}{:02x}{:02x}".format(*(int(v) for v in rgb)) for rgb in np.asarray(palette, dtype=np.uint8)]
 
 
 # --------------------------------------------------------------------------------------------- charts
@@ -289,7 +291,7 @@ _LOADER = """
   }
   window.__stegoVega.then(function () { draw(window.vegaEmbed); }, fail);
 })();
-"""
+"""  # noqa: E501 (JavaScript)
 
 
 def chart_html(spec: dict, *, embed_options: dict | None = None) -> str:

@@ -23,7 +23,8 @@ def golden():
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    for cand in (here / "golden" / "golden-public.json", here.parent.parent / "shared" / "reference" / "golden-public.json"):
+    shared = here.parent.parent / "shared" / "reference" / "golden-public.json"
+    for cand in (here / "golden" / "golden-public.json", shared):
         if cand.exists():
             return json.loads(cand.read_text())
     pytest.skip("golden-public.json not found")

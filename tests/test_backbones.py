@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from stego_core import StegoError
-from stego_core.backbones import (BACKBONES, NEWER_VITS, DinoViTBackbone, extract_features, interpolate_pos_embed,
-                                  load_backbone)
+from stego_core.backbones import (
+    BACKBONES,
+    NEWER_VITS,
+    DinoViTBackbone,
+    extract_features,
+    interpolate_pos_embed,
+    load_backbone,
+)
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -14,12 +14,11 @@ import functools
 import http.server
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import pytest
-
 
 pytestmark = pytest.mark.slow
 

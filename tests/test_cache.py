@@ -105,7 +105,8 @@ def test_round_trip_matches_backbone(tmp_path):
     ds, bb = FakeDataset(n=10), FakeBackbone()
     store = _cache(tmp_path, ds, bb)
     assert len(store) == 10 and store.dim == 8 and store.grid == (4, 4) and store.n_classes == 3
-    assert store.meta["chunk_size"] == 4 and store.meta["n_items"] == 10 and store.meta["class_names"] == ["a", "b", "c"]
+    assert store.meta["chunk_size"] == 4 and store.meta["n_items"] == 10
+    assert store.meta["class_names"] == ["a", "b", "c"]
     assert np.array_equal(store.palette, ds.palette)
     assert Path(store.path).parent.parent == tmp_path and Path(store.path).name.startswith("fake-train-fakenet-16-")
     assert len(_chunk_files(store.path)) == 3 * 4  # 3 chunks (4+4+2 items) x 4 arrays

@@ -4,12 +4,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from datatrees import make_cityscapes, make_cocostuff, make_directory, make_potsdam
 from PIL import Image
 
-from datatrees import make_cityscapes, make_cocostuff, make_directory, make_potsdam
 from stego_core.config import StegoError
 from stego_core.data import (
-    DATASETS, IMAGENET_MEAN, IMAGENET_STD, center_crop_offset, load_dataset, normalize, resized_size, transform_pair,
+    DATASETS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_crop_offset,
+    load_dataset,
+    normalize,
+    resized_size,
+    transform_pair,
     unnormalize,
 )
 

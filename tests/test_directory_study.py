@@ -8,10 +8,10 @@ import shlex
 import nbformat
 import pytest
 import yaml
-
-from stego_core import study
 from chapters import glued
 from datatrees import make_directory
+
+from stego_core import study
 
 pytestmark = pytest.mark.slow
 

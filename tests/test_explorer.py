@@ -4,8 +4,8 @@ against brute force."""
 from __future__ import annotations
 
 import base64
-import io
 import datetime
+import io
 import json
 
 import numpy as np

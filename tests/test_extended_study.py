@@ -213,7 +213,6 @@ def test_smoke_book_explains_the_extended_study(smoke_html):
     import re
 
     import nbformat
-
     from chapters import glued
 
     html = (smoke_html / "book" / "results" / "newer_backbones.html").read_text()

@@ -6,10 +6,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from datatrees import make_cityscapes, make_potsdam
 from PIL import Image
 
 import stego_core.fivecrop as fivecrop
-from datatrees import make_cityscapes, make_potsdam
 from stego_core.config import StegoError
 from stego_core.data import five_crop_dir, load_dataset
 from stego_core.fivecrop import five_crop_boxes, prepare_five_crops

@@ -12,9 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from stego_core import StegoError, cache, evaluation, knn, training
+from stego_core.backbones import (
+    BACKBONES,
+    NEWER_BACKBONES,
+    NEWER_VITS,
+    extract_features,
+    interpolate_pos_embed,
+    load_backbone,
+    resample_dinov2_pos_embed,
+)
 from stego_core.segmenter import Segmenter
-from stego_core.backbones import (BACKBONES, NEWER_BACKBONES, NEWER_VITS, extract_features, interpolate_pos_embed,
-                                  load_backbone, resample_dinov2_pos_embed)
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

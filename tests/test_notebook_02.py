@@ -8,9 +8,9 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+from chapters import glued
 
 from stego_core import study
-from chapters import glued
 
 pytestmark = pytest.mark.slow
 

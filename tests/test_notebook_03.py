@@ -5,9 +5,9 @@ import json
 
 import nbformat
 import pytest
+from chapters import glued
 
 from stego_core import results, study
-from chapters import glued
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from chapters import glued
 
 from stego_core import study
-from chapters import glued
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,8 @@ def test_data_notebook(smoke_chapters):
     charts = [h for h in html if 'class="stego-chart"' in h]
     assert len(charts) == 2  # the label legend and the class histogram
     spec = json.loads(charts[1].split("var spec = ", 1)[1].split(";\n", 1)[0])
-    assert spec["mark"]["type"] == "bar" and len(spec["datasets"][next(iter(spec["datasets"]))]) == int(glued["n_classes"])
+    assert spec["mark"]["type"] == "bar"
+    assert len(spec["datasets"][next(iter(spec["datasets"]))]) == int(glued["n_classes"])
     # 2 examples x (image, overlay) as inline PNGs
     assert sum(h.count("data:image/png;base64,") for h in html) == 4
 

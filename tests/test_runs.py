@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import yaml
+from datatrees import make_directory
 
 from stego_core import cache, knn, runs, study, training
 from stego_core.config import StegoError
-from datatrees import make_directory
 
 OPTS = {"n_images": 8, "scene_size": 96}
 SHORT = dict(steps=2, batch_size=4, val_freq=2)  # a run in about a second

@@ -145,7 +145,7 @@ def test_chapter04_evaluation_places_everything_on_the_device(trained):
     for (method, _), seg in models.items():
         assert _on(seg, META), method
         with _DeviceLog() as log:
-            _until_host(lambda: evaluation.evaluate(seg, ds, crf=False, progress=False))
+            _until_host(lambda s=seg: evaluation.evaluate(s, ds, crf=False, progress=False))
         log.check(META, ("EfficientNetBackbone", "ClusterProbe") + (("STEGOHead",) if method == "stego" else ()))
 
 

@@ -6,8 +6,19 @@ import pytest
 
 from stego_core.config import StegoError
 from stego_core.results import load_results, write_rows
-from stego_core.sweep import (STUDY_DIMS, ProcessExecutor, RunSpec, SweepGrid, is_done, load_sweep_results,
-                               local_executor, run_sweep, serial_executor, study_grid, train_run)
+from stego_core.sweep import (
+    STUDY_DIMS,
+    ProcessExecutor,
+    RunSpec,
+    SweepGrid,
+    is_done,
+    load_sweep_results,
+    local_executor,
+    run_sweep,
+    serial_executor,
+    study_grid,
+    train_run,
+)
 
 
 class FakeRun:
