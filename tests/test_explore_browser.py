@@ -21,7 +21,6 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_browser import CHROMIUM, CHROMIUM_ARGS, _chromium_or_skip
 from tinyruns import make_tiny_runs
 

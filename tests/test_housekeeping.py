@@ -36,7 +36,6 @@ FUNCTIONS_OVER_LIMIT = {
     "cache.py:cache_features",
     "checkpoints.py:load_stego_checkpoint",
     "figures.py:dimension_chart",
-    "segment.py:segment_images",
     "training.py:train",
 }
 # The modules that may call stego_core.training.train (distributed runs the sweep's runs as Ray jobs).
