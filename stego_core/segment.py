@@ -45,10 +45,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .backbones import load_backbone
+from .book.viz import overlay
 from .config import PROTOCOLS, StegoError, check_choice, check_int, ensure_writable, resolve_device, write_json_atomic
 from .data import normalize
 from .segmenter import PROBES, Segmenter
-from .viz import overlay
 
 __all__ = ["PROBES", "IMAGE_EXTENSIONS", "Segmentation", "segment_images", "load_segmenter", "label_map", "id_names",
            "upsampled_argmax", "network_size", "main"]

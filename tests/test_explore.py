@@ -12,13 +12,12 @@ import pytest
 from PIL import Image
 from tinyruns import make_tiny_runs
 
-from stego_core import study
-from stego_core.book import explore
+from stego_core.book import cli, explore
+from stego_core.book.viz import overlay
 from stego_core.config import StegoError
 from stego_core.evaluation import evaluate_store
 from stego_core.segment import id_names, label_map, load_segmenter
 from stego_core.segmenter import Segmenter
-from stego_core.viz import overlay
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +105,9 @@ def test_profile_settings(tmp_path):
 
 
 def test_command_line_refuses_bad_values_before_serving(tmp_path, capsys):
-    assert study.main(["explore", "--profile", "no-such-profile", "--no-browser"]) == 2
+    assert cli.main(["explore", "--profile", "no-such-profile", "--no-browser"]) == 2
     assert "--profile: 'no-such-profile' not found" in capsys.readouterr().err
-    assert study.main(["explore", "--port", "70000", "--no-browser"]) == 2
+    assert cli.main(["explore", "--port", "70000", "--no-browser"]) == 2
     assert "--port" in capsys.readouterr().err
-    assert study.main(["explore", "--checkpoint", str(tmp_path / "none.ckpt"), "--no-browser"]) == 2
+    assert cli.main(["explore", "--checkpoint", str(tmp_path / "none.ckpt"), "--no-browser"]) == 2
     assert "--checkpoint: file" in capsys.readouterr().err

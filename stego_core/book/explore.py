@@ -26,8 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ipywidgets as w
+import nbformat
 import numpy as np
 import pandas as pd
+from IPython.display import Markdown
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..backbones import load_backbone
 from ..cache import open_store
@@ -37,7 +41,9 @@ from ..explorer import METHOD_LABELS, model_label
 from ..runs import find_runs
 from ..segment import id_names, label_map, load_segmenter
 from ..segmenter import PROBES, Segmenter
-from ..viz import overlay
+from .parameters import load_profile
+from .runner import ensure_kernel
+from .viz import overlay
 
 __all__ = ["LiveExplorer", "Source", "explore_app", "explore_settings", "find_sources", "no_runs_message",
            "read_upload", "serve", "write_app_notebook"]
@@ -116,7 +122,6 @@ def explore_settings(profile: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"dataset": None, "backbone": None, "device": "cpu", "root": None, "checkpoints": []}
     if profile is None:
         return out
-    from ..study import load_profile
 
     stages = dict(load_profile(profile))
     explorer = stages.get("05_explorer") or {}
@@ -131,8 +136,6 @@ def explore_settings(profile: str | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # pictures
 def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
@@ -167,8 +170,6 @@ def _upload_image(value: Any) -> tuple[str, bytes] | None:
 
 def read_upload(content: bytes) -> np.ndarray:
     """An uploaded file -> uint8 RGB [H,W,3] at its own size (EXIF orientation applied), or a StegoError."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(content)) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
@@ -178,8 +179,6 @@ def read_upload(content: bytes) -> np.ndarray:
 
 def _fit(image: np.ndarray, longest: int) -> np.ndarray:
     """A large photo shrunk so that its longer side is ``longest`` (the explorer shows, it does not archive)."""
-    from PIL import Image
-
     h, w = image.shape[:2]
     if max(h, w) <= longest:
         return image
@@ -199,8 +198,6 @@ class LiveExplorer:
 
     def __init__(self, sources: Sequence[Source], *, device: Any = "cpu", n_images: int = 8, width: int = 320,
                  max_side: int = 640, res: int | None = None):
-        import ipywidgets as w
-
         if not sources:
             raise StegoError("sources: nothing to explore (find_sources found no runs and no checkpoint)")
         self.sources = {s.key: s for s in sources}
@@ -386,8 +383,6 @@ def explore_app(*, root: Any = None, profile: str | None = None, checkpoints: Se
     """The widget to display in a kernel (``LiveExplorer.widget``), or a Markdown note with the command that makes
     runs when there is nothing to explore. ``profile``: its dataset, backbone, device and checkpoints (see
     ``explore_settings``); ``root``: the artifacts folder (None: the profile's, else ``$STEGO_ARTIFACTS``)."""
-    from IPython.display import Markdown
-
     settings = explore_settings(profile)
     root = root if root is not None else settings["root"]
     sources = find_sources(root, dataset=settings["dataset"], backbone=settings["backbone"],
@@ -415,8 +410,6 @@ _LAB_EXTENSIONS = ("@jupyter-widgets/jupyterlab-manager", "@voila-dashboards/wid
 
 def write_app_notebook(path: str | os.PathLike, *, kernel: str, **kwargs: Any) -> Path:
     """The notebook Voilà renders: a title and one cell ``explore_app(**kwargs)`` (literals only)."""
-    import nbformat
-
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": kernel, "display_name": "Python 3 (stego-study)", "language": "python"}
@@ -433,11 +426,7 @@ def write_app_notebook(path: str | os.PathLike, *, kernel: str, **kwargs: Any) -
 def serve(*, profile: str | None = None, port: int = 8866, open_browser: bool = True, root: Any = None,
           checkpoints: Sequence[str] = (), device: Any = None, n_images: int = 8) -> int:
     """Run Voilà on ``127.0.0.1:port`` with the app notebook until interrupted (the kernel is this interpreter's,
-    ``runner.ensure_kernel``). Returns Voilà's exit status."""
-    from voila.app import Voila
-
-    from ..study import ensure_kernel
-
+    ``runner.ensure_kernel``); the app notebook lives in a temporary folder removed afterwards. Returns 0."""
     check_int("port", port, minimum=1)
     if port > 65535:
         raise StegoError(f"--port: expected a port number up to 65535, got {port}")
@@ -449,10 +438,17 @@ def serve(*, profile: str | None = None, port: int = 8866, open_browser: bool = 
     if root is not None:
         os.environ["STEGO_ARTIFACTS"] = str(Path(root).resolve())  # the kernel inherits it
     kernel = ensure_kernel()
-    folder = Path(tempfile.mkdtemp(prefix="stego-explore-"))
-    nb = write_app_notebook(folder / "explore.ipynb", kernel=kernel, profile=profile,
-                            checkpoints=[str(Path(c).resolve()) for c in checkpoints], device=device,
-                            n_images=int(n_images))
+    with tempfile.TemporaryDirectory(prefix="stego-explore-") as folder:
+        nb = write_app_notebook(Path(folder) / "explore.ipynb", kernel=kernel, profile=profile,
+                                checkpoints=[str(Path(c).resolve()) for c in checkpoints], device=device,
+                                n_images=int(n_images))
+        _launch(nb, port, open_browser)
+    return 0
+
+
+def _launch(nb: Path, port: int, open_browser: bool) -> None:
+    from voila.app import Voila  # the server, only for this command
+
     # Voilà's lab template without its CDN links (stego_core/book/jupyter/voila/templates/stego): works offline
     os.environ["JUPYTER_PATH"] = os.pathsep.join([str(_TEMPLATES), *filter(None, [os.environ.get("JUPYTER_PATH")])])
     argv = [str(nb), f"--port={int(port)}", "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--template=stego",
@@ -460,4 +456,3 @@ def serve(*, profile: str | None = None, port: int = 8866, open_browser: bool = 
             f"--Voila.open_browser={bool(open_browser)}", "--VoilaConfiguration.show_tracebacks=True"]
     print(f"stego-study explore: http://127.0.0.1:{port}/ (Ctrl-C stops it)", file=sys.stderr, flush=True)
     Voila.launch_instance(argv=argv)
-    return 0
