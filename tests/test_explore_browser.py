@@ -76,7 +76,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "STEGO_ARTIFACTS": str(root), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "stego_core.study", "explore", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "stego_core.book.cli", "explore", "--port", str(port),
                                  "--no-browser"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 cwd=log.parent, start_new_session=True)
     try:
