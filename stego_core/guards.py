@@ -35,6 +35,8 @@ from .config import StegoError, write_json_atomic
 __all__ = [
     "artifact_lock",
     "die_with_parent",
+    "exit_with",
+    "pool_worker",
     "disk_full_guard",
     "disk_full_message",
     "lock_holder",
@@ -58,12 +60,15 @@ def _paths(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
     return True
 
 
@@ -197,7 +202,29 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     return True
 
 
-def watch_parent(interval: float = 0.5, parent: int | None = None) -> threading.Thread:
+def exit_with(owner: int, interval: float = 0.5) -> threading.Thread:
+    """Start a daemon thread that ends this process once process ``owner`` is gone. A pool worker started through
+    multiprocessing's forkserver is the forkserver's child, and the forkserver outlives a killed pool owner while
+    its workers run (they hold its "alive" pipe), so the worker watches the owner itself."""
+
+    def poll() -> None:
+        while _alive(owner):
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=poll, name="stego-exit-with-owner", daemon=True)
+    thread.start()
+    return thread
+
+
+def pool_worker(owner: int) -> None:
+    """Initializer of the study's process pools (sweep, CRF): the worker dies with the forkserver that forked it
+    (``die_with_parent``) and with the process that owns the pool (``exit_with``): no orphans."""
+    die_with_parent()
+    exit_with(owner)
+
+
+def watch_parent(interval: float = 0.2, parent: int | None = None) -> threading.Thread:
     """Start a daemon thread that kills this process's whole process group once ``parent`` (default: the current
     parent) has died: a chapter's kernel runs in a session of its own with the workers it starts, so killing the
     runner (``kill -9``, the OOM killer, a closed terminal) takes the kernel and every worker with it."""

@@ -15,8 +15,8 @@ import pandas as pd
 __all__ = ["Case", "CASES", "FAULTS", "cases_table"]
 
 # The kinds of faults, in the page's order.
-FAULTS = ("killed mid-write", "two at once", "full disk", "corrupt or mislabeled file",
-          "unsafe checkpoint", "wrong device")
+FAULTS = ("killed mid-write", "runner killed", "two at once", "full disk", "corrupt or mislabeled file",
+          "unsafe checkpoint", "wrong device", "wrong parameter")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ CASES: tuple[Case, ...] = (
     _kill("explorer", "explorer precomputation", "the precomputed table appears whole or not at all"),
     _kill("book", "stego-study book", "a chapter being replaced is removed first, so the book never shows a stale or "
           "half-written chapter; the rerun executes it again"),
+    Case("runner_killed", "runner killed", "stego-study run (kernel + sweep workers)",
+         "SIGKILL to the runner while its chapter's kernel runs a process-pool sweep",
+         "the kernel and every worker die with it: no process survives", r"^no survivors", slow=True),
     Case("busy_lock_message", "two at once", "any keyed artifact",
          "a second process asks for an artifact that is being written, without waiting",
          "stops at once with a message naming the artifact and the pid holding it", r"is being written by process \d+"),
@@ -65,6 +68,9 @@ CASES: tuple[Case, ...] = (
     Case("two_feature_caches", "two at once", "feature store", "two processes cache the same store at once",
          "one computes every chunk exactly once, the other waits and opens the finished store",
          r"feature store .* is being written by process \d+", slow=True),
+    Case("chapter_twice", "two at once", "chapter (stego-study run)", "a second runner starts a chapter that is "
+         "executing", "stops with a message naming the chapter and the runner's pid", r"chapter .* is being "
+         r"written by process \d+", slow=True),
     Case("full_disk_feature_store", "full disk", "feature store", "ENOSPC while writing a chunk",
          "finished chunks kept, temporary files removed, one line naming the folder, the store's size by the cost "
          "model and STEGO_ARTIFACTS; a rerun with space resumes", r"disk is full writing .* needs about [\d.]+ KB "
@@ -99,6 +105,17 @@ CASES: tuple[Case, ...] = (
          "refused at once", r"cuda:7.* (not available|does not exist)"),
     Case("device_typo", "wrong device", "every stage", "device 'gpu'", "refused, listing the valid devices",
          r"expected 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    Case("param_int_as_text", "wrong parameter", "stego-study run", "-p code_dim abc",
+         "refused before any work, naming the type", r"code_dim: expected an integer"),
+    Case("param_float_for_int", "wrong parameter", "stego-study run", "-p steps 1.5",
+         "refused before any work", r"steps: expected an integer"),
+    Case("param_unknown", "wrong parameter", "stego-study run", "-p stepz 10",
+         "refused, listing the valid names", r"has no parameter 'stepz'; valid names: "),
+    Case("param_device_precheck", "wrong parameter", "stego-study run", "-p device cuda without CUDA, on a "
+         "chapter whose work is already done", "refused before the chapter runs", r"device: 'cuda' is not available"),
+    Case("kernel_transport", "wrong parameter", "stego-study run", "run a chapter and read the kernel's log",
+         "the kernel talks over IPC sockets: no 'running over TCP without encryption' warning",
+         r"^transport ipc, no TCP warning$", slow=True),
 )
 
 

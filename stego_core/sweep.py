@@ -50,7 +50,7 @@ from .config import (
     write_json_atomic,
 )
 from .fused import RunGroup, group_specs
-from .guards import artifact_lock, die_with_parent
+from .guards import artifact_lock, pool_worker
 from .results import empty_results, load_results, summarise
 
 __all__ = ["SWEEP_METHODS", "STUDY_DIMS", "STUDY_METHODS", "RunSpec", "SweepGrid", "SweepResult", "study_grid",
@@ -281,10 +281,10 @@ def serial_executor(fn: Callable[[RunSpec], Any], specs: Sequence[RunSpec]) -> I
         yield fn(spec)
 
 
-def _limit_threads(threads: int) -> None:
+def _limit_threads(threads: int, owner: int) -> None:
     import torch
 
-    die_with_parent()  # a worker never outlives the process that started it (stego_core.guards)
+    pool_worker(owner)  # a worker never outlives the process that started the pool (stego_core.guards)
     torch.set_num_threads(threads)
 
 
@@ -313,7 +313,7 @@ class ProcessExecutor:
             return
         ctx = multiprocessing.get_context(start_method())
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(specs)), mp_context=ctx,
-                                   initializer=_limit_threads, initargs=(self.threads,))
+                                   initializer=_limit_threads, initargs=(self.threads, os.getpid()))
         try:
             futures = [pool.submit(fn, spec) for spec in specs]
             for future in as_completed(futures):

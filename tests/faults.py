@@ -301,12 +301,13 @@ def _evaluation_read(root: Path) -> str | None:
 
 
 def _explorer_run(root: Path) -> None:
+    from stego_core.book.widgets import explorer_table
     from stego_core.config import write_json_atomic
     from stego_core.explorer import precompute
 
     _, val = _stores(root)
     data = precompute({("stego", 3): _segmenter(root)}, val, [0, 1, 2], workers=1, progress=False)
-    table = data.table()
+    table = explorer_table(data)  # what the explorer chapter embeds
     write_json_atomic(root / "explorer" / "data.json", table.astype(str).to_dict(orient="records"))
 
 

@@ -3,7 +3,12 @@ the page says: each check produces the message or summary that the case's ``expe
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +155,153 @@ def device_typo(tmp_path, monkeypatch) -> str:
     return _error(resolve_device, "gpu")
 
 
+# ------------------------------------------------------------------------------------------- runner and parameters
+_TINY = '''# %% tags=["parameters"]
+code_dim: int | None = None  # an optional integer
+steps: int = 10  # an integer
+device: str = "cpu"  # where to run
+pause: float = 0.0  # seconds to sleep
+pid_file: str = ""  # where the kernel writes its pid ("" = nowhere)
+workers: int = 0  # process-pool workers to start and keep busy (0 = none)
+
+# %%
+import os
+import time
+
+from ipykernel.connect import get_connection_info
+
+from stego_core.sweep import ProcessExecutor
+
+print("transport", get_connection_info(unpack=True)["transport"])
+if pid_file:
+    open(pid_file, "w").write(str(os.getpid()))
+if workers:
+    next(ProcessExecutor(workers=workers, threads=1)(time.sleep, [600] * workers))
+time.sleep(pause)
+'''
+
+
+def _tiny(tmp_path) -> Path:
+    path = tmp_path / "tiny_nb.py"
+    path.write_text(_TINY)
+    return path
+
+
+def _runner(tmp_path, *params: str) -> subprocess.Popen:
+    """``stego-study run`` of the tiny notebook in its own process (the CLI's entry point)."""
+    code = ("import sys; from stego_core.book.cli import main; "
+            f"sys.exit(main(['run', {str(_tiny(tmp_path))!r}, '--workdir', {str(tmp_path / 'wd')!r}, "
+            + ", ".join(repr(x) for x in params) + "]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    with open(tmp_path / "runner.out", "w") as out, open(tmp_path / "runner.err", "w") as err:  # not pipes: a
+        return subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=err, env=env)  # survivor holds them
+
+
+def _session(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``: the kernel leads its own session (jupyter_client)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _wait_for(predicate, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def runner_killed(tmp_path, monkeypatch) -> str:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    pid_file = tmp_path / "kernel.pid"
+    runner = _runner(tmp_path, "-p", "pid_file", str(pid_file), "-p", "workers", "2")
+    try:
+        kernel = int(_wait_for(lambda: pid_file.exists() and pid_file.read_text(), 120, "the kernel's pid"))
+        started = _wait_for(lambda: len(_session(kernel)) >= 4 and _session(kernel), 60,
+                            "the kernel, the forkserver and two workers")
+    finally:
+        runner.kill()  # SIGKILL, as the OOM killer or a closed terminal
+        runner.wait()
+    try:
+        _wait_for(lambda: not _session(kernel), 20, "the kernel and its workers to die")
+    except AssertionError:
+        survivors = _session(kernel)
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        return f"{len(survivors)} survivors of {len(started)}: {survivors}"
+    return f"no survivors ({len(started)} processes ended with the runner)"
+
+
+def chapter_twice(tmp_path, monkeypatch) -> str:
+    from stego_core.book.runner import run_notebook
+
+    first = _runner(tmp_path, "-p", "pause", "60")
+    holder = tmp_path / "wd" / "book" / "chapters" / ".chapter-tiny_nb.holder.json"
+    try:
+        _wait_for(holder.exists, 60, "the first runner to hold the chapter")
+        message = _error(run_notebook, _tiny(tmp_path), {"pause": 60.0}, workdir=tmp_path / "wd")
+        assert str(first.pid) in message
+    finally:
+        first.kill()
+        first.wait()
+    return message
+
+
+def kernel_transport(tmp_path, monkeypatch) -> str:
+    import nbformat
+
+    runner = _runner(tmp_path)
+    runner.wait(timeout=300)
+    err = (tmp_path / "runner.err").read_text()
+    assert runner.returncode == 0, err
+    nb = nbformat.read(tmp_path / "wd" / "book" / "chapters" / "tiny_nb.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    transport = printed.split("transport ", 1)[1].split()[0]
+    return f"transport {transport}, " + ("TCP warning: " + err if "without encryption" in err else "no TCP warning")
+
+
+def _cli_params(tmp_path, *pairs) -> str:
+    from stego_core.book.parameters import check_parameters, parse_cli_parameters
+
+    nb = _tiny(tmp_path)
+    return _error(lambda: check_parameters(nb, parse_cli_parameters(nb, list(pairs))))
+
+
+def param_device_precheck(tmp_path, monkeypatch) -> str:
+    """The chapter is current for device cuda (its key matches): the device is refused all the same."""
+    import nbformat
+
+    from stego_core.book.runner import run_key, run_notebook
+
+    _no_cuda(monkeypatch)
+    nb = _tiny(tmp_path)
+    chapters = tmp_path / "wd" / "book" / "chapters"
+    chapters.mkdir(parents=True)
+    done = nbformat.v4.new_notebook()
+    done.metadata["stego_study"] = {"key": run_key(nb, {"device": "cuda"}), "parameters": {"device": "cuda"}}
+    nbformat.write(done, chapters / "tiny_nb.ipynb")
+    return _error(run_notebook, nb, {"device": "cuda"}, workdir=tmp_path / "wd", log=lambda msg: None)
+
+
 CHECKS = {
+    "runner_killed": runner_killed,
+    "chapter_twice": chapter_twice,
+    "kernel_transport": kernel_transport,
+    "param_int_as_text": lambda tmp_path, monkeypatch: _cli_params(tmp_path, ("code_dim", "abc")),
+    "param_float_for_int": lambda tmp_path, monkeypatch: _cli_params(tmp_path, ("steps", "1.5")),
+    "param_unknown": lambda tmp_path, monkeypatch: _cli_params(tmp_path, ("stepz", "10")),
+    "param_device_precheck": param_device_precheck,
     **{f"kill_{s}": _kill(s) for s in ("features", "knn", "fivecrop", "training", "sweep", "projected",
                                         "evaluation", "explorer", "book")},
     "busy_lock_message": lambda tmp_path, monkeypatch: guards.busy_lock_message(tmp_path),
@@ -194,7 +345,7 @@ def test_every_case_has_a_check_and_the_page_enough_cases():
     assert set(ids) == set(CHECKS) | set(NEEDS_CAPSYS)
     assert {c.fault for c in CASES} == set(FAULTS)
     table = cases_table()
-    assert len(table) >= 25 and list(table.columns) == ["Fault", "Hits", "What the test does", "What happens"]
+    assert len(table) >= 30 and list(table.columns) == ["Fault", "Hits", "What the test does", "What happens"]
 
 
 def test_kill_cases_cover_every_harness_stage():

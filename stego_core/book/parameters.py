@@ -32,6 +32,7 @@ class Parameter:
     name: str  # the variable name
     default: Any  # the literal it is assigned
     comment: str  # the comment that explains it ("" when there is none)
+    annotation: str = ""  # its type as written in the cell ("int | None"), "" when it has none
 
 
 def notebook_path(notebook: str | os.PathLike, root: Path | None = None) -> Path:
@@ -80,8 +81,13 @@ def read_parameters(notebook: str | os.PathLike) -> list[Parameter]:
     params = []
     for node in tree.body:
         where = f"{path.name}: parameters cell line {first + node.lineno - 1}"
+        annotation = ""
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            annotation = ast.unparse(node.annotation)
+            node = ast.Assign(targets=[node.target], value=node.value, lineno=node.lineno,
+                              end_lineno=node.end_lineno)
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise StegoError(f"{where}: expected 'name = literal  # comment', got {ast.unparse(node)!r}")
+            raise StegoError(f"{where}: expected 'name: type = literal  # comment', got {ast.unparse(node)!r}")
         try:
             value = ast.literal_eval(node.value)
         except ValueError:
@@ -94,7 +100,7 @@ def read_parameters(notebook: str | os.PathLike) -> list[Parameter]:
                 above.insert(0, comments.get(n, ""))
                 n -= 1
             text = " ".join(a for a in above if a)
-        params.append(Parameter(node.targets[0].id, value, text))
+        params.append(Parameter(node.targets[0].id, value, text, annotation))
     return params
 
 
@@ -119,8 +125,40 @@ def parse_value(text: str) -> Any:
 
 def parse_cli_parameters(notebook: str | os.PathLike, pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """``-p NAME VALUE`` pairs -> values: the text as is for string parameters, else :func:`parse_value`."""
-    defaults = {p.name: p.default for p in read_parameters(notebook)}
-    return {name: text if isinstance(defaults.get(name), str) else parse_value(text) for name, text in pairs}
+    params = {p.name: p for p in read_parameters(notebook)}
+
+    def is_text(name: str) -> bool:  # a string parameter takes the text as written
+        p = params.get(name)
+        kinds = _annotated_types(p.annotation) if p is not None else None
+        return kinds == {"str"} or kinds == {"str", "None"} or (kinds is None and p is not None
+                                                                and isinstance(p.default, str))
+
+    return {name: text if is_text(name) else parse_value(text) for name, text in pairs}
+
+
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean (true/false)",
+          "list": "a list", "tuple": "a list", "dict": "a mapping", "None": "None"}
+
+
+def _annotated_types(annotation: str) -> set[str] | None:
+    """``"int | None"`` -> {"int", "None"}; None when there is no annotation or it has a part we do not check."""
+    parts = {part.strip() for part in annotation.split("|")} if annotation else set()
+    parts = {part.split("[")[0] for part in parts}  # list[int] -> list
+    return parts if parts and parts <= set(_KINDS) else None
+
+
+def _fits(kind: str, value: Any) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind in ("list", "tuple"):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, {"str": str, "dict": dict}[kind])
 
 
 def _type_name(value: Any) -> str:
@@ -145,7 +183,15 @@ def check_parameters(notebook: str | os.PathLike, values: dict[str, Any], *, str
                 continue
             raise StegoError(f"{source} {key}: {name} has no parameter {key!r}; valid names: {', '.join(params)}")
         default = params[key].default
-        if default is None:  # a None default takes any value
+        kinds = _annotated_types(params[key].annotation)
+        if kinds is not None:  # the cell's annotation decides (and papermill's --help-notebook shows it)
+            if not any(_fits(kind, value) for kind in kinds):
+                want = " or ".join(_KINDS[k] for k in sorted(kinds, key=lambda k: k == "None"))
+                raise StegoError(f"{source} {key}: expected {want} ({params[key].annotation}), "
+                                 f"got {_type_name(value)} {value!r}")
+            out[key] = float(value) if kinds & {"float"} and not kinds & {"int"} and _fits("int", value) else value
+            continue
+        if default is None:  # a None default without an annotation takes any value
             out[key] = value
             continue
         ok = (

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import StegoError, repo_root
-from .parameters import check_parameters, load_profile, notebook_path
+from ..config import StegoError, repo_root, resolve_device
+from ..guards import artifact_lock
+from .parameters import check_parameters, load_profile, notebook_path, read_parameters
 
 KERNEL_NAME = "stego-study"
 CHAPTERS = Path("book") / "chapters"
@@ -85,14 +86,33 @@ def run_notebook(notebook: str | os.PathLike, parameters: dict[str, Any] | None 
                  workdir: str | os.PathLike | None = None, force: bool = False,
                  log: Callable[[str], None] = log) -> RunResult:
     """Execute one notebook with papermill into ``<workdir>/book/chapters/NAME.ipynb`` (skipped when current)."""
-    import nbformat
 
     t0 = time.perf_counter()
     src = notebook_path(notebook)
     name = src.stem
     params = check_parameters(src, parameters or {})
+    _check_device(src, params)  # before anything else, also when the chapter turns out to be current
     chapters = Path(workdir or repo_root()) / CHAPTERS
     chapters.mkdir(parents=True, exist_ok=True)
+    with artifact_lock(chapters, f"chapter {name}", name=f"chapter-{name}", wait=False):  # one runner per chapter
+        return _run_locked(src, params, chapters, force=force, log=log, t0=t0)
+
+
+def _check_device(src: Path, params: dict[str, Any]) -> None:
+    """A ``device`` parameter (given or default) that this machine lacks stops the run before any work."""
+    defaults = {p.name: p.default for p in read_parameters(src)}
+    device = params.get("device", defaults.get("device"))
+    if "device" in defaults and device is not None:
+        resolve_device(device)
+
+
+def _run_locked(src: Path, params: dict[str, Any], chapters: Path, *, force: bool, log: Callable[[str], None],
+                t0: float) -> RunResult:
+    """``run_notebook`` once the chapter is locked: skip a current chapter, else remove the old one (a killed run
+    must not leave it in the book) and execute."""
+    import nbformat
+
+    name = src.stem
     out = chapters / f"{name}.ipynb"
     key = run_key(src, params)
     if out.exists() and not force:
@@ -103,6 +123,7 @@ def run_notebook(notebook: str | os.PathLike, parameters: dict[str, Any] | None 
                 return RunResult(name, out, params, True, time.perf_counter() - t0)
     shown = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "defaults"
     log(f"{name}: executing ({shown})")
+    out.unlink(missing_ok=True)  # stale: the book leaves the page out until the new chapter is complete
     nb = _to_notebook(src)
     running = chapters / f".{name}.running.ipynb"
     failed = chapters / f".{name}.failed.ipynb"
@@ -144,13 +165,39 @@ def _execute(nb_in: Path, nb_out: Path, params: dict[str, Any]) -> None:
 
     papermill.execute_notebook(str(nb_in), str(nb_out), parameters=params, kernel_name=ensure_kernel(),
                                cwd=str(repo_root()), progress_bar=False, log_output=False,
-                               request_save_on_cell_execute=False)
+                               request_save_on_cell_execute=False, kernel_manager_class=_ipc_kernel_manager(),
+                               extra_arguments=[_WATCH_PARENT])
+
+
+# The kernel kills its process group (itself, the forkserver and workers it started) when the runner dies.
+_WATCH_PARENT = "--IPKernelApp.exec_lines=__import__('stego_core.guards').guards.watch_parent()"
+
+
+def _ipc_kernel_manager() -> type:
+    """A kernel manager whose kernels listen on local IPC sockets (files in Jupyter's runtime folder) instead of
+    TCP ports: nothing is reachable from the network, and ipykernel has no reason to warn about unencrypted TCP."""
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw: Any):
+            runtime = Path(jupyter_runtime_dir())
+            runtime.mkdir(parents=True, exist_ok=True)
+            kw.setdefault("transport", "ipc")
+            kw.setdefault("ip", str(runtime / f"stego-{uuid.uuid4().hex[:8]}"))
+            super().__init__(**kw)
+
+    return IPCKernelManager
 
 
 def run_profile(profile: str | os.PathLike, *, workdir: str | os.PathLike | None = None, force: bool = False,
                 log: Callable[[str], None] = log) -> list[RunResult]:
     """Run every notebook of a profile, in order."""
     runs = load_profile(profile)
+    for nb, params in runs:  # every notebook's device before the first one runs
+        _check_device(notebook_path(nb), params)
     return [run_notebook(nb, params, workdir=workdir, force=force, log=log) for nb, params in runs]
 
 
