@@ -111,6 +111,8 @@ diffs = {b: figures.paired_differences(store[store["dataset"] == quoted] if quot
          for b in ("pca", "rp", "hnne", "dino")}
 for b, d in diffs.items():
     glue(f"res_verdict_{b}", figures.differences_verdict(d), display=False)
+hnne_vs_pca = figures.paired_differences(store[store["dataset"] == quoted] if quoted else store, "pca", method="hnne")
+glue("res_verdict_hnne_pca", figures.differences_verdict(hnne_vs_pca, method="h-NNE"), display=False)
 diff_frame = pd.concat([d.assign(comparison="STEGO − " + figures.METHOD_LABELS[b]) for b, d in diffs.items()])
 glue("fig4_diffs", figures.differences_chart(diff_frame) if len(diff_frame) else viz.note("No paired runs yet."),
      display=show_figures)
