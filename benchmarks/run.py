@@ -377,11 +377,12 @@ def _paper_stores(plan: dict, workdir: Path, device: torch.device) -> tuple:
 
 def bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path) -> None:
     """Independent vs fused training of the same group on the same store (stego_core.fused), side by side."""
-    from stego_core.projections import fit_projection
     from stego_core.training import make_config
 
     groups = []
     try:
+        if "demo" not in plan["sweep_stores"]:
+            raise LookupError("not asked for (--sweep-stores)")
         demo = _demo_stores(workdir / "demo", device)
         base = dict(steps=plan["sweep_demo_steps"])
         dims = (112, 96, 48, 24, 12, 6, 3)
@@ -391,6 +392,10 @@ def bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path) -
         groups.append(("demo probe-only", probes, demo))
     except Exception as exc:  # noqa: BLE001
         table.add("sweep", "demo", None, "s/run", note=f"skipped: {type(exc).__name__}: {exc}")
+    if "paper" not in plan["sweep_stores"]:
+        for label, cfgs, stores in groups:
+            _prefit_and_pair(table, label, cfgs, stores, workdir, device)
+        return
     paper = _paper_stores(plan, workdir / "paper", device)
     steps = plan["sweep_paper_steps"]
     base = dict(dataset="benchphotos", backbone="vitb8shape", steps=steps, val_freq=steps, protocol="corrected",
@@ -402,15 +407,20 @@ def bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path) -
     groups.append(("ViT-B/8-shaped STEGO", [make_config("cocostuff27", code_dim=d, **{**base, "steps": plan[
         "sweep_paper_stego_steps"], "val_freq": plan["sweep_paper_stego_steps"]}) for d in dims], paper))
     for label, cfgs, stores in groups:
-        if any(c.method == "pca" for c in cfgs):  # the PCA fit is shared by every dimension: fit it before timing
-            c = next(c for c in cfgs if c.method == "pca")
+        _prefit_and_pair(table, label, cfgs, stores, workdir, device)
+
+
+def _prefit_and_pair(table: Table, label: str, cfgs: list, stores: tuple, workdir: Path,
+                     device: torch.device) -> None:
+    from stego_core.projections import fit_projection
+
+    if any(c.method == "pca" for c in cfgs):  # the PCA fit is shared by every dimension: fit it before timing
+        c = next(c for c in cfgs if c.method == "pca")
+        for mode in ("indep", "fused"):
             fit_projection("pca", 1, stores[0], n_images=c.n_fit_images, random_state=c.seed, progress=False,
-                           root=workdir / f"indep-{label}", standardize="per_batch" if c.protocol == "original"
-                           else "train")
-            fit_projection("pca", 1, stores[0], n_images=c.n_fit_images, random_state=c.seed, progress=False,
-                           root=workdir / f"fused-{label}", standardize="per_batch" if c.protocol == "original"
-                           else "train")
-        _sweep_pair(table, label, cfgs, stores, workdir, device)
+                           root=workdir / f"{mode}-{label}",
+                           standardize="per_batch" if c.protocol == "original" else "train")
+    _sweep_pair(table, label, cfgs, stores, workdir, device)
 
 
 def bench_crf(table: Table, plan: dict) -> None:
@@ -583,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--out", default=str(HERE / "out" / "benchmark.json"), help="where the JSON goes")
+    parser.add_argument("--sweep-stores", default="demo,paper",
+                        help="stores of the sweep section: demo (the mosaic store), paper (ViT-B/8-shaped synthetic)")
     parser.add_argument("--workdir", default=None, help="folder for the temporary feature stores (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -593,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"--only: unknown section(s) {unknown}; expected some of {list(SECTIONS)}")
-    plan = make_plan(full)
+    plan = {**make_plan(full), "sweep_stores": [x.strip() for x in args.sweep_stores.split(",")]}
     info = {**machine(device), "mode": "full" if full else "quick", "sections": only}
     print(f"benchmark ({info['mode']}) on {info['device']}, torch {info['torch']}, {info['cpu_count']} CPUs",
           file=sys.stderr)
