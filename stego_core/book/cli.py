@@ -16,6 +16,8 @@
     only fetches the JavaScript into ``book/vendor/``.
 ``stego-study segment ...``
     segments your own images (``stego_core.segment``).
+``stego-study explore [--profile NAME] [--port N] [--no-browser] [--checkpoint FILE] [--root DIR] [--device D]``
+    serves the live explorer with a real kernel on 127.0.0.1 (Voila; ``stego_core.book.explore``).
 """
 from __future__ import annotations
 
@@ -59,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     params = sub.add_parser("params", help="list a notebook's parameters with their comments")
     params.add_argument("notebook")
     sub.add_parser("vendor", help="fetch the book's JavaScript from the npm registry into book/vendor/")
+    explore = sub.add_parser("explore", help="serve the live explorer (Voila, a real kernel) on localhost")
+    explore.add_argument("--profile", help="only this profile's runs (dataset, backbone), device and checkpoints")
+    explore.add_argument("--port", type=int, default=8866, help="local port to serve on (8866)")
+    explore.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    explore.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                         help="also offer this released STEGO .ckpt (repeatable)")
+    explore.add_argument("--root", help="artifacts folder with the runs (default: $STEGO_ARTIFACTS, else ./artifacts)")
+    explore.add_argument("--device", help="where the models run (default: the profile's, else cpu)")
     return ap
 
 
@@ -85,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             run_notebook(args.notebook, values, workdir=workdir, force=args.force)
         elif args.command == "book":
             make_book(args.profile, workdir=args.workdir, force=args.force)
+        elif args.command == "explore":
+            from .explore import serve  # imports torch and voila: only for this command
+
+            return serve(profile=args.profile, port=args.port, open_browser=not args.no_browser, root=args.root,
+                         checkpoints=args.checkpoint, device=args.device)
         elif args.command == "preflight":
             from ..preflight import run_cli
 
