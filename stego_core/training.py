@@ -371,11 +371,12 @@ def _train_group(cfgs: list[TrainConfig], *, train_store, val_store, root, progr
             locks.enter_context(artifact_lock(run_dir, f"the training run {run_dir.name}"))
         return _train_slots(cfgs, train_store, val_store, dims, dev, root=root, progress=progress, resume=resume,
                             backbone=backbone, callback=callback, max_steps_this_call=max_steps_this_call,
-                            preload_mb=preload_mb, own_rng=own_rng)
+                            preload_mb=preload_mb, own_rng=own_rng, logger=logger)
 
 
 def _train_slots(cfgs: list[TrainConfig], train_store, val_store, dims: tuple[int, int], dev, *, root, progress,
-                 resume, backbone, callback, max_steps_this_call, preload_mb, own_rng: bool) -> list[TrainResult]:
+                 resume, backbone, callback, max_steps_this_call, preload_mb, own_rng: bool,
+                 logger: str = "none") -> list[TrainResult]:
     """``_train_group`` once the runs' folders are locked."""
     opts = dict(root=root, resume=resume, progress=progress, device=dev)
     slots = [prepare_slot(c, train_store, val_store, dims, **opts) for c in cfgs]
