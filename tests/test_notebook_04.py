@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from chapters import glued
 
@@ -117,6 +118,13 @@ def test_table2_rows_go_through_the_results_store(chapters, tmp_path_factory):
     glued = _glued(_read(chapters, "04_evaluate"))
     no_crf = table[(table["model"] == "STEGO") & (table["CRF"] == "no CRF") & (table["images"] == 8)]
     assert float(glued["stego_cluster_miou"]) == pytest.approx(round(no_crf["cluster mIoU"].item(), 1))
+    # every glued number of the chapter against the rows file it wrote (read with pandas alone)
+    rows = pd.concat([pd.read_csv(f) for f in (base / "smoke-artifacts" / "evaluations").glob("*/results.csv")])
+    mi = rows[(rows["probe"] == "cluster") & (rows["metric"] == "mIoU")].set_index(["method", "crf", "split"])["value"]
+    for method in ("stego", "dino"):
+        assert float(glued[f"{method}_cluster_miou"]) == pytest.approx(round(mi[(method, False, "val[:8]")], 1))
+        gain = mi[(method, True, "val[:2]")] - mi[(method, False, "val[:2]")]
+        assert float(glued[f"{method}_crf_gain"]) == pytest.approx(round(gain, 1))
 
 
 @pytest.mark.parametrize("notebook", ["04_evaluate", "05_explorer"])

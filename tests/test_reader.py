@@ -115,7 +115,7 @@ def test_charts_come_with_alt_text_and_a_caption():
                       alt.Chart(df).mark_rule().encode(y="mIoU:Q")).properties(title="Figure 4")
     spec = chart.to_dict()
     text = viz.chart_alt(spec)
-    assert text.startswith("Chart: Figure 4") and "line and rule marks" in text
+    assert text.startswith("Chart “Figure 4”") and "line, rule marks" in text
     assert "x: code dimension D" in text and "y: mIoU" in text
     assert viz.chart_caption(spec) == "Figure 4"
     described = dict(spec, description="STEGO against PCA per dimension")
@@ -153,3 +153,24 @@ def test_the_extension_serves_the_reader_css():
                                          (float("nan"), "–")])
 def test_numbers_are_rounded_for_reading(value, text):
     assert viz._number(value) == text
+
+
+def test_pasted_numbers_are_checked_against_the_chapter(tmp_path):
+    from chapters import missing_pasted_numbers, pasted_numbers
+
+    v4 = nbformat.v4
+    cell = v4.new_code_cell("glue(...)")
+    cell.outputs = [_glue_output("gain", shown=False), _glue_output("n", shown=False)]
+    cell.outputs[0]["data"] = {"application/papermill.record/text/plain": "31.2456"}
+    cell.outputs[1]["data"] = {"application/papermill.record/text/plain": "8"}
+    cell.outputs[1]["metadata"]["scrapbook"]["name"] = "n"
+    (tmp_path / "chapters").mkdir()
+    nbformat.write(v4.new_notebook(cells=[cell]), tmp_path / "chapters" / "04.ipynb")
+    page = tmp_path / "results" / "table2.md"
+    page.parent.mkdir()
+    page.write_text("STEGO {glue:text}`../chapters/04.ipynb::gain:.1f` on {glue:text}`../chapters/04.ipynb::n:d`"
+                    " images; again {glue:text}`../chapters/04.ipynb::gain:+.2f`.\n")
+    assert pasted_numbers(page) == [("04.ipynb::gain", "31.2"), ("04.ipynb::n", "8"), ("04.ipynb::gain", "+31.25")]
+    assert missing_pasted_numbers("STEGO 31.2 on 8\n images; again +31.25.", page) == []
+    wrong = missing_pasted_numbers("STEGO 30.9 on 8 images; again +31.25.", page)  # the page shows another number
+    assert wrong == ["04.ipynb::gain = '31.2' (pasted 1x, on the page 0x)"]

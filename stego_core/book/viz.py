@@ -386,12 +386,13 @@ def chart_alt(spec: dict) -> str:
             enc = (view.get("encoding") or {}).get(channel)
             if isinstance(enc, dict) and channel not in axes and (enc.get("title") or enc.get("field")):
                 axes[channel] = str(enc.get("title") or enc.get("field"))
-    parts = [f"Chart: {_title_text(spec.get('title'))}".rstrip(": ")]
+    title = _title_text(spec.get("title"))
+    text = f"Chart “{title}”" if title else "Chart"
     if marks:
-        parts.append(" and ".join(marks) + " marks")
+        text += " drawn with " + ", ".join(marks) + " marks"
     if axes:
-        parts.append(", ".join(f"{c}: {v}" for c, v in sorted(axes.items())))
-    return "; ".join(parts)
+        text += "; " + ", ".join(f"{c}: {v}" for c, v in sorted(axes.items()))
+    return text
 
 
 def chart_caption(spec: dict) -> str:
