@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 HTML   ?= _build/html
 REMOTE ?= origin
 
-.PHONY: book publish test venv system-deps clean-book clean-artifacts benchmark help
+.PHONY: book publish test test-random vendor mutation venv system-deps clean-book clean-artifacts benchmark help
 
 help:
 	@echo "make book          run the '$(PROFILE)' profile's notebooks with papermill and build the book (HTML under _build/html)"
@@ -36,9 +36,25 @@ book: $(STAMP)
 publish: $(STAMP)
 	$(BIN)/stego-study publish --html $(HTML) --remote $(REMOTE)
 
-test: $(STAMP)
+test: $(STAMP) vendor
 	$(BIN)/ruff check stego_core notebooks tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The book's JavaScript, fetched from the npm registry once (the tests never fetch: STEGO_VENDOR_OFFLINE).
+vendor: $(STAMP)
+	$(BIN)/stego-study vendor
+
+# The fast suite in two random orders (pytest-randomly; rerun one with `-p randomly --randomly-seed=N`).
+test-random: $(STAMP) vendor
+	$(BIN)/python -m pytest -m "not slow" -p randomly --randomly-seed=1 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -p randomly --randomly-seed=2 $(PYTEST_ARGS)
+
+# Mutation testing ([tool.mutmut] in pyproject.toml: the modules that decide the numbers against their fast tests;
+# about half an hour on 2 cores); prints the score. Survivors and why: benchmarks/mutation.md.
+mutation: $(STAMP)
+	rm -rf mutants
+	HF_HUB_OFFLINE=1 $(BIN)/mutmut run --max-children $$(nproc) > mutants.log 2>&1 || { tail -c 2000 mutants.log; exit 1; }
+	$(BIN)/python benchmarks/mutation_score.py
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py

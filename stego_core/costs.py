@@ -65,10 +65,30 @@ from typing import Any
 
 from .config import check_choice, check_int
 
-__all__ = ["DatasetFacts", "DATASET_FACTS", "REFERENCE", "PRECISIONS", "FEATURE_SOURCES", "BACKBONE_SHAPES",
-           "PREFIX_TOKENS", "vit_flops", "block_gflops", "throughput", "feature_bytes_per_image", "five_crop_bytes",
-           "step_seconds", "n_validations", "eval_res", "dataset_costs", "cost_table", "study_hours", "backbone_table",
-           "format_bytes"]
+__all__ = [
+    "BACKBONE_SHAPES",
+    "DATASET_FACTS",
+    "FEATURE_SOURCES",
+    "PRECISIONS",
+    "PREFIX_TOKENS",
+    "REFERENCE",
+    "DatasetFacts",
+    "backbone_table",
+    "block_gflops",
+    "cost_table",
+    "dataset_costs",
+    "eval_res",
+    "feature_bytes_per_image",
+    "five_crop_bytes",
+    "format_bytes",
+    "knn_bytes",
+    "n_validations",
+    "step_seconds",
+    "store_item_bytes",
+    "study_hours",
+    "throughput",
+    "vit_flops",
+]
 
 PRECISIONS = ("fp32", "bf16")  # "fp32": the original's style (unfused attention); "bf16": fused attention
 FEATURE_SOURCES = ("cache", "live")
@@ -181,7 +201,18 @@ def throughput(backbone: str, res: int, precision: str = "fp32") -> float:
 def feature_bytes_per_image(backbone: str, res: int) -> int:
     """Bytes one item takes in the feature store: float16 tokens + uint8 RGB image + int16 label + int64 index."""
     width, _, _ = _shape(backbone)
-    return _tokens(backbone, res) * width * 2 + res * res * 3 + res * res * 2 + 8
+    return store_item_bytes(width, _tokens(backbone, res), res)
+
+
+def store_item_bytes(dim: int, tokens: int, res: int) -> int:
+    """Bytes of one feature-store item with ``tokens`` (h*w) feature vectors of ``dim`` channels at ``res`` px: the
+    store's own need (``stego_core.cache`` quotes it when the disk is full)."""
+    return tokens * dim * 2 + res * res * 3 + res * res * 2 + 8
+
+
+def knn_bytes(n_items: int, k: int = 30) -> int:
+    """Bytes of a kNN table: ``k`` int64 neighbours per item."""
+    return n_items * k * 8
 
 
 def five_crop_bytes(facts: DatasetFacts) -> int:
@@ -253,7 +284,7 @@ def dataset_costs(dataset: str, *, precision: str = "fp32", source: str = "cache
         "download_bytes": (facts.train_images + facts.val_images) * facts.download_bytes_per_image,
         "five_crop_bytes": five_crop_bytes(facts),
         "feature_store_bytes": (cache_train + cache_val) if cached else 0,
-        "knn_bytes": n_train * k * 8,
+        "knn_bytes": knn_bytes(n_train, k),
         "cache_gpu_s": (n_train / throughput(bb, train_res, precision) + n_val / throughput(bb, val_res, precision))
         if cached else n_train / throughput(bb, train_res, precision),  # live: the kNN pass only
         "train_gpu_s": facts.steps * step_seconds(bb, facts.batch_size, source, precision),

@@ -1,6 +1,7 @@
 """Config plumbing: stable hashes, keyed folders, atomic JSON, and one-line errors for bad input."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -45,11 +46,13 @@ def test_write_json_atomic_keeps_old_file_when_serialisation_fails(tmp_path):
     assert os.listdir(tmp_path) == ["meta.json"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_ensure_writable_names_the_parameter(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root writes through permission bits (here and in CI): use a file system nobody writes
+        locked = Path("/proc/stego-not-writable")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
     with pytest.raises(StegoError, match="^cache_root: cannot write"):
         config.ensure_writable(locked / "x", "cache_root")
 

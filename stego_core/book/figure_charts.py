@@ -38,7 +38,7 @@ from .figure_data import (
     dimension_ticks,
 )
 
-__all__ = ["dimension_chart", "variance_chart"]
+__all__ = ["dimension_chart", "variance_chart", "differences_chart"]
 
 
 _FRACTION_TICKS = (0.0, 1 / 16, 1 / 4, 1 / 2, 3 / 4, 1.0)
@@ -276,3 +276,26 @@ def _dimension_description(probes: Sequence[str], metrics: list[str], t: pd.Data
     return (f"{' and '.join(metrics)} of the {rows} (rows) against the code dimension D (log scale), one line per "
             f"method ({series}); the dashed line is the DINO baseline (the raw features, its point at D = C); bands "
             f"show ±1 standard deviation over seeds where there are several.")
+
+
+def differences_chart(diffs: pd.DataFrame, *, width: int = 520, height: int = 200) -> alt.Chart:
+    """Mean paired difference (points) against D on a log axis, one colour per comparison, with the 95 % intervals
+    as error bars and a rule at zero: a bar entirely above the rule is a difference the seeds support."""
+    if not isinstance(diffs, pd.DataFrame) or "comparison" not in diffs.columns:
+        raise StegoError("diffs: expected paired_differences frames with a 'comparison' column")
+    data = diffs.assign(code_dim=diffs["code_dim"].astype(int), mean=diffs["mean"].astype(float),
+                        lo=diffs["lo"].astype(float).fillna(diffs["mean"].astype(float)),
+                        hi=diffs["hi"].astype(float).fillna(diffs["mean"].astype(float)))
+    pick = alt.selection_point(fields=["comparison"], bind="legend")
+    x = alt.X("code_dim:Q", scale=alt.Scale(type="log", base=2), title="code dimension D",
+              axis=alt.Axis(values=dimension_ticks(sorted(set(data["code_dim"])))))
+    color = alt.Color("comparison:N", title=None)
+    opacity = alt.condition(pick, alt.value(1.0), alt.value(0.15))
+    base = alt.Chart(data)
+    tooltip = ["comparison", "code_dim", "n_seeds", alt.Tooltip("mean:Q", format="+.1f"),
+               alt.Tooltip("lo:Q", format="+.1f"), alt.Tooltip("hi:Q", format="+.1f"), "verdict"]
+    bars = base.mark_errorbar(ticks=True).encode(x=x, y=alt.Y("lo:Q", title="difference in cluster mIoU (points)"),
+                                                 y2="hi:Q", color=color, opacity=opacity)
+    points = base.mark_line(point=True).encode(x=x, y="mean:Q", color=color, opacity=opacity, tooltip=tooltip)
+    zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="#555").encode(y="y:Q")
+    return alt.layer(zero, bars, points.add_params(pick)).properties(width=width, height=height)

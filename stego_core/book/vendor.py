@@ -52,15 +52,35 @@ _WIDGETS_CONFIG_JS = """// Written by stego_core.book.vendor: the widget manager
 # What a book copy (``--workdir``) needs from the checkout.
 
 
+# Set (to 1) where nothing may be fetched or written into the checkout, e.g. by the test suite: a missing or
+# outdated vendor folder is then an error naming ``make vendor`` instead of an npm call.
+OFFLINE_ENV = "STEGO_VENDOR_OFFLINE"
+
+
+def _wanted() -> dict:
+    return {folder: f"{pkg}@{ver}" for folder, pkg, ver, _ in VENDORED_JS} | {"layout": _VENDOR_LAYOUT}
+
+
+def vendor_ready(dest: str | os.PathLike | None = None) -> bool:
+    """Whether ``<dest>/site/vendor`` (default the checkout's ``book/vendor``) holds the pinned packages."""
+    stamp = (Path(dest) if dest is not None else repo_root() / VENDOR) / "site" / "vendor" / "VERSIONS.json"
+    return stamp.exists() and json.loads(stamp.read_text()) == _wanted()
+
+
 def vendor_js(dest: str | os.PathLike | None = None, *, force: bool = False,
               log: Callable[[str], None] = log) -> Path:
-    """Fetch the pinned npm packages (once) and unpack what the pages load into ``<dest>/site/vendor``."""
+    """Fetch the pinned npm packages (once) and unpack what the pages load into ``<dest>/site/vendor``.
+
+    With the environment variable ``STEGO_VENDOR_OFFLINE=1`` nothing is fetched: a missing folder is a StegoError
+    (``make vendor`` prepares it once; ``make test`` does that before the tests)."""
     dest = Path(dest) if dest is not None else repo_root() / VENDOR
     site = dest / "site" / "vendor"
-    stamp = site / "VERSIONS.json"
-    want = {folder: f"{pkg}@{ver}" for folder, pkg, ver, _ in VENDORED_JS} | {"layout": _VENDOR_LAYOUT}
-    if not force and stamp.exists() and json.loads(stamp.read_text()) == want:
+    want = _wanted()
+    if not force and vendor_ready(dest):
         return dest / "site"
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise StegoError(f"vendor: {site} is missing or out of date and {OFFLINE_ENV} forbids fetching it; run "
+                         f"`make vendor` once (it needs the npm registry) before building the book")
     t0 = time.perf_counter()
     npm_dir = dest / "npm"
     npm_dir.mkdir(parents=True, exist_ok=True)
