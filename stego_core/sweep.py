@@ -50,6 +50,7 @@ from .config import (
     write_json_atomic,
 )
 from .fused import RunGroup, group_specs
+from .guards import artifact_lock, die_with_parent
 from .results import empty_results, load_results, summarise
 
 __all__ = ["SWEEP_METHODS", "STUDY_DIMS", "STUDY_METHODS", "RunSpec", "SweepGrid", "SweepResult", "study_grid",
@@ -245,15 +246,17 @@ class _RunOne:
 
     def __call__(self, spec: RunSpec) -> tuple[str, str | None]:
         run_dir = spec.run_dir(self.root)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "spec.json", {"name": spec.name, **spec.key()})
-        try:
-            self.run_fn(spec, run_dir=run_dir, root=self.root, progress=self.run_progress)
-        except Exception as exc:  # noqa: BLE001 - reported per run, re-raised below unless on_error="continue"
-            if self.on_error == "raise":
-                raise
-            return spec.name, f"{type(exc).__name__}: {exc}"
-        write_json_atomic(run_dir / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})  # marker last
+        with artifact_lock(run_dir, f"the sweep run {spec.name}"):  # a second sweep waits for this run
+            if (run_dir / "DONE").exists():
+                return spec.name, None  # finished by another process while we waited
+            write_json_atomic(run_dir / "spec.json", {"name": spec.name, **spec.key()})
+            try:
+                self.run_fn(spec, run_dir=run_dir, root=self.root, progress=self.run_progress)
+            except Exception as exc:  # noqa: BLE001 - reported per run, re-raised below unless on_error="continue"
+                if self.on_error == "raise":
+                    raise
+                return spec.name, f"{type(exc).__name__}: {exc}"
+            write_json_atomic(run_dir / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})  # marker last
         return spec.name, None
 
 
@@ -281,6 +284,7 @@ def serial_executor(fn: Callable[[RunSpec], Any], specs: Sequence[RunSpec]) -> I
 def _limit_threads(threads: int) -> None:
     import torch
 
+    die_with_parent()  # a worker never outlives the process that started it (stego_core.guards)
     torch.set_num_threads(threads)
 
 

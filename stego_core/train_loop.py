@@ -34,10 +34,12 @@ from .config import (
     artifacts_root,
     check_choice,
     check_int,
+    code_hash,
     ensure_writable,
     write_json_atomic,
 )
 from .evaluation import evaluate_batches
+from .guards import note
 from .results import write_rows
 from .segmenter import ProjectionCode, Segmenter
 from .train_features import FeatureSource, batch_indices, fit_run_projection
@@ -181,6 +183,13 @@ def start_state(slot: RunSlot, dims: tuple[int, int], device: torch.device, *, r
                              f"pass resume=False to start over")
         slot.state.load_last(ck)
         slot.saved_at = slot.state.step
+        name = slot.last_path.parent.name
+        if ck.get("code") != code_hash():
+            note(f"resuming the training run {name} at step {ck['step']} of {cfg.steps}: it was started by a "
+                 f"different stego_core (code {ck.get('code') or 'unrecorded'}, this one {code_hash()}), so this "
+                 f"resumes someone else's run and mixes two versions; pass resume=False to start over")
+        else:
+            note(f"resuming the training run {name} at step {ck['step']} of {cfg.steps}")
 
 
 def _validate(segmenter: Segmenter, val: FeatureSource, cfg: Any) -> dict[str, float]:

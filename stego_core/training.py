@@ -58,6 +58,7 @@ count every prediction.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -68,6 +69,7 @@ import torch
 from torch import nn
 
 from .config import PROTOCOLS, StegoError, check_choice, check_float, check_int, resolve_device
+from .guards import artifact_lock
 from .knn import require_knn
 from .train_features import FeatureSource, check_stores, live_backbone, open_training_store
 from .train_loop import (
@@ -359,6 +361,18 @@ def _train_group(cfgs: list[TrainConfig], *, train_store, val_store, root, progr
             cfgs[i] = dataclasses.replace(cfg, code_dim=dims[0])  # the raw features are the code
     if len({c.run_name + str(c.to_dict()) for c in cfgs}) != len(cfgs):
         raise StegoError("cfgs: the same run appears twice; expected distinct runs")
+    with contextlib.ExitStack() as locks:  # one writer per run: a second process waits for these runs
+        for cfg in cfgs:
+            run_dir = run_dir_for(cfg, train_store, val_store, root)
+            locks.enter_context(artifact_lock(run_dir, f"the training run {run_dir.name}"))
+        return _train_slots(cfgs, train_store, val_store, dims, dev, root=root, progress=progress, resume=resume,
+                            backbone=backbone, callback=callback, max_steps_this_call=max_steps_this_call,
+                            preload_mb=preload_mb, own_rng=own_rng)
+
+
+def _train_slots(cfgs: list[TrainConfig], train_store, val_store, dims: tuple[int, int], dev, *, root, progress,
+                 resume, backbone, callback, max_steps_this_call, preload_mb, own_rng: bool) -> list[TrainResult]:
+    """``_train_group`` once the runs' folders are locked."""
     opts = dict(root=root, resume=resume, progress=progress, device=dev)
     slots = [prepare_slot(c, train_store, val_store, dims, **opts) for c in cfgs]
     groups: dict[tuple, list[RunSlot]] = {}
