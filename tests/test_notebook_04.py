@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 from chapters import glued
@@ -101,6 +102,13 @@ def test_quirks_chapter(chapters):
     for key in ("knn_changed", "knn_agree_orig", "knn_agree_corr", "bytes_changed", "crf_pixels_changed"):
         assert 0 <= float(glued[key]) <= 100, key
     assert float(glued["pos_rel"]) > 0 and float(glued["batch_spread"]) >= 0
+    # quirk 1's share of changed partners against the two kNN tables the chapter left beside the training store
+    # (ranks 1..n_neighbors of the smoke profile, as sets per item; numpy alone)
+    (store,) = (chapters.parents[2] / "smoke-artifacts" / "features").glob("mosaic-train-*")
+    n = dict(study.load_profile("smoke"))["07_quirks"]["n_neighbors"]
+    orig, corr = (np.load(store / f"knn-{p}.npy")[:, 1:n + 1] for p in ("original", "corrected"))
+    same = sum(len(set(a) & set(b)) for a, b in zip(orig.tolist(), corr.tolist()))
+    assert float(glued["knn_changed"]) == pytest.approx(round(100 * (1 - same / orig.size), 1))
     summary = _html(nb)[-1]
     for quirk in ("1 kNN dropout", "6 extra clusters dropped", "15 per-batch standardisation",
                   "9 CRF image round trip", "3 nearest resize", "13 pos-embed rule", "16 swapped metric names"):
