@@ -174,3 +174,9 @@ def test_pasted_numbers_are_checked_against_the_chapter(tmp_path):
     assert missing_pasted_numbers("STEGO 31.2 on 8\n images; again +31.25.", page) == []
     wrong = missing_pasted_numbers("STEGO 30.9 on 8 images; again +31.25.", page)  # the page shows another number
     assert wrong == ["04.ipynb::gain = '31.2' (pasted 1x, on the page 0x)"]
+
+
+def test_pictures_have_alt_text():
+    pic = np.zeros((4, 4, 3), dtype=np.uint8)
+    out = viz.show_images([pic, pic], ["ground truth", ""])._repr_html_()
+    assert 'alt="ground truth"' in out and 'alt="picture 2 of 2"' in out

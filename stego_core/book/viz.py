@@ -115,10 +115,11 @@ def show_images(images: Sequence[np.ndarray], titles: Sequence[str] | None = Non
         raise ValueError(f"show_images: {len(images)} images but {len(titles)} titles")
     style = f"flex: 0 0 calc({100 / ncols:.3f}% - 8px);" if ncols else ""
     figs = "".join(
-        f'<figure style="margin:0;{style}"><img src="{png_data_url(im)}" alt="{html.escape(t)}" '
-        f'style="width:{width}px;image-rendering:pixelated;display:block"/>'
+        f'<figure style="margin:0;{style}"><img src="{png_data_url(im)}" '
+        f'alt="{html.escape(t or f"picture {i + 1} of {len(images)}")}" '
+        f'style="width:{width}px;max-width:100%;image-rendering:pixelated;display:block"/>'
         f'<figcaption style="font-size:0.8em;text-align:center">{html.escape(t)}</figcaption></figure>'
-        for im, t in zip(images, titles))
+        for i, (im, t) in enumerate(zip(images, titles)))
     return _HTML(f'<div class="stego-images" style="display:flex;flex-wrap:wrap;gap:8px">{figs}</div>')
 
 
@@ -220,7 +221,7 @@ def class_histogram_chart(df: pd.DataFrame, *, x: str = "class", y: str = "fract
 
 
 def line_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, tooltip: Sequence[str] | None = None,
-               title: str | None = None, log_x: bool = False, points: bool = True, width: int = 420,
+               title: str | None = None, log_x: bool = False, points: bool = True, width: int = 500,
                height: int = 260) -> alt.Chart:
     """Lines of ``y`` over ``x`` per ``color`` group; clicking legend entries highlights those lines."""
     tooltip = list(tooltip) if tooltip is not None else [c for c in (color, x, y) if c]
@@ -238,7 +239,7 @@ def line_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, to
 
 
 def bar_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, tooltip: Sequence[str] | None = None,
-              title: str | None = None, width: int = 360, height: int = 220) -> alt.Chart:
+              title: str | None = None, width: int = 480, height: int = 220) -> alt.Chart:
     """Horizontal-label bars of ``y`` per ``x`` (e.g. timings per stage), coloured by ``color``."""
     tooltip = list(tooltip) if tooltip is not None else list(df.columns)
     enc: dict[str, Any] = {"x": alt.X(f"{x}:N", sort=None, title=None), "y": alt.Y(f"{y}:Q"), "tooltip": tooltip}
