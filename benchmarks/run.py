@@ -18,6 +18,9 @@ What is measured (each "original" row is what the reference implementation does;
   ours) against two fp32 backbone passes per step on the stored images ("live fp32", the original's way: it never
   cached) and the same in bf16 + SDPA ("live bf16"). The live paths read the stored uint8 images (no JPEG decoding,
   which would only add to the original's cost).
+- sweep: seconds per run and per run-step of a group of runs trained independently (``training.train`` run by
+  run, the original's one job per run) and fused (``training.train_group``: one pass over the batches), same group,
+  same store, side by side; on the demo store and on a synthetic ViT-B/8-shaped store (benchmarks/README.md).
 - CRF: DenseCRF images/s at 320x320 with 27 classes, by worker count, with a warm ``CRFPool``; plus ``crf_batch``
   including the pool start-up, as a one-off evaluation call pays it.
 - feature store: images/s and MB/s of shuffled ``iter_batches`` over a store on local disk (page cache warm: the
@@ -522,7 +525,7 @@ def make_plan(full: bool) -> dict:
             "live_iters": 5,
             "crf": (32, 320, 27),
             "store": (2048, 224, 768, 8, 32),
-            "sweep_demo_steps": 60, "sweep_paper_items": (256, 64), "sweep_paper_steps": 20,
+            "sweep_demo_steps": 30, "sweep_paper_items": (256, 64), "sweep_paper_steps": 20,
             "sweep_paper_stego_steps": 20,
         }
     return {
@@ -532,7 +535,7 @@ def make_plan(full: bool) -> dict:
         "live_iters": 1,
         "crf": (2 * (os.cpu_count() or 1), 320, 27),
         "store": (256, 224, 384, 16, 32),
-        "sweep_demo_steps": 60, "sweep_paper_items": (64, 16), "sweep_paper_steps": 5, "sweep_paper_stego_steps": 4,
+        "sweep_demo_steps": 8, "sweep_paper_items": (64, 8), "sweep_paper_steps": 4, "sweep_paper_stego_steps": 3,
     }
 
 

@@ -169,8 +169,8 @@ figures.pivot_table(table, "mIoU")
 #   the standardised features, so the paper's finding that it recovers the raw level is expected there; the
 #   question is how fast it gets there.
 #
-# With one seed, differences of a few points between neighbouring dimensions are within the run-to-run noise; add
-# seeds (parameter `seeds`) to see bands of ± one standard deviation.
+# With a single seed, differences of a few points between neighbouring dimensions are within the run-to-run noise;
+# with several seeds (parameter `seeds`) the bands show ± one standard deviation over them.
 #
 # ## The same with pixel accuracy (appendix of the paper)
 
