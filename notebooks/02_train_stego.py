@@ -106,7 +106,7 @@ pd.DataFrame({"value": {k: str(v) for k, v in cfg.to_dict().items()}}).rename_ax
 # skipped). Above, the resolved settings of the STEGO run. Each run below is a keyed artifact under `runs/`: if a
 # run with the same configuration and features has finished before, it is loaded instead of trained again.
 
-# %%
+# %% tags=["show-input"]
 results = {name: training.train(c, train_store=stores["train"], val_store=stores["val"], root=root, device=device,
                                  progress=progress, logger=logger)
            for name, c in configs.items()}

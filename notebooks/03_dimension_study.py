@@ -98,7 +98,7 @@ glue("dim_skip_note", Markdown(
 # seed at the features' own dimension C = {glue:text}`dim_C`: {glue:text}`dim_n_runs` runs in all.
 # {glue:md}`dim_skip_note`
 
-# %%
+# %% tags=["show-input"]
 t0 = time.perf_counter()
 swept = sweep.run_sweep(runnable, root=root, progress=progress, run_progress=False, fused=fused,
                         executor=sweep.local_executor(workers), logger=logger)
@@ -119,7 +119,7 @@ glue("dim_minutes", sweep_seconds / 60, display=False)
 # top-left corner, the less a small D loses. The diamonds are the paper's values for its three datasets' DINO ViT
 # features (read off its Figure 3).
 
-# %%
+# %% tags=["show-input"]
 pca = projections.fit_projection("pca", 1, stores["train"], n_images=base_config.n_fit_images,
                                  root=config.artifacts_root(root), progress=progress)
 ratio = pca.explained_variance_ratio_

@@ -180,3 +180,19 @@ def test_pictures_have_alt_text():
     pic = np.zeros((4, 4, 3), dtype=np.uint8)
     out = viz.show_images([pic, pic], ["ground truth", ""])._repr_html_()
     assert 'alt="ground truth"' in out and 'alt="picture 2 of 2"' in out
+
+
+def test_the_parameter_table_follows_the_summary_paragraph():
+    v4 = nbformat.v4
+    md = "# Title\n\nThe summary in one paragraph,\nover two lines.\n\nMore detail.\n\n$$x$$"
+    nb = v4.new_notebook(cells=[v4.new_code_cell("a = 1", metadata={"tags": ["parameters"]}),
+                                v4.new_markdown_cell(md), v4.new_code_cell("a")])
+    out = reader.reader_view(nb, [Parameter("a", 1, "")], {})
+    assert [c.source for c in out.cells[1:2]] == ["# Title\n\nThe summary in one paragraph,\nover two lines."]
+    assert reader.PARAMETERS_TITLE in out.cells[2].source
+    assert out.cells[3].source == "More detail.\n\n$$x$$"
+    assert "".join(c.source for c in out.cells if c.cell_type == "markdown").count("More detail.") == 1
+    # a title cell that holds only the title and its summary, or whose next block is not a paragraph, stays whole
+    for whole in ("# Title\n\nSummary.", "# Title\n\n:::{note}\nx\n:::\n\ntext"):
+        nb = v4.new_notebook(cells=[v4.new_markdown_cell(whole)])
+        assert reader.reader_view(nb, [], {}).cells[0].source == whole

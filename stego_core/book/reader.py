@@ -3,7 +3,7 @@ papermill, so the page reads like a chapter while the notebook still runs as it 
 
 - the ``parameters`` cell and papermill's ``injected-parameters`` cell are tagged ``remove-cell`` (off the page, in
   the notebook); the parameters the chapter ran with appear instead as a collapsed table right below the title and
-  its first paragraph (``parameters_markdown``);
+  its first paragraph, the summary (the title cell is split there; ``parameters_markdown``);
 - the title cell (the first Markdown cell with a ``# `` heading) comes before any code cell left on the page;
 - code cells that only compute and glue (no visible output) are tagged ``remove-cell`` (myst-nb still reads their
   glued values); other code is collapsed behind "show code" (``hide-input``) unless the notebook tags the cell
@@ -75,6 +75,22 @@ def _is_title(cell: Any) -> bool:
         line.startswith("# ") for line in "".join(cell.get("source", "")).splitlines())
 
 
+def _split_after_summary(cells: list, at: int) -> None:
+    """Split the title cell after its first paragraph (the summary), so the parameter table sits right below it."""
+    import nbformat
+
+    text = "".join(cells[at].get("source", ""))
+    blocks = text.split("\n\n")
+    heading = next((i for i, b in enumerate(blocks) if b.lstrip().startswith("# ")), None)
+    if heading is None or len(blocks) <= heading + 2:
+        return
+    summary = blocks[heading + 1].lstrip()
+    if not summary or summary.startswith((":::", "```", "$$", "|", "-", "*", "1.", "{")):
+        return  # not a plain paragraph: leave the cell whole
+    cells[at]["source"] = "\n\n".join(blocks[:heading + 2])
+    cells.insert(at + 1, nbformat.v4.new_markdown_cell("\n\n".join(blocks[heading + 2:])))
+
+
 def reader_view(nb: Any, params: list[Parameter], values: dict[str, Any]) -> Any:
     """Tag the cells of an executed notebook (nbformat v4) for the reader and add the parameter table; returns
     ``nb`` (changed in place). Running the notebook again (Jupyter, papermill) is unaffected: only Markdown cells
@@ -97,6 +113,8 @@ def reader_view(nb: Any, params: list[Parameter], values: dict[str, Any]) -> Any
         if first_code < title_at:
             cells.insert(0, cells.pop(title_at))
             title_at = 0
+    if title_at is not None:
+        _split_after_summary(cells, title_at)
     at = 0 if title_at is None else title_at + 1
     table = nbformat.v4.new_markdown_cell(parameters_markdown(params, values))
     table.metadata["tags"] = ["stego-parameters"]
