@@ -261,7 +261,8 @@ def _profile_settings(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     feats = values.get("01_features") or next((p for _, p in runs if "backbone" in p), {})
     return {"dataset": feats.get("dataset"), "backbone": feats.get("backbone"), "weights": feats.get("weights"),
             "device": feats.get("device", "cpu"), "protocol": feats.get("protocol", "original"),
-            "crop": feats.get("crop", "center"), "res": feats.get("res", 224)}
+            "crop": feats.get("crop", "center"), "res": feats.get("res", 224),
+            "preset": (values.get("02_train_stego") or {}).get("preset", "demo")}
 
 
 def _pilot_runs(profile: str, **shared: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -307,6 +308,7 @@ def _end_to_end(profile: str, settings: dict[str, Any], data_root: Path, work: P
     from .fivecrop import prepare_five_crops
     from .runs import find_runs
     from .segment import main as segment_main
+    from .training import PRESETS
 
     checks: list[Check] = []
     artifacts, book = work / "artifacts", work / "book"
@@ -330,7 +332,7 @@ def _end_to_end(profile: str, settings: dict[str, Any], data_root: Path, work: P
                                 f"not applicable: the released layout holds DINO v1 ViTs, not {backbone}"))
             return checks
         found = find_runs(artifacts, method="stego", dataset=dataset, protocol=settings["protocol"],
-                          correspondence_weight=None)
+                          code_dim=PRESETS[settings["preset"]]["code_dim"])  # chapter 02's run, as 04 asks for it
         found = found[[float(w) > 0 for w in found["correspondence_weight"]]] if len(found) else found
         if not len(found):
             checks.append(Check("run", "released checkpoint", False, "no STEGO run in the artifacts of the run",

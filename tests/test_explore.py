@@ -111,3 +111,34 @@ def test_command_line_refuses_bad_values_before_serving(tmp_path, capsys):
     assert "--port" in capsys.readouterr().err
     assert cli.main(["explore", "--checkpoint", str(tmp_path / "none.ckpt"), "--no-browser"]) == 2
     assert "--checkpoint: file" in capsys.readouterr().err
+
+
+def test_a_released_checkpoint_is_offered_with_its_own_method_and_dim(tiny):
+    timm = pytest.importorskip("timm")
+    import torch
+
+    from stego_core.checkpoints import LoadedCheckpoint
+    from stego_core.data import COCOSTUFF27_CLASSES
+    from stego_core.heads import STEGOHead
+    from stego_core.probes import ClusterProbe, LinearProbe
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch8_224.dino", pretrained=False)
+    ck = LoadedCheckpoint(path="fake.ckpt", backbone_name="dino_vits8", dataset="cocostuff27", code_dim=5,
+                          n_classes=27, extra_clusters=0, head=STEGOHead(384, 5), cluster_probe=ClusterProbe(5, 27),
+                          linear_probe=LinearProbe(5, 27), backbone_state=vit.state_dict(), hparams={})
+    source = explore.Source(key="checkpoint:fake", label="checkpoint · fake.ckpt", kind="checkpoint", checkpoint=ck)
+    app = explore.LiveExplorer([source, *explore.find_sources(tiny["root"])], n_images=2, res=32)
+    assert app.method.disabled and app.dim.disabled
+    assert app.image.options == (("your photo (upload)", explore.UPLOAD),) and "upload a photo" in app.status.value
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    app.upload.value = ({"name": "p.png", "content": buf.getvalue(), "type": "image/png", "size": 1,
+                         "last_modified": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)},)
+    assert "ready" in app.status.value and "STEGO d=5 (checkpoint)" in app.info.value
+    assert "cluster " in app.legend.value  # a checkpoint's clusters are not matched to classes here
+    app.probe.value = "linear"
+    assert any(f">{name} <" in app.legend.value for name in COCOSTUFF27_CLASSES)  # the dataset's class names
+    assert "cluster " not in app.legend.value
+    app.source.value = explore.find_sources(tiny["root"])[0].key  # back to the runs: method and dim again
+    assert not app.method.disabled and app.method.value == "stego" and "ready" in app.status.value

@@ -64,7 +64,7 @@ class Source:
     models: dict[tuple[str, int], str] = field(default_factory=dict)  # (method, dim) -> run folder
     val_store: str | None = None  # the runs' validation store (images to pick, cluster -> class matching)
     protocol: str = "original"
-    checkpoint: str | None = None
+    checkpoint: Any = None  # a .ckpt path (or a checkpoints.LoadedCheckpoint)
 
 
 def _pick(rows: pd.DataFrame) -> str:
@@ -210,10 +210,11 @@ class LiveExplorer:
         self._upload: np.ndarray | None = None
         self._quiet = False
         self.source = w.Dropdown(options=[(s.label, s.key) for s in sources], value=sources[0].key,
-                                 description="model", layout=w.Layout(width="640px"))
+                                 description="model", layout=w.Layout(width="100%", max_width="860px"))
         self.method = w.Dropdown(description="method")
         self.dim = w.Dropdown(description="code dim")
-        self.probe = w.ToggleButtons(options=list(PROBES), value="cluster", description="probe")
+        self.probe = w.ToggleButtons(options=list(PROBES), value="cluster", description="probe",
+                                     style={"button_width": "80px"})
         self.crf = w.Checkbox(value=False, description="DenseCRF")
         self.image = w.Dropdown(description="image")
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="your photo")
@@ -258,10 +259,9 @@ class LiveExplorer:
     def _segmenter(self) -> tuple[Segmenter, dict[str, Any]]:
         src = self.current
         if src.kind == "checkpoint":
-            key = str(src.checkpoint)
-            if key not in self._segmenters:
-                self._segmenters[key] = load_segmenter(checkpoint=src.checkpoint, device=self.device)
-            return self._segmenters[key]
+            if src.key not in self._segmenters:
+                self._segmenters[src.key] = load_segmenter(checkpoint=src.checkpoint, device=self.device)
+            return self._segmenters[src.key]
         run_dir = src.models[(self.method.value, self.dim.value)]
         if run_dir not in self._segmenters:
             seg = Segmenter.from_run(run_dir)
