@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from .config import StegoError
+
 __all__ = ["Case", "CASES", "FAULTS", "cases_table"]
 
 # The kinds of faults, in the page's order.
@@ -119,10 +121,13 @@ CASES: tuple[Case, ...] = (
 )
 
 
-def cases_table() -> pd.DataFrame:
-    """The cases as the reliability page shows them (human column names, no index)."""
-    df = pd.DataFrame([asdict(c) for c in CASES])
+def cases_table(fault: str | None = None) -> pd.DataFrame:
+    """The cases as the reliability page shows them (human column names), sorted by fault; ``fault`` keeps only
+    the cases of one of ``FAULTS``."""
+    if fault is not None and fault not in FAULTS:
+        raise StegoError(f"fault: unknown kind of fault {fault!r}; expected one of {', '.join(map(repr, FAULTS))}")
+    df = pd.DataFrame([asdict(c) for c in CASES if fault is None or c.fault == fault])
     df["fault"] = pd.Categorical(df["fault"], FAULTS, ordered=True)
     df = df.sort_values("fault", kind="stable")
-    return df[["fault", "target", "action", "outcome"]].rename(columns={
+    return df[["fault", "target", "action", "outcome"]].reset_index(drop=True).rename(columns={
         "fault": "Fault", "target": "Hits", "action": "What the test does", "outcome": "What happens"})

@@ -353,3 +353,14 @@ def test_kill_cases_cover_every_harness_stage():
 
     assert {c.id.removeprefix("kill_") for c in CASES if c.fault == "killed mid-write" and c.id.startswith("kill_")} \
         == set(STAGES)
+
+
+def test_cases_table_filters_by_fault_and_the_page_reads_its_parameter():
+    from stego_core.book.parameters import read_parameters
+
+    disk = cases_table("full disk")
+    assert set(disk["Fault"]) == {"full disk"} and len(disk) == sum(c.fault == "full disk" for c in CASES)
+    with pytest.raises(StegoError, match="fault: unknown kind of fault 'disk'"):
+        cases_table("disk")
+    (param,) = read_parameters("10_reliability")
+    assert (param.name, param.default, param.annotation) == ("fault", "", "str")
