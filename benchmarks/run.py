@@ -405,7 +405,8 @@ def _bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path, 
         table.add("sweep", "demo", None, "s/run", note=f"skipped: {type(exc).__name__}: {exc}")
     if "paper" not in plan["sweep_stores"]:
         for label, cfgs, stores in groups:
-            _prefit_and_pair(table, label, cfgs, stores, workdir, device)
+            if any(word in label for word in plan["sweep_groups"]):
+                _prefit_and_pair(table, label, cfgs, stores, workdir, device)
         return
     paper = _paper_stores(plan, stores_at / "paper", device)
     steps = plan["sweep_paper_steps"]
@@ -418,7 +419,8 @@ def _bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path, 
     groups.append(("ViT-B/8-shaped STEGO", [make_config("cocostuff27", code_dim=d, **{**base, "steps": plan[
         "sweep_paper_stego_steps"], "val_freq": plan["sweep_paper_stego_steps"]}) for d in dims], paper))
     for label, cfgs, stores in groups:
-        _prefit_and_pair(table, label, cfgs, stores, workdir, device)
+        if any(word in label for word in plan["sweep_groups"]):
+            _prefit_and_pair(table, label, cfgs, stores, workdir, device)
 
 
 def _prefit_and_pair(table: Table, label: str, cfgs: list, stores: tuple, workdir: Path,
@@ -606,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "out" / "benchmark.json"), help="where the JSON goes")
     parser.add_argument("--sweep-stores", default="demo,paper",
                         help="stores of the sweep section: demo (the mosaic store), paper (ViT-B/8-shaped synthetic)")
+    parser.add_argument("--sweep-groups", default="STEGO,probe-only",
+                        help="groups of the sweep section: STEGO (heads), probe-only (DINO, PCA, RP)")
     parser.add_argument("--store-root", default=None,
                         help="where the sweep section keeps its feature stores between runs (default: the temp dir)")
     parser.add_argument("--workdir", default=None, help="folder for the temporary feature stores (default: a temp dir)")
@@ -619,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown section(s) {unknown}; expected some of {list(SECTIONS)}")
     plan = {**make_plan(full), "sweep_stores": [x.strip() for x in args.sweep_stores.split(",")],
-            "store_root": args.store_root}
+            "store_root": args.store_root, "sweep_groups": [x.strip() for x in args.sweep_groups.split(",")]}
     info = {**machine(device), "mode": "full" if full else "quick", "sections": only}
     print(f"benchmark ({info['mode']}) on {info['device']}, torch {info['torch']}, {info['cpu_count']} CPUs",
           file=sys.stderr)
