@@ -300,3 +300,35 @@ def test_segment_predicts_what_the_evaluation_predicts(tmp_path, crf):
                                                      _normalised(u8s[0]), crf=crf)
     np.testing.assert_array_equal(out["cluster"], ref_cluster)
     np.testing.assert_array_equal(out["linear"], ref_linear)
+
+
+@pytest.mark.parametrize("protocol", ["original", "corrected"])
+def test_segmenter_predict_passes_every_option_on(protocol):
+    """``Segmenter.predict`` (one probe) with the CRF, a protocol, a worker count, a pool and the cluster map: the
+    reference recipe's predictions for each combination."""
+    from stego_core.crf import CRFPool
+
+    backbone, head, cluster_probe, linear_probe = _model()
+    u8s, _ = _images(2, seed=5)
+    imgs = torch.stack([_normalised(u8) for u8 in u8s])
+    seg = Segmenter(head, cluster_probe, linear_probe, backbone=backbone)
+    code = seg.image_code(imgs, flip=True)
+    ref = [_reference_predictions(backbone, head, cluster_probe, linear_probe, img, crf=True, protocol=protocol)
+           for img in imgs]
+    for probe, r in (("cluster", 0), ("linear", 1)):
+        expected = np.stack([x[r] for x in ref])
+        got = seg.predict(code, (RES, RES), probe, crf=True, images=imgs, workers=1, protocol=protocol)
+        np.testing.assert_array_equal(got.numpy(), expected)
+        with CRFPool(1, protocol=protocol, progress=False) as pool:
+            np.testing.assert_array_equal(seg.predict(code, (RES, RES), probe, crf=True, images=imgs,
+                                                      pool=pool).numpy(), expected)
+        u8 = np.stack(u8s)  # the uint8 images a feature store keeps give the same CRF input
+        np.testing.assert_array_equal(seg.predict(code, (RES, RES), probe, crf=True, images=u8,
+                                                  protocol=protocol).numpy(), expected)
+    # a matched segmenter maps clusters to classes unless asked not to
+    matched = seg.match((np.array([0, 1, 2]), np.array([2, 0, 1])))
+    raw = np.stack([x[0] for x in ref])
+    np.testing.assert_array_equal(matched.predict(code, (RES, RES), crf=True, images=imgs, protocol=protocol)
+                                  .numpy(), np.array([2, 0, 1])[raw])
+    np.testing.assert_array_equal(matched.predict(code, (RES, RES), crf=True, images=imgs, protocol=protocol,
+                                                  map_clusters=False).numpy(), raw)
