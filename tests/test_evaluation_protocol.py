@@ -332,3 +332,15 @@ def test_segmenter_predict_passes_every_option_on(protocol):
                                   .numpy(), np.array([2, 0, 1])[raw])
     np.testing.assert_array_equal(matched.predict(code, (RES, RES), crf=True, images=imgs, protocol=protocol,
                                                   map_clusters=False).numpy(), raw)
+
+
+def test_derived_segmenters_keep_their_map_and_info():
+    """with_backbone keeps the cluster -> class map and the info; with_cluster_probe drops only the map."""
+    backbone, head, cluster_probe, linear_probe = _model()
+    seg = Segmenter(head, cluster_probe, linear_probe, info={"run_id": "r1", "method": "stego"})
+    matched = seg.match((np.array([0, 1, 2]), np.array([1, 2, 0])))
+    moved = matched.with_backbone(backbone)
+    np.testing.assert_array_equal(moved.cluster_to_class, [1, 2, 0])
+    assert moved.info == {"run_id": "r1", "method": "stego"} and moved.backbone is backbone
+    refitted = matched.with_cluster_probe(ClusterProbe(D, K + 1))
+    assert refitted.cluster_to_class is None and refitted.info["run_id"] == "r1"
