@@ -344,3 +344,19 @@ def test_derived_segmenters_keep_their_map_and_info():
     assert moved.info == {"run_id": "r1", "method": "stego"} and moved.backbone is backbone
     refitted = matched.with_cluster_probe(ClusterProbe(D, K + 1))
     assert refitted.cluster_to_class is None and refitted.info["run_id"] == "r1"
+
+
+def test_a_matched_segmenter_scores_its_raw_clusters_and_labels_are_counted_over_all_batches():
+    """Evaluating a segmenter that carries a cluster -> class map scores the raw cluster ids (the same numbers as
+    without the map); a last batch without labels is fine when an earlier batch had some."""
+    backbone, head, cluster_probe, linear_probe = _model()
+    u8s, labels = _images(2, seed=5)
+    seg = Segmenter(head, cluster_probe, linear_probe, backbone=backbone)
+    plain = evaluate(seg, _Set(u8s, labels), batch_size=1, keep_predictions=2, progress=False)
+    matched = seg.match((np.array([0, 1, 2]), np.array([1, 2, 0])))
+    res = evaluate(matched, _Set(u8s, labels), batch_size=1, keep_predictions=2, progress=False)
+    np.testing.assert_array_equal(res["cluster"]["confusion"], plain["cluster"]["confusion"])
+    np.testing.assert_array_equal(res["predictions"]["cluster_raw"], plain["predictions"]["cluster_raw"])
+    unlabelled_last = [labels[0], np.full_like(labels[1], -1)]
+    out = evaluate(seg, _Set(u8s, unlabelled_last), batch_size=1, progress=False)
+    assert out["linear"]["confusion"].sum() == int((labels[0] >= 0).sum())
