@@ -281,7 +281,7 @@ def _pilot_runs(profile: str, **shared: Any) -> list[tuple[str, dict[str, Any]]]
 
 
 _TMP_PILOT = dict(n_examples=2, n_stats=4, batch_size=4, k=30, n_queries=2, n_neighbors_shown=2, n_pca=2, steps=4,
-                  val_freq=2, n_neighbors=4, dims=[6, 24, 96], n_fit_images=8, hnne_tokens=2000, crf_images=2,
+                  val_freq=2, n_neighbors=4, dims=[6], n_fit_images=8, hnne_tokens=2000, crf_images=2,
                   workers=1, n_images=2, batch_sizes=[1, 4, 0])
 _TMP_OVERRIDES = dict(steps=4, batch_size=4, val_freq=2, n_neighbors=4)
 
