@@ -54,7 +54,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +68,12 @@ from sklearn.random_projection import GaussianRandomProjection
 from tqdm.auto import tqdm
 
 from .config import StegoError, artifact_dir, check_choice, check_int, config_hash, stage_root, write_json_atomic
+from .guards import artifact_lock, note
 
 __all__ = [
     "STANDARDIZE", "PROJECTIONS", "PCAProjection", "RandomProjection", "HNNEProjection", "IdentityProjection",
-    "make_projection", "fit_projection", "fit_items", "fitted_projections", "project_store", "open_projected_store",
-    "ProjectedStore",
+    "make_projection", "transform_many", "fit_projection", "fit_items", "fitted_projections", "project_store",
+    "open_projected_store", "ProjectedStore",
 ]
 
 STANDARDIZE = ("per_batch", "train")
@@ -393,6 +394,40 @@ def make_projection(method: str, k: int | None, **kw: Any) -> _Projection:
     return proj
 
 
+def transform_many(projections: Sequence[_Projection], feats: torch.Tensor) -> list[torch.Tensor]:
+    """``[p.transform(feats) for p in projections]`` for a fused sweep, cheaper: PCA / RP projections that share
+    their standardisation (kind, mode and fitted statistics) standardise the tokens once and project them with one
+    matmul: the stacked components, or, for PCA at several k of one fit, the widest k's axes sliced per k. Equal to
+    the separate transforms up to float rounding. feats [B,C,h,w] tensor -> codes [B,k_i,h,w]."""
+    tokens, bhw = _feats_to_tokens(feats)  # [B*h*w, C]
+    tokens = tokens.float()
+    out: list[torch.Tensor | None] = [None] * len(projections)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(projections):
+        if type(p) in (PCAProjection, RandomProjection):
+            p._check_fitted()
+            key = (type(p), p.standardize, p.n_features_in_, np.asarray(p.mean_).tobytes(),
+                   np.asarray(p.scale_).tobytes())
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = torch.as_tensor(p.transform(feats)).float()
+    for idxs in groups.values():
+        first = projections[idxs[0]]
+        if tokens.shape[1] != first.n_features_in_:
+            raise StegoError(f"feats: expected {first.n_features_in_} channels (as in fit), got {tokens.shape[1]}")
+        z = first._standardize(tokens)  # [N, C]
+        comps = [np.asarray(projections[i].components_) for i in idxs]  # each [k_i, C]
+        widest = max(comps, key=len)
+        nested = all(np.array_equal(c, widest[: len(c)]) for c in comps)
+        stacked = widest if nested else np.concatenate(comps)  # [K, C]
+        codes = z @ torch.as_tensor(stacked, device=z.device, dtype=z.dtype).T  # [N, C] @ [C, K] -> [N, K]
+        start = 0
+        for i, c in zip(idxs, comps):
+            out[i] = _tokens_to_feats(codes[:, start:start + len(c)], bhw)  # [N, k_i] -> [B, k_i, h, w]
+            start += 0 if nested else len(c)
+    return out  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # fitting on a feature store
 
@@ -646,7 +681,17 @@ def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None 
     if (folder / "DONE").exists():
         return ProjectedStore(folder, store)
     folder.mkdir(parents=True, exist_ok=True)
+    with artifact_lock(folder, f"the projected store {name}"):  # one writer; a second process waits for it
+        if not (folder / "DONE").exists():
+            _write_projected(folder, proj, store, cfg, n=n, k=k, grid=(h, w), shuffle=shuffle, seed=seed,
+                             batch_size=batch_size, progress=progress)
+    return ProjectedStore(folder, store)
 
+
+def _write_projected(folder: Path, proj: _Projection, store: Any, cfg: dict, *, n: int, k: int,
+                     grid: tuple[int, int], shuffle: bool, seed: int, batch_size: int, progress: bool) -> None:
+    """The work of ``project_store`` (the caller holds the folder's lock)."""
+    (h, w), src_meta, batches = grid, cfg["source_meta"], cfg["batches"]
     meta = {**src_meta, "dim": k, "grid": [h, w], "n_items": n,
             "projection": {"method": proj.method, "k": k, "params": proj.get_params(), "batch_size": batch_size,
                            "batches": batches, "source": cfg["source"], "config_hash": config_hash(cfg)}}
@@ -659,6 +704,7 @@ def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None 
         out = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float32, shape=(n, k, h, w))
     else:
         out = np.load(feats_path, mmap_mode="r+")
+        note(f"resuming the projected store {folder.name} at item {done + 1} of {n}")
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     with tqdm(total=n, initial=done, desc=f"projecting ({proj.method}-{k})", unit="img", disable=not progress) as bar:
         for start in range(done, n, batch_size):
@@ -672,7 +718,6 @@ def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None 
     del out
     _write_pickle_atomic(folder / "projection.pkl", proj)
     (folder / "DONE").write_text("ok\n")
-    return ProjectedStore(folder, store)
 
 
 def open_projected_store(path: str | os.PathLike, source: Any) -> ProjectedStore:

@@ -8,12 +8,18 @@
 ``stego-study book [--profile demo] [--force] [--workdir DIR]``
     runs every notebook of the profile (``notebooks/profiles/NAME.yaml``), vendors the JavaScript the charts and
     widgets need (npm registry, once) and builds the book strictly.
+``stego-study preflight --profile NAME [--synthetic]``
+    checks that a profile will run before the GPU-days (``stego_core.preflight``); exit status 1 when a check fails.
 ``stego-study params NOTEBOOK``
     prints the notebook's parameters with their defaults and comments.
 ``stego-study vendor``
     only fetches the JavaScript into ``book/vendor/``.
+``stego-study publish [--html _build/html] [--remote origin] [--branch gh-pages]``
+    puts the built book on the ``gh-pages`` branch and pushes it (``make publish``; ``stego_core.book.publish``).
 ``stego-study segment ...``
     segments your own images (``stego_core.segment``).
+``stego-study explore [--profile NAME] [--port N] [--no-browser] [--checkpoint FILE] [--root DIR] [--device D]``
+    serves the live explorer with a real kernel on 127.0.0.1 (Voila; ``stego_core.book.explore``).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from .parameters import (
     parse_cli_parameters,
     read_parameters,
 )
+from .publish import publish
 from .runner import run_notebook
 from .vendor import vendor_js
 
@@ -50,9 +57,26 @@ def _parser() -> argparse.ArgumentParser:
     book.add_argument("--profile", default="demo", help="notebooks/profiles/NAME.yaml or a YAML path (demo)")
     book.add_argument("--force", action="store_true", help="execute every notebook even when current")
     book.add_argument("--workdir", help="build a copy of the book in this folder instead of the checkout")
+    from ..preflight import add_arguments
+
+    add_arguments(sub.add_parser("preflight", help="check that a profile will run (data, weights, device, disk, a "
+                                 "tiny end-to-end run) before the GPU-days; --synthetic without data or GPU"))
     params = sub.add_parser("params", help="list a notebook's parameters with their comments")
     params.add_argument("notebook")
     sub.add_parser("vendor", help="fetch the book's JavaScript from the npm registry into book/vendor/")
+    pub = sub.add_parser("publish", help="put the built book on the gh-pages branch (ghp-import) and push it")
+    pub.add_argument("--html", help="the built HTML folder (default: _build/html of the checkout)")
+    pub.add_argument("--remote", default="origin", help="git remote name or URL to push to (origin)")
+    pub.add_argument("--branch", default="gh-pages", help="branch that holds the HTML (gh-pages)")
+    pub.add_argument("--no-push", action="store_true", help="only commit to the local branch")
+    explore = sub.add_parser("explore", help="serve the live explorer (Voila, a real kernel) on localhost")
+    explore.add_argument("--profile", help="only this profile's runs (dataset, backbone), device and checkpoints")
+    explore.add_argument("--port", type=int, default=8866, help="local port to serve on (8866)")
+    explore.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    explore.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                         help="also offer this released STEGO .ckpt (repeatable)")
+    explore.add_argument("--root", help="artifacts folder with the runs (default: $STEGO_ARTIFACTS, else ./artifacts)")
+    explore.add_argument("--device", help="where the models run (default: the profile's, else cpu)")
     return ap
 
 
@@ -68,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "params":
             for p in read_parameters(args.notebook):
                 print(f"{p.name} = {p.default!r}" + (f"  # {p.comment}" if p.comment else ""))
+        elif args.command == "publish":
+            commit = publish(args.html, remote=args.remote, branch=args.branch, push=not args.no_push)
+            print(f"published: {args.branch} at {commit[:12]}" + ("" if args.no_push else f", pushed to {args.remote}"))
         elif args.command == "vendor":
             vendor_js()
         elif args.command == "run":
@@ -79,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             run_notebook(args.notebook, values, workdir=workdir, force=args.force)
         elif args.command == "book":
             make_book(args.profile, workdir=args.workdir, force=args.force)
+        elif args.command == "explore":
+            from .explore import serve  # imports torch and voila: only for this command
+
+            return serve(profile=args.profile, port=args.port, open_browser=not args.no_browser, root=args.root,
+                         checkpoints=args.checkpoint, device=args.device)
+        elif args.command == "preflight":
+            from ..preflight import run_cli
+
+            return run_cli(args)
     except StegoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
