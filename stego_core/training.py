@@ -214,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # reach the validation plateau (at 400 steps with the old rates the probes still gained up to 7 mIoU; measured
     # with these settings on 240 scenes: STEGO D = 24 cluster mIoU near 61 from step 600 on, best at 690 of 870,
     # raw features best at 270; the trained head's code correlations were positive for .73 of kNN pairs and .25 of
-    # random pairs, against .33 / .21 label agreement of the old six-class scenes' point pairs). Batch 8:
+    # random pairs). Batch 8:
     # the same validation mIoU within about a point as 16 at half the time on 2 cores. With 480 training scenes
     # an epoch is 60 steps, so the original protocol (PyTorch Lightning 1.x) validates 13 times in 800 steps.
     # h-NNE fits on 12000 tokens of the 240 fitting scenes (240 x 14 x 14 = 47040): about the quarter the study's
