@@ -41,6 +41,7 @@ device = "cpu"  # where the backbone (live features), head and probes run: "cpu"
 alpha = 0.6  # opacity of the label / prediction overlays: 0 shows only the image, 1 only the labels
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars
+logger = "none"  # live logs of the runs: "none", or "tensorboard" (losses, validation metrics and example predictions in <run folder>/tensorboard; watch with tensorboard --logdir artifacts/runs; needs pip install 'stego-study[tensorboard]')
 
 # %% [markdown]
 # # Training STEGO
@@ -105,9 +106,9 @@ pd.DataFrame({"value": {k: str(v) for k, v in cfg.to_dict().items()}}).rename_ax
 # skipped). Above, the resolved settings of the STEGO run. Each run below is a keyed artifact under `runs/`: if a
 # run with the same configuration and features has finished before, it is loaded instead of trained again.
 
-# %%
+# %% tags=["show-input"]
 results = {name: training.train(c, train_store=stores["train"], val_store=stores["val"], root=root, device=device,
-                                 progress=progress)
+                                 progress=progress, logger=logger)
            for name, c in configs.items()}
 pd.DataFrame([{"model": name, "run": r.run_dir.name, "method": r.config.method, "code_dim": r.config.code_dim,
                "steps": r.config.steps, "correspondence_weight": r.config.correspondence_weight}

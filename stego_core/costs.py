@@ -303,10 +303,14 @@ def dataset_costs(dataset: str, *, precision: str = "fp32", source: str = "cache
     return out
 
 
-def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protocol: str = "original") -> dict[str, Any]:
+def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protocol: str = "original",
+                fused: bool = False) -> dict[str, Any]:
     """GPU and disk-read hours of the paper's dimension sweep for one dataset (``stego_core.sweep.study_grid``) on
     cached features: the cache is built once, then every run pays its steps and validations at the cached times
-    and reads its batches and validation passes from disk.
+    and reads its batches and validation passes from disk. ``fused`` (``run_sweep(fused=True)``,
+    ``stego_core.fused``): the training batches are read once per fused group (``fused.group_specs``: per seed the
+    STEGO heads, the probe-only runs, each h-NNE run alone) instead of once per run; validation still reads per
+    run, and the GPU time per run-step is not changed (no GPU measurement of the fused step exists yet).
 
     dataset: a paper dataset, or a preset of the extended study (e.g. "potsdam_dinov3_sat": its dataset's sweep on
     its backbone, ``stego_core.training.NEWER_BACKBONE_PRESETS``).
@@ -321,11 +325,18 @@ def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protoc
     train_s = sum(int(r.config["steps"]) * step_seconds(bb, int(r.config["batch_size"]), "cache", precision)
                   for r in runs)
     once = dataset_costs(name, precision=precision, source="cache", protocol=protocol, backbone=bb)
-    per_run_read = once["train_read_bytes"] + once["val_read_bytes"]
-    read_s = (once["cache_read_bytes"] + len(runs) * per_run_read) / REFERENCE["disk_bytes_per_s"]
+    n_train_reads = len(runs)
+    if fused:
+        from .fused import group_specs
+
+        n_train_reads = len(group_specs(runs))
+    reads = (once["cache_read_bytes"] + n_train_reads * once["train_read_bytes"]
+             + len(runs) * once["val_read_bytes"])
+    read_s = reads / REFERENCE["disk_bytes_per_s"]
     val_s = len(runs) * once["val_gpu_s"]
     eval_s = len(runs) * once["eval_gpu_s"]
-    return {"dataset": dataset, "runs": len(runs), "cache_h": once["cache_gpu_s"] / 3600, "train_h": train_s / 3600,
+    return {"dataset": dataset, "runs": len(runs), "train_reads": n_train_reads,
+            "cache_h": once["cache_gpu_s"] / 3600, "train_h": train_s / 3600,
             "validation_h": val_s / 3600, "eval_h": eval_s / 3600, "disk_read_h": read_s / 3600,
             "total_h": (once["cache_gpu_s"] + train_s + val_s + eval_s + read_s) / 3600}
 

@@ -54,7 +54,7 @@ def train_group_run(specs: list[Any], *, root=None, progress: bool = False) -> l
     val_store = cache_features(cfg.dataset, "val", cfg.backbone, root=root, progress=progress, **first.val_cache)
     device = first.train_cache.get("device", "cpu")  # the caches' device also trains
     results = train_group([s.train_config() for s in specs], train_store=train_store, val_store=val_store,
-                          root=root, progress=progress, device=device)
+                          root=root, progress=progress, device=device, logger=first.logger)
     for spec, result in zip(specs, results):
         write_json_atomic(Path(spec.run_dir(root)) / "run.json",
                           {"train_run_dir": str(result.run_dir), "best": result.best})

@@ -28,6 +28,7 @@ RP on all datasets, h-NNE on Cityscapes, the DINO baseline once per seed).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -52,6 +53,7 @@ from .config import (
 from .fused import RunGroup, group_specs
 from .guards import artifact_lock, die_with_parent
 from .results import empty_results, load_results, summarise
+from .runlog import LOGGERS
 
 __all__ = ["SWEEP_METHODS", "STUDY_DIMS", "STUDY_METHODS", "RunSpec", "SweepGrid", "SweepResult", "study_grid",
            "run_sweep", "train_run", "serial_executor", "ProcessExecutor", "local_executor", "is_done",
@@ -106,6 +108,7 @@ class RunSpec:
     config: dict  # the resolved TrainConfig as a dict (dataset, backbone, method, code_dim, seed, protocol, ...)
     train_cache: dict = field(default_factory=dict)  # keyword options for cache_features of the training split
     val_cache: dict = field(default_factory=dict)  # keyword options for cache_features of the validation split
+    logger: str = "none"  # live logs while it trains ("none", "tensorboard"; stego_core.runlog); not in the key
 
     @property
     def method(self) -> str:
@@ -270,6 +273,7 @@ def train_run(spec: RunSpec, *, run_dir: Path, root=None, progress: bool = False
                                  **spec.train_cache)
     val_store = cache_features(cfg.dataset, "val", cfg.backbone, root=root, progress=progress, **spec.val_cache)
     result = train(cfg, train_store=train_store, val_store=val_store, root=root, progress=progress,
+                   logger=spec.logger,
                    **{k: v for k, v in spec.train_cache.items() if k == "device"})  # caches' device also trains
     write_json_atomic(Path(run_dir) / "run.json", {"train_run_dir": str(result.run_dir), "best": result.best})
     return result
@@ -395,7 +399,7 @@ def _rows_of(df: pd.DataFrame, specs: Sequence[RunSpec], root=None) -> pd.DataFr
 def run_sweep(grid: SweepGrid | Iterable[RunSpec], *, root=None, run_fn: Callable[..., Any] | None = None,
               executor: Callable[[Callable[[RunSpec], Any], Sequence[RunSpec]], Iterable[Any]] | None = None,
               progress: bool = True, run_progress: bool = False, on_error: str = "raise",
-              fused: bool = True) -> SweepResult:
+              fused: bool = True, logger: str | None = None) -> SweepResult:
     """Run every unfinished run of ``grid`` and return a ``SweepResult`` with the rows of all its runs.
 
     root: artifacts root (markers, stores, runs, results). run_fn: see the module docstring (default ``train_run``).
@@ -405,11 +409,16 @@ def run_sweep(grid: SweepGrid | Iterable[RunSpec], *, root=None, run_fn: Callabl
     fused: train the runs that share a store and a batch schedule together (``stego_core.fused``: one pass over the
     batches per group; each run keeps its own folder, generators and checkpoints, and trains on the batches it
     would see alone); the executor then runs groups. False (or a custom ``run_fn``) trains each run on its own.
+    logger: live logs of every run that trains ("none", "tensorboard": event files in each run's folder,
+    ``stego_core.runlog``); None keeps each spec's own ``logger``.
     """
     check_choice("on_error", on_error, ON_ERROR)
     specs = grid.runs() if isinstance(grid, SweepGrid) else list(grid)
     if not all(isinstance(s, RunSpec) for s in specs):
         raise StegoError("grid: expected a SweepGrid or a list of RunSpec")
+    if logger is not None:
+        check_choice("logger", logger, LOGGERS)
+        specs = [dataclasses.replace(s, logger=logger) for s in specs]
     seen: dict[str, str] = {}
     for s in specs:
         h = s.config_hash

@@ -165,3 +165,17 @@ def test_later_methods_frame_labels_backbones_protocols_and_sources():
     assert cause.loc["DINOv2 ViT-B/14", "COCO"] == "78.0 / 45.3" and cause.loc["DINO ViT-B/8", "Potsdam"] == "–"
     assert frame["protocol"].str.len().min() > 10 and frame["backbone"].str.len().min() > 3
     assert set(frame["source"]) == set(notes["note"]) and len(notes) == 4
+
+
+def test_failure_cases_name_lost_classes_from_the_numbers():
+    from stego_core import findings
+
+    table = pd.DataFrame({"STEGO": [80.0, 6.1, 50.0, 15.0], "raw": [70.0, 29.8, 65.0, 10.0]},
+                         index=["brick", "cat", "grass", "moon"])
+    bad, text = findings.failure_cases(table, "STEGO", "raw")
+    assert list(bad.index) == ["cat", "grass", "moon"]  # < 20 IoU (cat, moon) or > 10 points below raw (cat, grass)
+    assert text.startswith("STEGO fails on cat (IoU 6.1 against 29.8), grass (IoU 50.0 against 65.0)")
+    none, text = findings.failure_cases(table.loc[["brick"]], "STEGO", "raw")
+    assert none.empty and text.startswith("no class falls below")
+    with pytest.raises(StegoError, match="per_class"):
+        findings.failure_cases(table, "STEGO", "PCA")

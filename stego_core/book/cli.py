@@ -14,6 +14,8 @@
     prints the notebook's parameters with their defaults and comments.
 ``stego-study vendor``
     only fetches the JavaScript into ``book/vendor/``.
+``stego-study publish [--html _build/html] [--remote origin] [--branch gh-pages]``
+    puts the built book on the ``gh-pages`` branch and pushes it (``make publish``; ``stego_core.book.publish``).
 ``stego-study segment ...``
     segments your own images (``stego_core.segment``).
 ``stego-study explore [--profile NAME] [--port N] [--no-browser] [--checkpoint FILE] [--root DIR] [--device D]``
@@ -33,6 +35,7 @@ from .parameters import (
     parse_cli_parameters,
     read_parameters,
 )
+from .publish import publish
 from .runner import run_notebook
 from .vendor import vendor_js
 
@@ -61,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     params = sub.add_parser("params", help="list a notebook's parameters with their comments")
     params.add_argument("notebook")
     sub.add_parser("vendor", help="fetch the book's JavaScript from the npm registry into book/vendor/")
+    pub = sub.add_parser("publish", help="put the built book on the gh-pages branch (ghp-import) and push it")
+    pub.add_argument("--html", help="the built HTML folder (default: _build/html of the checkout)")
+    pub.add_argument("--remote", default="origin", help="git remote name or URL to push to (origin)")
+    pub.add_argument("--branch", default="gh-pages", help="branch that holds the HTML (gh-pages)")
+    pub.add_argument("--no-push", action="store_true", help="only commit to the local branch")
     explore = sub.add_parser("explore", help="serve the live explorer (Voila, a real kernel) on localhost")
     explore.add_argument("--profile", help="only this profile's runs (dataset, backbone), device and checkpoints")
     explore.add_argument("--port", type=int, default=8866, help="local port to serve on (8866)")
@@ -84,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "params":
             for p in read_parameters(args.notebook):
                 print(f"{p.name} = {p.default!r}" + (f"  # {p.comment}" if p.comment else ""))
+        elif args.command == "publish":
+            commit = publish(args.html, remote=args.remote, branch=args.branch, push=not args.no_push)
+            print(f"published: {args.branch} at {commit[:12]}" + ("" if args.no_push else f", pushed to {args.remote}"))
         elif args.command == "vendor":
             vendor_js()
         elif args.command == "run":
