@@ -236,7 +236,8 @@ class LiveExplorer:
         pictures = w.HBox([w.VBox([w.HTML("<b>image</b>"), self.photo]),
                            w.VBox([w.HTML("<b>segmentation</b>"), self.segmentation]),
                            w.VBox([w.HTML("<b>classes</b>"), self.legend])])
-        self.widget = w.VBox([self.source, w.HBox([self.method, self.dim]), w.HBox([w.Label("probe", layout=w.Layout(width="90px")), self.probe, self.crf]),
+        probe_row = w.HBox([w.Label("probe", layout=w.Layout(width="90px")), self.probe, self.crf])
+        self.widget = w.VBox([self.source, w.HBox([self.method, self.dim]), probe_row,
                               w.HBox([self.image, self.upload]), pictures, self.info, self.status])
         self.widget.add_class("stego-explore")
         self._on_source()
