@@ -265,25 +265,28 @@ def _profile_settings(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             "preset": (values.get("02_train_stego") or {}).get("preset", "demo")}
 
 
+# The tiny run's settings, given to every notebook that has a parameter of the name: a few steps, one code dimension,
+# two examples. The same run values (PILOT_RUN) go into the `overrides` of the chapters that look runs up, so they
+# find chapter 02's and 03's runs. (Issue 12 §4.6 plans one profile-level pilot block; this is preflight's own
+# until it exists, and should then be read from there.)
+PILOT = dict(n_examples=2, n_stats=4, batch_size=4, k=30, n_queries=2, n_neighbors_shown=2, n_pca=2, steps=4,
+             val_freq=2, n_neighbors=4, dims=[6], n_fit_images=8, hnne_tokens=2000, crf_images=2, workers=1,
+             n_images=2, batch_sizes=[1, 4, 0])
+PILOT_RUN = dict(steps=4, batch_size=4, val_freq=2, n_neighbors=4)
+
+
 def _pilot_runs(profile: str, **shared: Any) -> list[tuple[str, dict[str, Any]]]:
-    """The profile's notebooks with its pilot settings, then ``shared`` given to every notebook that has them."""
+    """The profile's notebooks with the pilot settings, then ``shared`` given to every notebook that has them."""
     from .book import parameters
 
-    runs = parameters.load_profile(profile)
     out = []
-    for nb, params in runs:
+    for nb, params in parameters.load_profile(profile):
         names = {p.name for p in parameters.read_parameters(nb)}
-        pilot = {k: v for k, v in _TMP_PILOT.items() if k in names}
+        pilot = {k: v for k, v in PILOT.items() if k in names}
         if "overrides" in names:
-            pilot["overrides"] = {**params.get("overrides", {}), **_TMP_OVERRIDES}
+            pilot["overrides"] = {**params.get("overrides", {}), **PILOT_RUN}
         out.append((nb, {**params, **pilot, **{k: v for k, v in shared.items() if k in names}}))
     return out
-
-
-_TMP_PILOT = dict(n_examples=2, n_stats=4, batch_size=4, k=30, n_queries=2, n_neighbors_shown=2, n_pca=2, steps=4,
-                  val_freq=2, n_neighbors=4, dims=[6, 24, 96], n_fit_images=8, hnne_tokens=2000, crf_images=2,
-                  workers=1, n_images=2, batch_sizes=[1, 4, 0])
-_TMP_OVERRIDES = dict(steps=4, batch_size=4, val_freq=2, n_neighbors=4)
 
 
 def _timed(area: str, name: str, fn: Callable[[], Any], checks: list[Check], fix: str) -> Any:
