@@ -28,11 +28,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .backbones import load_backbone
 from .config import StegoError
+from .heads import STEGOHead
+from .probes import ClusterProbe, LinearProbe
 
 __all__ = ["LoadedCheckpoint", "load_stego_checkpoint", "backbone_name_for"]
 
@@ -77,11 +83,7 @@ class LoadedCheckpoint:
 
     def build_backbone(self, *, device: Any = "cpu", protocol: str = "original") -> Any:
         """The frozen backbone with the checkpoint's ViT weights (via ``stego_core.backbones.load_backbone``)."""
-        import tempfile
 
-        import torch
-
-        from .backbones import load_backbone
 
         with tempfile.TemporaryDirectory(prefix="stego-ckpt-") as tmp:
             file = Path(tmp) / f"{self.backbone_name}.pth"
@@ -164,8 +166,6 @@ def _plain(obj: Any, depth: int = 0) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # reading the file
 def _read(path: Path, map_location: Any, trusted: bool) -> Any:
-    import torch
-
     if not path.is_file():
         raise StegoError(f"path: checkpoint file not found: {path}")
     if not zipfile.is_zipfile(path):
@@ -217,11 +217,6 @@ def load_stego_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
     trusted: allow a full (code-executing) unpickle when the file needs globals beyond the configuration classes.
     expected_code_dim / expected_dataset: raise a StegoError when the checkpoint does not match the profile.
     """
-    import torch
-
-    from .heads import STEGOHead
-    from .probes import ClusterProbe, LinearProbe
-
     path = Path(path)
     raw = _read(path, map_location, trusted)
     if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):

@@ -63,7 +63,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from .config import check_choice, check_int
+from .sweep import STUDY_DIMS, study_grid
+from .training import PRESETS, validation_steps
 
 __all__ = ["DatasetFacts", "DATASET_FACTS", "REFERENCE", "PRECISIONS", "FEATURE_SOURCES", "BACKBONE_SHAPES",
            "PREFIX_TOKENS", "vit_flops", "block_gflops", "throughput", "feature_bytes_per_image", "five_crop_bytes",
@@ -138,8 +142,6 @@ REFERENCE: dict[str, Any] = {
 
 def n_validations(dataset: str, protocol: str = "original") -> int:
     """How many validations one paper run of ``dataset`` does (``stego_core.training.validation_steps``)."""
-    from .training import validation_steps
-
     check_choice("dataset", dataset, DATASET_FACTS)
     facts = DATASET_FACTS[dataset]
     return len(validation_steps(facts.steps, REFERENCE["val_freq"], facts.train_items, facts.batch_size, protocol))
@@ -280,9 +282,6 @@ def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protoc
     dataset: a paper dataset, or a preset of the extended study (e.g. "potsdam_dinov3_sat": its dataset's sweep on
     its backbone, ``stego_core.training.NEWER_BACKBONE_PRESETS``).
     """
-    from .sweep import STUDY_DIMS, study_grid
-    from .training import PRESETS
-
     check_int("seeds", seeds, minimum=1)
     check_choice("dataset", dataset, [p for p in STUDY_DIMS if PRESETS[p]["dataset"] in DATASET_FACTS])
     runs = study_grid(dataset, seeds=tuple(range(seeds))).runs()
@@ -310,11 +309,6 @@ def backbone_table(datasets: Iterable[str] = tuple(DATASET_FACTS), backbones: It
     backbones: names of ``BACKBONE_SHAPES``; None = per dataset, the paper's backbone and those of the study's
     presets for it (the extended study's DINOv2 / DINOv3).
     """
-    import pandas as pd
-
-    from .sweep import STUDY_DIMS
-    from .training import PRESETS
-
     chosen = None if backbones is None else list(backbones)
     anchor = vit_flops(REFERENCE["backbone"], REFERENCE["res"])
     rows = []
@@ -354,8 +348,6 @@ def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str
                source: str = "cache", protocol: str = "original") -> Any:
     """A pandas DataFrame, one row per dataset: disk per stage (GB), GPU minutes per stage (validation included),
     disk reads (GB and minutes at ``REFERENCE["disk_bytes_per_s"]``) and the totals; wall = GPU + reads."""
-    import pandas as pd
-
     rows = []
     for name in datasets:
         c = dataset_costs(name, precision=precision, source=source, protocol=protocol)

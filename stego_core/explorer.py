@@ -23,22 +23,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import altair as alt
+import ipywidgets as w
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from . import viz  # noqa: F401 - registers the offline "stego" Altair renderer the book needs
 from .backbones import extract_features
-from .config import PROTOCOLS, StegoError, check_choice, check_int
+from .config import METHOD_LABELS, PROTOCOLS, StegoError, check_choice, check_int
 from .crf import CRFPool
-from .data import normalize_uint8
+from .data import normalize_uint8, transform_pair
 from .evaluation import evaluate_store, store_code
 from .segmenter import PROBES, Segmenter
+from .viz import overlay
 
 __all__ = ["METHOD_LABELS", "model_label", "ExplorerData", "precompute", "explorer_chart", "live_explorer",
            "jpeg_data_url", "label_data_url", "prepare_upload"]
 
-#: How the book names the methods of ``stego_core.training.METHODS``.
-METHOD_LABELS = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,8 +57,6 @@ def model_label(method: str, code_dim: int | None) -> str:
 # pictures
 def jpeg_data_url(image: np.ndarray, quality: int = 85) -> str:
     """uint8 [H,W,3] photo -> ``data:image/jpeg;base64,...`` (photos compress far better as JPEG than PNG)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="JPEG", quality=int(quality))
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -65,8 +67,6 @@ def label_data_url(label: np.ndarray, palette: Any) -> str:
 
     Class c gets ``palette[c]``; -1 is transparent, so an overlay shows the photo there.
     """
-    from PIL import Image
-
     label = np.asarray(label).astype(np.int64)
     pal = np.asarray(palette, dtype=np.uint8)[:255]
     k = len(pal)
@@ -143,8 +143,6 @@ def precompute(models: dict[tuple[str, int], Segmenter], store: Any, indices: Se
     per-batch standardisation of PCA/RP/h-NNE depends on it) for its no-CRF metrics and the cluster -> class
     assignment; the chosen items are predicted from the code they get in those batches.
     """
-    from tqdm.auto import tqdm
-
     check_choice("protocol", protocol, PROTOCOLS)
     check_int("batch_size", batch_size, minimum=1)
     for p in probes:
@@ -199,9 +197,6 @@ def explorer_chart(data: ExplorerData, *, size: int = 200, opacity: float = 0.65
     Every picture is a precomputed data URL in the chart's data; the controls only filter rows, so the explorer
     needs no kernel.
     """
-    import altair as alt
-
-    from . import viz  # noqa: F401 - registers the offline "stego" Altair renderer the book needs
 
     df = data.table(quality=quality)
     preds = df[df["kind"] == "prediction"]
@@ -248,8 +243,6 @@ def explorer_chart(data: ExplorerData, *, size: int = 200, opacity: float = 0.65
 
 
 def _legend(class_names: Sequence[str], palette: Any) -> Any:
-    import altair as alt
-
     colors = ["#{:02x}{:02x}{:02x}".format(*(int(v) for v in c)) for c in np.asarray(palette, dtype=np.uint8)]
     df = pd.DataFrame({"class": list(class_names), "class_id": range(len(class_names)),
                        "color": colors[: len(class_names)]})
@@ -263,9 +256,6 @@ def _legend(class_names: Sequence[str], palette: Any) -> Any:
 # the live panel
 def prepare_upload(content: bytes, res: int, *, protocol: str = "original") -> np.ndarray:
     """An uploaded image file -> uint8 [res,res,3]: shorter side resized to ``res``, centre crop (as the data)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .data import transform_pair
 
     try:
         image = np.asarray(Image.open(io.BytesIO(bytes(content))).convert("RGB"))
@@ -281,8 +271,6 @@ def live_explorer(data: ExplorerData, backbone: Any, *, res: int = 224, workers:
     """ipywidgets panel for a live kernel: pick a shown image or upload your own, pick model, probe and CRF; the
     prediction is recomputed in Python (backbone -> the model's code -> probe -> CRF, ``Segmenter.predict``). In a
     static page it is inert."""
-    import ipywidgets as w
-
     keys = list(data.models)
     model_dd = w.Dropdown(options=[(model_label(m, d), (m, d)) for m, d in keys], value=keys[0], description="model")
     image_dd = w.Dropdown(options=[(f"#{i}", i) for i in data.indices] + [("upload", -1)], value=data.indices[0],
@@ -296,15 +284,11 @@ def live_explorer(data: ExplorerData, backbone: Any, *, res: int = 224, workers:
     state: dict[str, Any] = {"upload": None}
 
     def png(arr: np.ndarray) -> bytes:
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="PNG")
         return buf.getvalue()
 
     def refresh(*_: Any) -> None:
-        from .viz import overlay
-
         try:
             if image_dd.value == -1:
                 if state["upload"] is None:

@@ -6,7 +6,7 @@ Data:
 - ``dimension_table(results)``: one row per (dataset, method, code dim, probe, metric) from the tidy results store
   (``stego_core.results``), at each run's selected step (``results.best_rows``: the validation step of maximal
   cluster mIoU, as the study's figure script), averaged over seeds: ``mean``, ``std`` (ddof 1; 0 for one seed),
-  ``lo`` / ``hi`` (mean ∓ std), ``n_seeds``, and the display name ``series`` (``METHOD_LABELS``). Only validation
+  ``lo`` / ``hi`` (mean ∓ std), ``n_seeds``, and the display name ``series`` (``SERIES_LABELS``). Only validation
   rows of the training-time validation (no CRF) enter, as in the paper's Figure 4.
 - ``dimension_findings(table, dataset, backbone=None)``: the headline numbers of the study on one dataset and one of
   its backbones (STEGO against PCA and RP in cluster mIoU per dimension; PCA's linear-probe mIoU at the full
@@ -50,21 +50,25 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from . import viz  # noqa: F401 - importing it enables the offline Altair renderer the book needs
-from .config import StegoError, check_choice, check_int
+from . import (
+    papers,
+    viz,  # noqa: F401 - importing it enables the offline Altair renderer the book needs
+)
+from .backbones import NEWER_BACKBONES
+from .config import SERIES_LABELS, StegoError, check_choice, check_int
+from .papers import DATASET_LABELS
 from .projections import fitted_projections
 from .results import PROBES, best_rows
 
-__all__ = ["METHOD_LABELS", "METHOD_COLORS", "SERIES_ORDER", "dimension_table", "dimension_ticks", "pivot_table",
+__all__ = ["SERIES_LABELS", "METHOD_COLORS", "SERIES_ORDER", "dimension_table", "dimension_ticks", "pivot_table",
            "dimension_findings", "pca_variance_curves", "variance_findings", "variance_frame", "variance_chart",
            "dimension_chart", "paper_dimension_table", "VARIANCE_STYLES", "extended_study_rows", "backbone_comparison",
            "extended_study_status"]
 
 # display names of the methods (``results.method``) and their colours (seaborn "colorblind" indices 3, 0, 2, 6, 8)
-METHOD_LABELS: dict[str, str] = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO baseline"}
 METHOD_COLORS: dict[str, str] = {"stego": "#d55e00", "pca": "#029e73", "rp": "#fbafe4", "hnne": "#ece133",
                                  "dino": "#0173b2"}
-SERIES_ORDER = tuple(METHOD_LABELS)  # legend order
+SERIES_ORDER = tuple(SERIES_LABELS)  # legend order
 SPREADS = ("band", "errorbar", "none")
 PROBE_TITLES = {"linear": "linear probe", "cluster": "cluster probe"}
 _TABLE_COLUMNS = ["dataset", "backbone", "method", "series", "code_dim", "protocol", "probe", "metric", "mean", "std",
@@ -112,7 +116,7 @@ def dimension_table(results: pd.DataFrame, *, protocol: str | None = "original",
         best_step=("step", "mean")).reset_index()
     out["std"] = out["std"].fillna(0.0)
     out["lo"], out["hi"] = out["mean"] - out["std"], out["mean"] + out["std"]
-    out["series"] = out["method"].map(lambda m: METHOD_LABELS.get(m, m))
+    out["series"] = out["method"].map(lambda m: SERIES_LABELS.get(m, m))
     out["code_dim"] = out["code_dim"].round().astype("int64")
     out = out.astype({c: "object" for c in ("dataset", "backbone", "method", "protocol", "probe", "metric")})
     order = {m: i for i, m in enumerate(SERIES_ORDER)}
@@ -236,8 +240,6 @@ def dimension_findings(table: pd.DataFrame, dataset: str | None = None, backbone
 
 def _default_backbone(names: Sequence[str]) -> str | None:
     """The backbone a dataset's findings quote when none is named: the first of the paper's, else the first."""
-    from .backbones import NEWER_BACKBONES
-
     names = sorted(names)
     paper = [n for n in names if n not in NEWER_BACKBONES]
     return (paper or names or [None])[0]
@@ -250,8 +252,6 @@ def _default_backbone(names: Sequence[str]) -> str | None:
 def extended_study_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``dimension_table`` for every dataset that has runs on a newer backbone (DINOv2 / DINOv3,
     ``stego_core.backbones.NEWER_BACKBONES``), with all of that dataset's backbones so they can be compared."""
-    from .backbones import NEWER_BACKBONES
-
     _check_table(table)
     datasets = set(table.loc[table["backbone"].isin(NEWER_BACKBONES), "dataset"])
     return table[table["dataset"].isin(datasets)].reset_index(drop=True)
@@ -262,8 +262,6 @@ def backbone_comparison(table: pd.DataFrame) -> pd.DataFrame:
     each): the raw features' C, cluster mIoU at the smallest common D for STEGO, PCA and RP, at how many of the
     common dimensions STEGO's cluster mIoU is above PCA's and RP's, and the raw features' and STEGO's best cluster
     mIoU. One row per (dataset, backbone), the paper's backbone of a dataset first."""
-    from .backbones import NEWER_BACKBONES
-
     _check_table(table)
     rows = []
     pairs = table[["dataset", "backbone"]].drop_duplicates().astype(str)
@@ -286,8 +284,6 @@ def backbone_comparison(table: pd.DataFrame) -> pd.DataFrame:
 
 def extended_study_status(table: pd.DataFrame) -> str:
     """One sentence on what the results store holds for the extended study (``extended_study_rows``)."""
-    from .backbones import NEWER_BACKBONES
-
     _check_table(table)
     newer = table[table["backbone"].isin(NEWER_BACKBONES)]
     if newer.empty:
@@ -386,10 +382,8 @@ def variance_frame(curves: Mapping[str, Any] | pd.DataFrame, *, n_points: int = 
 def paper_dimension_table(datasets: Sequence[str] | str | None = None) -> pd.DataFrame:
     """The published Figure 4 (Koenig et al. 2023, mIoU without CRF, read off the figure; ``stego_core.papers``) in
     the ``dimension_table`` format: one "seed", std 0, ``protocol`` "original", no selected step."""
-    from . import papers
-
     values = papers.figure4_values(datasets)
-    out = values.assign(series=values["method"].map(lambda m: METHOD_LABELS.get(m, m)), protocol="original",
+    out = values.assign(series=values["method"].map(lambda m: SERIES_LABELS.get(m, m)), protocol="original",
                         mean=values["value"], std=0.0, lo=values["value"], hi=values["value"], n_seeds=1,
                         best_step=np.nan)
     out = out.astype({"code_dim": "int64"})
@@ -429,8 +423,6 @@ def variance_chart(frame: pd.DataFrame, *, reference: pd.DataFrame | None = None
                  alt.Tooltip("n_components:Q", title="C"),
                  alt.Tooltip("cumulative:Q", title="explained", format=".1%")]).add_params(pick)]
     if reference is not None and len(reference):
-        from .papers import DATASET_LABELS
-
         if not {"dataset", "fraction", "cumulative"} <= set(reference.columns):
             raise StegoError("reference: expected papers.figure3_points() (columns dataset, fraction, cumulative)")
         ref = reference.assign(source=reference["dataset"].map(lambda d: DATASET_LABELS.get(d, d))
@@ -510,10 +502,10 @@ def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), 
         check_choice("probes", p, PROBES)
     t, facet_title = _panel_frame(table[table["probe"].isin(list(probes))], metrics, methods, reference)
     present = [m for m in SERIES_ORDER if m in set(t["method"])] + sorted(set(t["method"]) - set(SERIES_ORDER))
-    domain = [METHOD_LABELS.get(m, m) for m in present]
+    domain = [SERIES_LABELS.get(m, m) for m in present]
     colours = [METHOD_COLORS.get(m, "#949494") for m in present]
     papers_present = [m for m in present if ((t["kind"] == "paper") & (t["method"] == m)).any()]
-    domain += [METHOD_LABELS.get(m, m) + " (paper)" for m in papers_present]
+    domain += [SERIES_LABELS.get(m, m) + " (paper)" for m in papers_present]
     colours += [METHOD_COLORS.get(m, "#949494") for m in papers_present]
     color = alt.Color("series:N", title="method", scale=alt.Scale(domain=domain, range=colours),
                       legend=alt.Legend(orient="right", symbolOpacity=1.0, labelLimit=220))

@@ -29,7 +29,7 @@ from .crf import image_bytes
 from .data import normalize_uint8
 from .evaluation import evaluate_store
 from .knn import build_knn
-from .probes import ClusterProbe
+from .probes import PROBES, ClusterProbe
 from .segmenter import Segmenter
 
 __all__ = ["class_histograms", "knn_agreement", "knn_quirk", "evaluate_run", "with_extra_clusters", "byte_difference",
@@ -94,7 +94,7 @@ def evaluate_run(segmenter: Segmenter, store: Any, *, batch_size: int = 8, proto
     res = evaluate_store(segmenter, store, batch_size=batch_size, indices=indices, crf=crf, workers=workers,
                          protocol=protocol, class_names=[f"c{i}" for i in range(segmenter.n_classes)],
                          keep_predictions=keep_predictions, progress=False)
-    for probe in ("cluster", "linear"):
+    for probe in PROBES:
         k = len(res[probe]["recall"])
         scored = res[probe]["recall"][: k if protocol == "original" else segmenter.n_classes]
         res[f"{probe}/recall"] = float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan")

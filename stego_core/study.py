@@ -50,9 +50,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jupytext
+import nbformat
 import yaml
+from ipykernel.kernelspec import install
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from myst_nb.ext.glue.utils import PendingGlueReference
 
 from .config import StegoError, repo_root
+from .segment import main as segment_main
 
 KERNEL_NAME = "stego-study"
 CHAPTERS = Path("book") / "chapters"
@@ -272,14 +278,10 @@ def load_profile(profile: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]
 # --------------------------------------------------------------------------------------------- execution
 def ensure_kernel() -> str:
     """A kernelspec named ``stego-study`` whose python is this interpreter; installed into ``sys.prefix`` if needed."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
     with contextlib.suppress(NoSuchKernel):
         spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
         if spec.argv and spec.argv[0] == sys.executable:
             return KERNEL_NAME
-    from ipykernel.kernelspec import install
-
     try:
         install(kernel_name=KERNEL_NAME, display_name="Python 3 (stego-study)", prefix=sys.prefix)
     except OSError:  # a read-only environment: a private kernel folder on JUPYTER_PATH
@@ -312,8 +314,6 @@ def run_notebook(notebook: str | os.PathLike, parameters: dict[str, Any] | None 
                  workdir: str | os.PathLike | None = None, force: bool = False,
                  log: Callable[[str], None] = _log) -> RunResult:
     """Execute one notebook with papermill into ``<workdir>/book/chapters/NAME.ipynb`` (skipped when current)."""
-    import nbformat
-
     t0 = time.perf_counter()
     src = notebook_path(notebook)
     name = src.stem
@@ -357,8 +357,6 @@ def run_notebook(notebook: str | os.PathLike, parameters: dict[str, Any] | None 
 
 
 def _to_notebook(src: Path):
-    import jupytext
-
     nb = jupytext.read(src, fmt="py:percent")
     nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python 3 (stego-study)",
                                  "language": "python"}
@@ -582,8 +580,6 @@ def _glue_sources(env) -> dict[str, set[str]]:
 
 def _record_glue_sources(app, doctree) -> None:
     """Remember which documents a page pastes glue from (myst-nb's pending glue references)."""
-    from myst_nb.ext.glue.utils import PendingGlueReference
-
     sources = _glue_sources(app.env)
     refs = {node.refdoc for node in doctree.findall(PendingGlueReference)}
     if refs:
@@ -645,8 +641,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stego-study`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["segment"]:  # its own argument parser: stego_core.segment
-        from .segment import main as segment_main
-
         return segment_main(argv[1:])
     args = _parser().parse_args(argv)
     try:

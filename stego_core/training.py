@@ -60,9 +60,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import pickle
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,14 +70,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from .backbones import BACKBONES, extract_features, load_backbone
+from .cache import open_store
 from .config import (
+    METHODS,
     PROTOCOLS,
     StegoError,
     artifact_dir,
     artifacts_root,
+    atomic_write,
     check_choice,
     check_float,
     check_int,
@@ -85,10 +91,14 @@ from .config import (
     resolve_device,
     write_json_atomic,
 )
+from .data import normalize
 from .evaluation import evaluate_batches
 from .heads import STEGOHead
 from .knn import require_knn
+from .losses import CorrespondenceLoss
 from .probes import ClusterProbe, LinearProbe, linear_probe_loss
+from .projections import fit_projection, project_store
+from .results import write_rows
 from .segmenter import ProjectionCode, Segmenter
 
 __all__ = [
@@ -106,7 +116,6 @@ __all__ = [
     "validation_steps",
 ]
 
-METHODS = ("stego", "dino", "pca", "rp", "hnne")
 FEATURE_SOURCES = ("cache", "live")
 _CKPT_VERSION = 1
 _LOG_EVERY = 10  # steps between host syncs for the progress bar and the logged training losses
@@ -245,8 +254,6 @@ NEWER_BACKBONE_PRESETS: dict[str, tuple[str, str]] = {  # preset -> (paper prese
 
 def scaled_code_dim(paper_preset: str, backbone: str) -> int:
     """The paper preset's code dimension scaled to ``backbone``'s width: round(D * C_backbone / C_paper)."""
-    from .backbones import BACKBONES
-
     check_choice("paper_preset", paper_preset, PRESETS)
     check_choice("backbone", backbone, BACKBONES)
     paper = PRESETS[paper_preset]
@@ -297,8 +304,6 @@ def _open_store(store: Any, param: str) -> Any:
     if hasattr(store, "read") and hasattr(store, "meta"):
         return store
     if isinstance(store, (str, os.PathLike)):
-        from .cache import open_store
-
         try:
             return open_store(store)
         except StegoError as exc:
@@ -338,25 +343,13 @@ def _cpu(obj: Any) -> Any:
 
 def _save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(_cpu(obj), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        torch.save(_cpu(obj), fh)
 
 
 def _pickle_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        pickle.dump(obj, fh)
 
 
 def validation_steps(steps: int, val_freq: int, n_items: int, batch_size: int,
@@ -428,9 +421,6 @@ class _Features:
             rec = {k: v.to(self.device) for k, v in self._read(idx).items()}
         if self.backbone is None:
             return rec["feats"], rec["label"]
-        from .backbones import extract_features
-        from .data import normalize
-
         img = normalize(rec["image"].permute(0, 3, 1, 2).float() / 255.0)  # [n,H,W,3] uint8 -> [n,3,H,W]
         return extract_features(self.backbone, img).float().to(self.device), rec["label"]
 
@@ -438,8 +428,6 @@ class _Features:
 def _load_live_backbone(store: Any, backbone: nn.Module | None, device: torch.device) -> nn.Module:
     if backbone is not None:
         return backbone.to(device)
-    from .backbones import load_backbone
-
     meta = store.meta
     return load_backbone(meta["backbone"], weights=meta.get("weights")).to(device)
 
@@ -448,8 +436,6 @@ def _make_projection(cfg: TrainConfig, store: Any, in_dim: int, root, progress: 
     """Fit the baseline's projection on the tokens of ``n_fit_images`` random training items (spec §8.3;
     h-NNE on a sample of ``hnne_tokens`` of those tokens, the study's 1e6 by default). PCA fits are cached under
     ``<root>/projections`` and shared by all dims."""
-    from .projections import fit_projection
-
     standardize = "per_batch" if cfg.protocol == "original" else "train"
     if cfg.method != "rp" and cfg.code_dim > in_dim:
         raise StegoError(f"code_dim: {cfg.method} gives at most the feature dimension {in_dim} components, "
@@ -511,8 +497,6 @@ def _rows_for_results(cfg: TrainConfig, run_id: str, history_rows: list[dict], b
 
 
 def _history_frame(rows: list[dict]):
-    import pandas as pd
-
     return pd.DataFrame(rows, columns=["step", "split", "metric", "value"])
 
 
@@ -616,8 +600,6 @@ def train(
         # h-NNE is too slow to apply per batch: like the study, precompute projected copies of both stores
         # (batches of 512, per-batch standardisation under the original protocol) and train on those. The study's
         # training cache was shuffled, so its batches were random mixes; its validation cache was in order.
-        from .projections import project_store
-
         train_src = project_store(projection, train_store, artifacts_root(root), shuffle=True, progress=progress)
         val_src = project_store(projection, val_store, artifacts_root(root), shuffle=False, progress=progress)
 
@@ -641,8 +623,6 @@ def train(
     opt_linear = torch.optim.Adam(linear_probe.parameters(), lr=cfg.probe_lr)
     loss_fn = None
     if head is not None:
-        from .losses import CorrespondenceLoss
-
         loss_fn = CorrespondenceLoss(
             pos_intra_weight=cfg.pos_intra_weight, pos_inter_weight=cfg.pos_inter_weight,
             neg_inter_weight=cfg.neg_inter_weight, pos_intra_shift=cfg.pos_intra_shift,
@@ -693,8 +673,6 @@ def train(
         }, best_path)
 
     # ---- loop ---------------------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
     modules = [m for m in (head, cluster_probe, linear_probe) if m is not None]
     for m in modules:
         m.train()
@@ -805,19 +783,11 @@ def _corr_samples(terms: dict[str, Tensor]) -> dict[str, np.ndarray]:
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        np.savez(fh, **arrays)
 
 
 def _read_meta(run_dir: Path) -> dict[str, Any]:
-    import json
-
     path = Path(run_dir) / "meta.json"
     if not path.exists():
         raise StegoError(f"run_dir: {run_dir} has no meta.json; expected a folder written by train()")
@@ -825,8 +795,6 @@ def _read_meta(run_dir: Path) -> dict[str, Any]:
 
 
 def _write_results(cfg: TrainConfig, run_dir: Path, history: list[dict], best: dict) -> None:
-    from .results import write_rows
-
     write_rows(run_dir, _rows_for_results(cfg, run_dir.name, history, best))
 
 

@@ -21,6 +21,11 @@ from typing import Any
 import altair as alt
 import numpy as np
 import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import unnormalize
 
 IGNORE_COLOR = (0, 0, 0)  # colour of ignored pixels (label -1) in colourised labels
 
@@ -29,9 +34,6 @@ IGNORE_COLOR = (0, 0, 0)  # colour of ignored pixels (label -1) in colourised la
 
 def to_image(img: Any) -> np.ndarray:
     """An ImageNet-normalised float tensor/array [3,H,W] (a dataset item's ``img``) -> uint8 [H,W,3]."""
-    import torch
-
-    from .data import unnormalize
 
     t = torch.as_tensor(img, dtype=torch.float32)
     rgb01 = unnormalize(t)  # [3,H,W] in [0, 1]
@@ -81,8 +83,6 @@ def image_grid(images: Sequence[np.ndarray], ncols: int | None = None, *, pad: i
 
 def png_data_url(image: np.ndarray) -> str:
     """uint8 [H,W,3] (or [H,W]) -> ``data:image/png;base64,...``."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -164,8 +164,6 @@ def class_statistics(dataset: Any, n_images: int | None = None, *, progress: boo
     Columns: class, class_id, pixels, fraction (of labelled pixels), images (items where the class occurs),
     color (hex). A final row ``ignore`` (class_id -1) counts unlabelled pixels.
     """
-    from tqdm.auto import tqdm
-
     n = len(dataset) if not n_images else min(int(n_images), len(dataset))
     k = dataset.n_classes
     pixels = np.zeros(k + 1, dtype=np.int64)  # slot 0 = ignore (-1), slot c+1 = class c
