@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROFILE ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: book test venv system-deps clean-book clean-artifacts benchmark help
+.PHONY: book test test-random vendor mutation venv system-deps clean-book clean-artifacts benchmark help
 
 help:
 	@echo "make book          run the '$(PROFILE)' profile's notebooks with papermill and build the book (HTML under _build/html)"
@@ -30,9 +30,25 @@ venv: $(STAMP)
 book: $(STAMP)
 	$(BIN)/stego-study book --profile $(PROFILE)
 
-test: $(STAMP)
+test: $(STAMP) vendor
 	$(BIN)/ruff check stego_core notebooks tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The book's JavaScript, fetched from the npm registry once (the tests never fetch: STEGO_VENDOR_OFFLINE).
+vendor: $(STAMP)
+	$(BIN)/stego-study vendor
+
+# The fast suite in two random orders (pytest-randomly; rerun one with `-p randomly --randomly-seed=N`).
+test-random: $(STAMP) vendor
+	$(BIN)/python -m pytest -m "not slow" -p randomly --randomly-seed=1 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -p randomly --randomly-seed=2 $(PYTEST_ARGS)
+
+# Mutation testing ([tool.mutmut] in pyproject.toml: the modules that decide the numbers against their fast tests;
+# about half an hour on 2 cores); prints the score. Survivors and why: benchmarks/mutation.md.
+mutation: $(STAMP)
+	rm -rf mutants
+	HF_HUB_OFFLINE=1 $(BIN)/mutmut run --max-children $$(nproc) > mutants.log 2>&1 || { tail -c 2000 mutants.log; exit 1; }
+	$(BIN)/python benchmarks/mutation_score.py
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -35,7 +35,8 @@ import numpy as np
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import data, viz
+from stego_core import data
+from stego_core.book import viz
 
 ds = data.load_dataset(dataset, split, res=res, crop=crop, **dataset_options)
 rng = np.random.default_rng(seed)

@@ -48,7 +48,8 @@ import pandas as pd
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import cache, knn, viz
+from stego_core import cache, knn, training
+from stego_core.book import viz
 
 timings = []
 stores = {}
@@ -128,3 +129,43 @@ viz.show_images(
     width=120,
     ncols=len(rows[0]),
 )
+
+# %% [markdown]
+# ## Which pairs share a class, and where the loss's shifts sit
+#
+# STEGO's loss compares three kinds of image pairs: an image with itself, with one of its 7 nearest neighbours,
+# and with a random image. For each pair it takes the feature correlation $F$ of every point of one image with
+# every point of the other (centred per anchor point when the preset says `pointwise`, as the loss does) and
+# pulls the codes of a point pair together where $F$ is above that pair type's shift $b$, and pushes them apart
+# below it. So the shifts are thresholds on *this backbone's* $F$: values tuned on DINO's features for CocoStuff
+# do not carry over to another backbone by themselves. Below, $F$ of randomly sampled point pairs of each type,
+# with the shifts of the preset made for this dataset and backbone marked as dashed lines, and how often the two
+# points of a pair show the same class.
+
+# %%
+preset_name = training.preset_for(dataset, backbone)
+shifts = training.preset_shifts(preset_name) if preset_name else None
+pointwise_F = training.make_config(preset_name).pointwise if preset_name else True
+pairs = knn.pair_statistics(train, table, seed=seed, pointwise=pointwise_F)
+pair_table = pairs.groupby("pair", sort=False).agg(
+    same_class=("same_class", "mean"), F_mean=("F", "mean"), F_10=("F", lambda v: v.quantile(0.1)),
+    F_90=("F", lambda v: v.quantile(0.9)), pairs=("F", "size"))
+if shifts:
+    pair_table["shift"] = pd.Series(shifts)
+    pair_table["share F > shift"] = [float((pairs.loc[pairs["pair"] == p, "F"] > shifts[p]).mean())
+                                     for p in pair_table.index]
+for name in pair_table.index:
+    glue(f"same_{name}", float(100 * pair_table.loc[name, "same_class"]), display=False)
+    glue(f"F_mean_{name}", float(pair_table.loc[name, "F_mean"]), display=False)
+glue("pair_preset", preset_name or "none", display=False)
+glue("pair_F_chart", viz.pair_correlation_chart(pairs, shifts, title=f"feature correlation F per pair type "
+                                                f"({backbone}, {dataset})"), display=True)
+pair_table.rename(columns={"same_class": "share same class", "F_mean": "mean F", "F_10": "F 10 %",
+                           "F_90": "F 90 %"}).round(3)
+
+# %% [markdown]
+# The two points of a kNN pair show the same class in {glue:text}`same_knn:.0f` % of the sampled pairs, those of a
+# random pair in {glue:text}`same_random:.0f` % (an image with itself: {glue:text}`same_self:.0f` %). Only this
+# difference lets the kNN term teach the head something the random term does not. The dashed lines are the
+# shifts of the {glue:text}`pair_preset` preset; the table gives the share of each pair type's $F$ above its
+# shift, that is, the share of pairs the loss pulls together.

@@ -24,7 +24,7 @@ dataset_options = {}  # extra loader options of the stores (as in 01_features), 
 methods = ["stego", "dino", "pca", "rp", "hnne"]  # which methods to sweep: STEGO head, DINO baseline (raw features), PCA, random projection, h-NNE (the paper: h-NNE on Cityscapes only)
 dims = None  # code dimensions D; None takes the study's list for the preset (stego_core.sweep.STUDY_DIMS) plus the backbone's full dimension C
 seeds = [0]  # one run per seed and cell; the paper used one seed, the demo's numbers need 3+ seeds before small differences mean anything
-steps = None  # training steps per run; None keeps the preset's (demo 400, paper 7000 / 5000); lower it for a quick look
+steps = None  # training steps per run; None keeps the preset's (demo 800, paper 7000 / 5000); lower it for a quick look
 n_fit_images = None  # training images (a seeded random sample) whose tokens fit PCA / RP / h-NNE; None keeps the preset's (the paper: 5000)
 hnne_tokens = None  # h-NNE fits on a uniform sample of this many of those tokens; None keeps the preset's (the paper: 1e6; the demo: 12000, a quarter of its tokens as in the paper)
 protocol = "original"  # "original" (the study's code, incl. per-batch standardisation inside PCA/RP/h-NNE) or "corrected"
@@ -59,7 +59,8 @@ import numpy as np
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import cache, config, figures, papers, projections, sweep, training
+from stego_core import cache, config, papers, projections, sweep, training
+from stego_core.book import figures
 
 cache_options = {split: dict(res=split_res, crop=split_crop, weights=weights, dataset_options=dataset_options,
                              device=device)

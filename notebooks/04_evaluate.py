@@ -64,8 +64,9 @@ import torch
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import backbones, cache, config, data, evaluation, papers, runs, viz
+from stego_core import backbones, cache, config, data, evaluation, papers, runs
 from stego_core import results as results_store
+from stego_core.book import viz
 from stego_core.evaluation import evaluate
 from stego_core.segmenter import Segmenter
 from stego_core.training import PRESETS

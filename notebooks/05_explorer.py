@@ -56,6 +56,7 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 from stego_core import backbones, cache, explorer, runs
+from stego_core.book import widgets
 
 train_store = cache.cache_features(dataset, "train", backbone, res=res, crop=crop, weights=weights,
                                    dataset_options=dataset_options, root=root, build=False)
@@ -71,7 +72,7 @@ glue("n_maps", len(data.predictions), display=False)
 glue("n_shown", len(shown), display=False)
 
 # %%
-explorer.explorer_chart(data, size=size)
+widgets.explorer_chart(data, size=size)
 
 # %% [markdown]
 # The explorer holds {glue:text}`n_maps` prediction maps ({glue:text}`n_models` trained models ×
@@ -99,7 +100,7 @@ table[sorted(table.columns)].round(1)
 
 # %%
 if live:
-    display(explorer.live_explorer(data, backbones.load_backbone(backbone, weights, device=device), res=val_store.res,
+    display(widgets.live_explorer(data, backbones.load_backbone(backbone, weights, device=device), res=val_store.res,
                                    workers=1))
 else:
     display(Markdown("*(live panel off: `live = False`)*"))

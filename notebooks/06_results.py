@@ -39,7 +39,8 @@ import numpy as np
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import figures, papers, sweep, viz
+from stego_core import papers, sweep
+from stego_core.book import figures, viz
 
 store = sweep.load_sweep_results(root)
 table = figures.dimension_table(store, protocol=protocol)

@@ -51,7 +51,8 @@ import numpy as np
 import pandas as pd
 from myst_nb import glue
 
-from stego_core import backbones, cache, data, quirks, runs, viz
+from stego_core import backbones, cache, data, quirks, runs
+from stego_core.book import viz
 from stego_core.evaluation import evaluate
 from stego_core.training import PRESETS
 

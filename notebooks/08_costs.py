@@ -47,7 +47,8 @@ backbones = None  # backbones of the per-backbone table (names of stego_core.cos
 import pandas as pd
 from myst_nb import glue
 
-from stego_core import costs, viz
+from stego_core import costs
+from stego_core.book import viz
 
 table = costs.cost_table(datasets, precision=precision, source=source, protocol=protocol)
 glue("precision", precision, display=False)

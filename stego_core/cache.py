@@ -477,6 +477,8 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
     cfg = {"store_version": STORE_VERSION, "dataset": ds_name, "split": split, "backbone": backbone_name,
            "weights": None if weights is None else str(weights), "weights_source": source, "res": res, "crop": crop,
            "dataset_options": options, "amp": bool(amp), "n_items": n_items, "dtype": "float16"}
+    if getattr(ds, "version", None) is not None:  # a generated dataset (mosaic) whose scenes changed: new key
+        cfg["data_version"] = int(ds.version)
     folder = _store_folder(f"{ds_name}-{split}-{backbone_name}-{res}", cfg, root, create=build)
     if folder.exists(COMPLETE_FILE):
         return open_store(folder.path)

@@ -23,11 +23,13 @@ import warnings
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import PROTOCOLS, StegoError, check_choice, check_int, stage_command
+from .losses import tensor_correlation
 
 DROPOUT_P = 0.1  # the reference featurizer's Dropout2d probability
 
@@ -165,3 +167,68 @@ def require_knn(store: Any, protocol: str = "original", *, n_neighbors: int = 1)
         raise StegoError(f"n_neighbors: {n_neighbors} needs a kNN table with more than {n_neighbors} columns, the "
                          f"table has {table.shape[1]}; lower n_neighbors or rebuild the table with a larger k")
     return table
+
+
+PAIR_TYPES = ("self", "knn", "random")  # the three pair types of STEGO's loss: intra, inter (kNN partner), negative
+
+
+def _token_labels(label: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Label [n,H,W] -> the label at each token's centre [n,h,w] (nearest pixel)."""
+    n, height, width = label.shape
+    rows = ((torch.arange(grid[0]) + 0.5) * height / grid[0]).long().clamp(max=height - 1)
+    cols = ((torch.arange(grid[1]) + 0.5) * width / grid[1]).long().clamp(max=width - 1)
+    return label[:, rows][:, :, cols]  # [n,h,w]
+
+
+def pair_statistics(store: Any, table: torch.Tensor | np.ndarray, *, n_neighbors: int | None = None,
+                    n_images: int = 64, points: int = 64, pointwise: bool = True, seed: int = 0) -> Any:
+    """Feature correlations F and label agreement of token pairs, per pair type of STEGO's loss.
+
+    For ``n_images`` anchor images drawn from the store (seeded), each is paired with itself, with a partner drawn
+    from its kNN ranks 1..``n_neighbors`` (as training draws it; None: STEGO's 7, fewer for a narrower table) and
+    with a random other image. For every pair, F is the cosine correlation of all anchor tokens with all partner
+    tokens (``losses.tensor_correlation``), centred per anchor token when ``pointwise`` (as the loss centres it);
+    ``points`` token pairs are then kept at random.
+    Returns a pandas DataFrame with one row per kept token pair: ``pair`` (``PAIR_TYPES``), ``F`` and
+    ``same_class`` (both tokens' labels, read at the token centres, are equal and not ignored). The shifts of the
+    loss are thresholds on F: a pair is pulled together where F exceeds its term's shift, pushed apart below it.
+    """
+
+    n = len(store)
+    table = torch.as_tensor(np.asarray(table), dtype=torch.long)
+    if n_neighbors is None:
+        n_neighbors = max(1, min(7, table.shape[-1] - 1))
+    check_int("n_neighbors", n_neighbors, minimum=1)
+    check_int("n_images", n_images, minimum=1)
+    check_int("points", points, minimum=1)
+    if n < 2:
+        raise StegoError(f"store: pair statistics need at least 2 images, the store holds {n}")
+    if table.ndim != 2 or table.shape[0] != n or table.shape[1] <= n_neighbors:
+        raise StegoError(f"table: expected a kNN table [{n}, > {n_neighbors}] for this store, got "
+                         f"{tuple(table.shape)}")
+    rng = np.random.default_rng(seed)
+    anchors = np.sort(rng.choice(n, size=min(n_images, n), replace=False))
+    knn_partner = table[anchors, rng.integers(1, n_neighbors + 1, size=anchors.size)].numpy()
+    random_partner = (anchors + rng.integers(1, n, size=anchors.size)) % n  # never the anchor itself
+    anchor = store.read(anchors)
+    grid = tuple(anchor["feats"].shape[-2:])
+    anchor_lab = _token_labels(anchor["label"], grid).flatten(1)  # [n,hw]
+    rows = []
+    for name, partners in (("self", anchors), ("knn", knn_partner), ("random", random_partner)):
+        other = anchor if name == "self" else store.read(partners)
+        fd = tensor_correlation(anchor["feats"], other["feats"])  # [n,h,w,i,j]
+        if pointwise:  # as the loss: centre each anchor token over its partners, keep the global mean
+            old_mean = fd.mean()
+            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+            fd = fd - fd.mean() + old_mean
+        fd = fd.flatten(3).flatten(1, 2)  # [n,hw,ij]
+        other_lab = _token_labels(other["label"], grid).flatten(1)  # [n,ij]
+        tokens = fd.shape[1]
+        a_idx = rng.integers(0, tokens, size=(anchors.size, points))
+        b_idx = rng.integers(0, fd.shape[2], size=(anchors.size, points))
+        img_idx = np.arange(anchors.size)[:, None]
+        f_vals = fd[img_idx, a_idx, b_idx].numpy().ravel()
+        la, lb = anchor_lab[img_idx, a_idx].numpy().ravel(), other_lab[img_idx, b_idx].numpy().ravel()
+        rows.append(pd.DataFrame({"pair": name, "F": f_vals.astype(np.float64),
+                                  "same_class": (la == lb) & (la >= 0)}))
+    return pd.concat(rows, ignore_index=True)

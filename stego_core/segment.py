@@ -45,6 +45,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .backbones import load_backbone
+from .book.viz import overlay
 from .config import (
     PROTOCOLS,
     StegoError,
@@ -57,7 +58,6 @@ from .config import (
 )
 from .data import IMAGE_EXTENSIONS, normalize
 from .segmenter import PROBES, Segmenter
-from .viz import overlay
 
 __all__ = ["PROBES", "IMAGE_EXTENSIONS", "Segmentation", "segment_images", "upsampled_argmax", "network_size",
            "main"]

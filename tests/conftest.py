@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the tests never fetch the book's JavaScript (nor write it into the checkout): `make test` runs `make vendor` first
+os.environ.setdefault("STEGO_VENDOR_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
@@ -13,6 +15,21 @@ def _torch_threads():
     import torch
 
     torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global random state (Python, numpy, torch), whatever ran before it: a test's
+    draws do not depend on the order the tests run in (``pytest -p randomly`` shuffles it)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     yield
 
 
@@ -27,14 +44,21 @@ def golden():
     for cand in (here / "golden" / "golden-public.json", shared):
         if cand.exists():
             return json.loads(cand.read_text())
-    pytest.skip("golden-public.json not found")
+    pytest.fail("golden-public.json not found: tests/golden/golden-public.json is part of the checkout (a copy of "
+                "shared/reference/golden-public.json); restore it instead of skipping the reference checks")
 
 
 @pytest.fixture(scope="session")
 def smoke_html(tmp_path_factory):
     """The smoke profile's book, built once per session into <basetemp>/smoke-book; its HTML folder."""
     from stego_core import study
+    from stego_core.book.vendor import vendor_ready
 
+    if not vendor_ready():
+        reason = "book/vendor/ is not prepared: run `make vendor` once (it fetches the book's JavaScript from npm)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     base = tmp_path_factory.getbasetemp()
     index = base / "smoke-book" / "_build" / "html" / "index.html"
     if not index.exists():

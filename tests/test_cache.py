@@ -29,8 +29,9 @@ class FakeDataset(Dataset):
     class_names = ["a", "b", "c"]
     palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
 
-    def __init__(self, n=10, split="train", res=RES, delay=0.0, log=None):
+    def __init__(self, n=10, split="train", res=RES, delay=0.0, log=None, hold_from=None):
         self.n, self.split, self.res, self.delay, self.log = n, split, res, delay, log
+        self.hold_from = hold_from  # items from this index on are never served (the process waits to be killed)
 
     def __len__(self):
         return self.n
@@ -47,6 +48,9 @@ class FakeDataset(Dataset):
 
         if self.delay:
             time.sleep(self.delay)
+        if self.hold_from is not None and i >= self.hold_from:
+            while True:  # a crash mid-run: this process only ever ends by the parent's SIGKILL
+                time.sleep(1)
         if self.log:
             with open(self.log, "a") as fh:
                 fh.write(f"{i}\n")
@@ -192,19 +196,21 @@ _CHILD = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_cache import FakeDataset, FakeBackbone, _cache
-_cache({root!r}, FakeDataset(n={n}, delay={delay}, log={log!r}), FakeBackbone(), chunk_size=4, batch_size=2)
+_cache({root!r}, FakeDataset(n={n}, delay={delay}, log={log!r}, hold_from={hold_from}), FakeBackbone(), chunk_size=4,
+       batch_size=2)
 print("finished")
 """
 
 
 def test_resume_after_kill_9(tmp_path):
-    """A child process caches a slow dataset; SIGKILL after two chunks; the store must not open; a rerun
-    computes only the missing chunks and ends equal to an uninterrupted store."""
+    """A child process caches a dataset that stops serving items after two chunks; SIGKILL once both chunks are
+    on disk (a condition, not a timing); the store must not open; a rerun computes only the missing chunks and ends
+    equal to an uninterrupted store."""
     from stego_core.cache import open_store
 
-    n, delay, root = 24, 0.1, tmp_path / "killed"
+    n, delay, root = 24, 0.0, tmp_path / "killed"
     code = _CHILD.format(tests=str(Path(__file__).resolve().parent), root=str(root), n=n, delay=delay,
-                         log=str(tmp_path / "child.log"))
+                         log=str(tmp_path / "child.log"), hold_from=8)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
@@ -221,7 +227,7 @@ def test_resume_after_kill_9(tmp_path):
 
     store_dir = next(root.glob("features/*"))
     done = sorted(int(p.name[:6]) for p in store_dir.glob("chunks/*-index.npy"))
-    assert 2 <= len(done) < n // 4
+    assert done == [0, 1]  # items 0-7; item 8 was never served
     with pytest.raises(StegoError, match="incomplete"):
         open_store(store_dir)
     kept = {p: p.stat().st_mtime_ns for c in done for p in store_dir.glob(f"chunks/{c:06d}-*")}

@@ -189,3 +189,39 @@ def test_crf_bytes_match_torchvision_round_trip_for_every_byte(tmp_path):
     # the truncation matters: many bytes come back one lower than they went in, and "corrected" restores them all
     assert (reference[:, :, ::-1] != rgb).mean() > 0.1
     np.testing.assert_array_equal(image_bytes(ds[0]["img"], protocol="corrected"), rgb)
+
+
+def _reference_crf(rgb_u8: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """pydensecrf called directly with the reference's literal kernels (stego-spec §7.3), not our constants."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    k, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, k)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs, clip=1e-5)))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(rgb_u8), compat=4)
+    return np.asarray(d.inference(10), dtype=np.float32).reshape(k, h, w)
+
+
+@pytest.mark.parametrize("protocol", ["original", "corrected"])
+def test_dense_crf_is_pydensecrf_with_the_reference_kernels(protocol):
+    """The constants pinned: dense_crf equals a direct pydensecrf call with the literal kernels of the reference,
+    on an image whose bytes we make ourselves (truncated BGR for "original", the bytes as given for "corrected")."""
+    rng = np.random.default_rng(7)
+    u8 = two_region_image(18, 22, 9)
+    u8 = np.clip(u8.astype(int) + rng.integers(-25, 26, size=u8.shape), 0, 255).astype(np.uint8)  # texture
+    img = normalise_bytes(u8)
+    logits = rng.standard_normal((3, 18, 22)).astype(np.float32) * 0.7  # at image size: no resize involved
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    probs = (e / e.sum(0, keepdims=True)).astype(np.float32)
+    if protocol == "corrected":
+        rgb = u8
+    else:  # the reference's round trip: unnormalise, x255, truncate, BGR
+        scaled = (img * STD + MEAN) * 255.0
+        rgb = np.ascontiguousarray(scaled.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()[:, :, ::-1])
+    expected = _reference_crf(rgb, probs)
+    got = dense_crf(img, torch.from_numpy(logits), protocol=protocol)
+    np.testing.assert_allclose(got, expected, atol=5e-4)  # float32 softmax rounding
+    # the kernels matter on this case (so a changed weight or bandwidth cannot pass the comparison above)
+    assert np.abs(expected - probs).max() > 0.1

@@ -41,10 +41,10 @@ def test_mosaic_is_deterministic_per_seed_split_index():
 
 def test_mosaic_item_contract_and_defaults():
     ds = load_dataset("mosaic", "train", res=96)
-    assert len(ds) == 240 and len(load_dataset("mosaic", "val")) == 60
-    assert ds.n_classes == 6 and len(ds.class_names) == 6 and len(set(ds.class_names)) == 6
-    assert ds.palette.shape == (6, 3) and ds.palette.dtype == np.uint8
-    assert len({tuple(c) for c in ds.palette}) == 6
+    assert len(ds) == 480 and len(load_dataset("mosaic", "val")) == 60
+    assert ds.n_classes == 10 and len(ds.class_names) == 10 and len(set(ds.class_names)) == 10
+    assert ds.palette.shape == (10, 3) and ds.palette.dtype == np.uint8
+    assert len({tuple(c) for c in ds.palette}) == 10
     item = ds[5]
     assert set(item) == {"img", "label", "index"} and item["index"] == 5
     assert item["img"].shape == (3, 96, 96) and item["img"].dtype == torch.float32
@@ -52,11 +52,11 @@ def test_mosaic_item_contract_and_defaults():
     raw_img, _ = ds.raw(5)
     assert raw_img.shape == (320, 320, 3) and raw_img.dtype == np.uint8
     with pytest.raises(IndexError):
-        ds[240]
+        ds[480]
 
 
 def test_mosaic_labels_exact_and_all_classes_appear():
-    ds = load_dataset("mosaic", "train", n_images=16, scene_size=160, res=160)
+    ds = load_dataset("mosaic", "train", n_images=16, scene_size=160, res=160, n_classes=6)
     seen = set()
     for i in range(len(ds)):
         img, lbl = ds.raw(i)
@@ -80,7 +80,7 @@ def _region_colours(ds, n):
 
 
 def test_mosaic_colour_carries_no_class():
-    ds = load_dataset("mosaic", "train", n_images=80, scene_size=96)
+    ds = load_dataset("mosaic", "train", n_images=80, scene_size=96, n_classes=6)
     feats, classes = _region_colours(ds, 80)
     for k in range(6):  # tints vary within every class
         assert (classes == k).sum() >= 5

@@ -119,19 +119,20 @@ def test_evaluate_matches_a_manual_computation(setup):
     assert pred["index"] == [0, 1] and pred["linear"].shape == (2, RES, RES) and pred["label"].shape == (2, RES, RES)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_evaluate_with_and_without_crf(setup, workers):
+def test_evaluate_with_and_without_crf(setup):
+    """The CRF path's values are pinned against pydensecrf in test_evaluation_protocol.py; here: a pool of two
+    workers scores exactly like the in-process CRF, and the CRF changes these sharp-edged images' predictions."""
     backbone, head, cluster_probe, linear_probe, ds = setup
     seg = _seg(backbone, head, cluster_probe, linear_probe)
     plain = evaluate(seg, ds, crf=False, progress=False)
-    refined = evaluate(seg, ds, crf=True, workers=workers, progress=False)
-    for res in (plain, refined):
-        for key in ("cluster/mIoU", "cluster/Accuracy", "linear/mIoU", "linear/Accuracy"):
-            assert 0.0 <= res[key] <= 100.0
-    assert refined["crf"] is True
-    # the CRF changes predictions on these sharp-edged images
-    assert not (np.array_equal(plain["linear"]["confusion"], refined["linear"]["confusion"])
-                and np.array_equal(plain["cluster"]["confusion"], refined["cluster"]["confusion"]))
+    serial = evaluate(seg, ds, crf=True, workers=1, progress=False)
+    pooled = evaluate(seg, ds, crf=True, workers=2, progress=False)
+    assert serial["crf"] is True and plain["crf"] is False
+    for probe in ("cluster", "linear"):
+        np.testing.assert_array_equal(serial[probe]["confusion"], pooled[probe]["confusion"])
+        assert serial[f"{probe}/mIoU"] == pooled[f"{probe}/mIoU"]
+    assert not (np.array_equal(plain["linear"]["confusion"], serial["linear"]["confusion"])
+                and np.array_equal(plain["cluster"]["confusion"], serial["cluster"]["confusion"]))
 
 
 def test_evaluate_batches_from_cached_features_matches_live(setup):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stego_core import explorer, quirks, runs, training
+from stego_core.book import widgets
 from stego_core.config import StegoError
 from stego_core.knn import build_knn
 from stego_core.segmenter import Segmenter
@@ -110,12 +111,12 @@ def test_predict_matches_a_direct_computation(setup):
 def test_picture_encodings():
     palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
     label = np.array([[0, 1], [2, -1]])
-    im = _decode(explorer.label_data_url(label, palette)).convert("RGBA")
+    im = _decode(widgets.label_data_url(label, palette)).convert("RGBA")
     px = np.asarray(im)
     assert px[0, 0].tolist() == [255, 0, 0, 255] and px[1, 0].tolist() == [0, 0, 255, 255]
     assert px[1, 1, 3] == 0  # ignore / unmatched: transparent, the photo shows through
     photo = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
-    jpg = _decode(explorer.jpeg_data_url(photo))
+    jpg = _decode(widgets.jpeg_data_url(photo))
     assert jpg.format == "JPEG" and jpg.size == (16, 16)
 
 
@@ -138,12 +139,12 @@ def test_precompute_and_the_static_chart(setup):
         cos = torch.einsum("bdhw,kd->bkhw", F.normalize(up, dim=1), F.normalize(run.cluster_probe.centres, dim=1))
     np.testing.assert_array_equal(data.predictions[(3, "stego", 6, False, "cluster")], to_class[cos.argmax(1)[0]])
 
-    table = data.table()
+    table = widgets.explorer_table(data)
     assert len(table) == 2 * 2 + len(data.predictions)
     assert table["url"].str.startswith("data:image/").all()
     assert set(table.loc[table["kind"] == "prediction", "method"]) == {"STEGO", "PCA", "DINO"}
     assert (table.loc[table["method"] == "DINO", "dim"] == 0).all()  # DINO shows at every dim
-    spec = explorer.explorer_chart(data, size=64).to_dict()
+    spec = widgets.explorer_chart(data, size=64).to_dict()
     params = {p["name"]: p for p in spec["params"]}
     assert set(params) == {"image_id", "method", "dim", "crf", "probe", "opacity"}
     assert params["image_id"]["bind"]["options"] == [1, 3] and params["dim"]["bind"]["options"] == [3, 6]
@@ -157,10 +158,10 @@ def test_precompute_and_the_static_chart(setup):
 def test_prepare_upload():
     buf = io.BytesIO()
     Image.fromarray(np.zeros((40, 80, 3), dtype=np.uint8) + 7).save(buf, format="PNG")
-    out = explorer.prepare_upload(buf.getvalue(), 32)
+    out = widgets.prepare_upload(buf.getvalue(), 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and (out == 7).all()
     with pytest.raises(StegoError, match="upload"):
-        explorer.prepare_upload(b"not an image", 32)
+        widgets.prepare_upload(b"not an image", 32)
 
 
 def test_live_explorer_recomputes(setup):
@@ -169,7 +170,7 @@ def test_live_explorer_recomputes(setup):
                                progress=False)
     from stego_core.backbones import load_backbone
 
-    panel = explorer.live_explorer(data, load_backbone("efficientnet_lite0", "random"), res=64)
+    panel = widgets.live_explorer(data, load_backbone("efficientnet_lite0", "random"), res=64)
     status = panel.children[-1]
     images = panel.children[3].children
     assert images[0].value and images[1].value and not status.value.startswith("error"), status.value

@@ -151,7 +151,7 @@ def _table(rows):
     """A dimension_table-shaped frame from (dataset, backbone, method, D, probe, mean) tuples (mIoU, one seed)."""
     import pandas as pd
 
-    from stego_core import figures
+    from stego_core.book import figures
 
     return pd.DataFrame([{"dataset": d, "backbone": b, "method": m, "series": figures.SERIES_LABELS[m], "code_dim": k,
                           "protocol": "original", "probe": p, "metric": "mIoU", "mean": v, "std": 0.0, "lo": v,
@@ -166,7 +166,7 @@ def _cells(dataset, backbone, stego, pca, rp, raw, width):
 
 
 def test_findings_never_mix_backbones_and_compare_per_backbone():
-    from stego_core import figures
+    from stego_core.book import figures
 
     paper = _cells("potsdam", "dino_vits8", {3: 40.0, 6: 45.0}, {3: 30.0, 6: 50.0}, {3: 20.0, 6: 25.0}, 35.0, 384)
     newer = _cells("potsdam", "dinov3_vits16", {3: 60.0, 6: 62.0}, {3: 61.0, 6: 63.0}, {3: 10.0, 6: 70.0}, 55.0, 384)

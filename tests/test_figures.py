@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stego_core import figures
+from stego_core.book import figures
 from stego_core.config import StegoError
 from stego_core.results import RESULT_DTYPES, write_rows
 
@@ -221,10 +221,13 @@ def test_dimension_chart_series_log_axis_and_dino_reference():
     assert "y" in rules[0]["encoding"]
     # one seed: no spread layer
     assert not any(lay["mark"]["type"] == "area" for lay in layers)
-    # the slider
+    # the dimension control speaks in D (the reader's unit), not log2 D: the trained dimensions, labelled "D = …"
     slider = [p for p in spec["params"] if isinstance(p.get("bind"), dict)]
-    assert len(slider) == 1 and slider[0]["bind"]["input"] == "range"
-    assert slider[0]["bind"]["min"] == pytest.approx(math.log2(3), abs=0.01)
+    dims = sorted({r["code_dim"] for r in rows if r["method"] != "dino"})
+    assert len(slider) == 1 and slider[0]["name"] == "D" and slider[0]["bind"]["input"] == "select"
+    assert slider[0]["bind"]["options"] == dims and dims[0] == 3
+    assert slider[0]["bind"]["labels"] == [f"D = {d}" for d in dims]
+    assert slider[0]["value"] in dims and "log" not in slider[0]["bind"]["name"]
     assert spec["facet"]["row"]["field"] == "probe_title" and spec["facet"]["column"]["field"] == "panel"
 
 

@@ -75,3 +75,16 @@ def test_gradient_flows_into_both_branches():
     head(torch.randn(2, 16, 3, 3)).pow(2).sum().backward()
     assert head.linear.weight.grad.abs().sum() > 0
     assert head.nonlinear[2].weight.grad.abs().sum() > 0
+
+
+def test_default_channel_dropout_is_the_reference_p():
+    """Spec §1.3: Dropout2d(p=0.1). Measured, not read back: the fraction of zeroed channels over many draws and
+    the survivors' scale 1/(1-p)."""
+    torch.manual_seed(0)
+    head = STEGOHead(400, 2).train()
+    assert head.drop.p == 0.1
+    x = torch.ones(50, 400, 1, 1)
+    dropped = head.drop_features(x)  # [50,400,1,1]: 20,000 channel draws
+    zero = dropped == 0
+    assert abs(zero.float().mean().item() - 0.1) < 0.01
+    torch.testing.assert_close(dropped[~zero], torch.full_like(dropped[~zero], 1 / 0.9))

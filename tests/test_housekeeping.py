@@ -28,16 +28,13 @@ MODULES_OVER_LIMIT = {
     "backbones.py",
     "cache.py",
     "data.py",
-    "figures.py",
     "projections.py",
-    "study.py",
     "training.py",
 }
 # Functions ("module path:qualified name") still longer than MAX_FUNCTION_LINES. Shrinking, like the list above.
 FUNCTIONS_OVER_LIMIT = {
     "cache.py:cache_features",
     "checkpoints.py:load_stego_checkpoint",
-    "figures.py:dimension_chart",
     "segment.py:segment_images",
     "training.py:train",
 }

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stego_core.config import StegoError
-from stego_core.knn import DROPOUT_P, build_knn, load_knn, nearest_neighbors, pooled_descriptors
+from stego_core.knn import build_knn, load_knn, nearest_neighbors, pooled_descriptors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cache import FakeBackbone, FakeDataset  # noqa: E402
@@ -68,8 +68,8 @@ def test_pooled_descriptors_channel_dropout():
     orig = pooled_descriptors(feats, protocol="original", seed=4, batch_size=7, progress=False)
     ratio = orig / mean
     dropped = ratio == 0
-    assert torch.allclose(ratio[~dropped], torch.full_like(ratio[~dropped], 1 / (1 - DROPOUT_P)))
-    assert abs(dropped.float().mean().item() - DROPOUT_P) < 0.01  # 20,000 channel draws
+    assert torch.allclose(ratio[~dropped], torch.full_like(ratio[~dropped], 1 / 0.9))  # spec §4: p = 0.1
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01  # 20,000 channel draws
     assert dropped.any(dim=1).all() and not torch.equal(dropped[0], dropped[1])  # masks differ per image
     # deterministic, independent of the batch size, different for another seed
     assert torch.equal(orig, pooled_descriptors(feats, protocol="original", seed=4, batch_size=40, progress=False))

@@ -69,7 +69,8 @@ def test_features_notebook(smoke_chapters):
     assert glued["n_train"] == "8" and int(glued["n_val"]) > 0
     assert int(glued["dim"]) > 0 and int(glued["k_eff"]) == 5
     html = _outputs(nb, "text/html")
-    assert sum('class="stego-chart"' in h for h in html) == 1  # the timings chart
+    assert sum('class="stego-chart"' in h for h in html) == 2  # the timings chart, F per pair type with the shifts
+    assert "demo" in glued["pair_preset"] and 0 <= float(glued["same_knn"]) <= 100
     assert any("features (PCA)" in h for h in html) and any("neighbour 2" in h for h in html)
     # the stores and the training split's kNN table are keyed artifacts under STEGO_ARTIFACTS; the validation split
     # gets no kNN table (nothing draws partners there)

@@ -84,13 +84,30 @@ def test_real_photos_cache_train_evaluate_segment(labelled):
     assert set(torch.unique(labels).tolist()) == {0, 1}  # both Otsu classes occur
     # training: finished, with validation metrics and a results table
     assert result.completed and (result.run_dir / "DONE").exists() and (result.run_dir / "results.csv").exists()
-    assert 0 <= result.best["cluster/mIoU"] <= 100
+    assert result.best["step"] in result.history["step"].tolist()
     # the paper's evaluation on the cached validation features with the trained modules
     run = Segmenter.from_run(result.run_dir)
     metrics = evaluation.evaluate_batches(run, val_store.iter_batches(2), class_names=CLASSES, progress=False)
     assert metrics["n_images"] == 3
+    # the linear probe's numbers written out: upsampled code, argmax, confusion, IoU and accuracy by hand
+    rec = val_store.read(range(3))
+    with torch.no_grad():
+        code = run.code(rec["feats"])  # [3,D,h,w]
+        up = torch.nn.functional.interpolate(code, size=rec["label"].shape[-2:], mode="bilinear", align_corners=False)
+        pred = run.linear_probe(up).argmax(1).numpy()
+    label = np.asarray(rec["label"])
+    keep = (label >= 0) & (label < 2)
+    conf = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(conf, (pred[keep], label[keep]), 1)
+    np.testing.assert_array_equal(metrics["linear"]["confusion"], conf)
+    tp = np.diag(conf).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (conf.sum(0) + conf.sum(1) - tp)
+    assert metrics["linear/mIoU"] == pytest.approx(100 * np.nanmean(iou))
+    assert metrics["linear/Accuracy"] == pytest.approx(100 * tp.sum() / conf.sum())
     for key in ("cluster/mIoU", "cluster/Accuracy", "linear/mIoU", "linear/Accuracy"):
-        assert math.isfinite(metrics[key]) and 0 <= metrics[key] <= 100, key
+        assert math.isfinite(metrics[key]), key
+        assert result.best[key] == pytest.approx(metrics[key], abs=1e-6), key  # training validated the same
     # the stored validation of the best checkpoint is the same computation (no flip, no CRF)
     assert metrics["cluster/mIoU"] == pytest.approx(run.info["metrics"]["cluster/mIoU"], abs=1e-6)
     # segmenting the original (full-size) validation photos with the trained run

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from stego_core import study
+from stego_core.book import build, runner, sphinx_ext
 from stego_core.config import StegoError
 
 NOTEBOOKS = sorted(p.stem for p in (study.repo_root() / "notebooks").glob("[0-9]*.py"))
@@ -32,7 +33,7 @@ def test_every_parameter_has_a_comment_that_papermill_reads(name):
     assert ours, f"{name} has no parameters"
     for p in ours:
         assert p.comment, f"{name}: parameter {p.name} has no comment"
-    nb = study._to_notebook(study.notebook_path(name))
+    nb = runner._to_notebook(study.notebook_path(name))
     theirs = papermill.inspect_notebook(_write(nb))
     assert list(theirs) == [p.name for p in ours]
     for p in ours:
@@ -151,13 +152,39 @@ def test_run_key_depends_on_source_and_parameters(tmp_path):
     assert k1 != study.run_key(nb, {"x": 1})
 
 
+
+def test_library_hash_follows_the_package_sources(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    (pkg / "notes.txt").write_text("not a source")
+    h = runner.library_hash(pkg)
+    (pkg / "notes.txt").write_text("changed, still not a source")
+    assert runner.library_hash(pkg) == h
+    (pkg / "sub" / "b.py").write_text("y = 3\n")  # a fix deep in the package
+    h2 = runner.library_hash(pkg)
+    assert h2 != h
+    (pkg / "sub" / "b.py").rename(pkg / "b2.py")  # same bytes, other module
+    assert runner.library_hash(pkg) != h2
+    # the default is the installed stego_core: every module of it, the book subpackage included
+    assert runner.library_hash() == runner.library_hash(Path(runner.__file__).resolve().parents[1])
+
+
+def test_run_key_changes_when_the_library_changes(tmp_path, monkeypatch):
+    nb = tmp_path / "tiny.py"
+    nb.write_text(_TINY)
+    k1 = study.run_key(nb, {"x": 1})
+    monkeypatch.setattr(runner, "library_hash", lambda package=None: "0123456789abcdef")
+    assert study.run_key(nb, {"x": 1}) != k1
+
 def test_prune_toc_drops_missing_files_and_empty_parts():
     toc = {"format": "jb-book", "root": "book/intro", "parts": [
         {"caption": "A", "chapters": [{"file": "book/x"}, {"file": "book/chapters/01"}]},
         {"caption": "B", "chapters": [{"file": "book/chapters/02"}]}]}
-    out = study._prune_toc(toc, lambda f: f != "book/chapters/02")
+    out = build._prune_toc(toc, lambda f: f != "book/chapters/02")
     assert out["parts"] == [{"caption": "A", "chapters": [{"file": "book/x"}, {"file": "book/chapters/01"}]}]
-    assert list(study._toc_entries(toc)) == ["book/x", "book/chapters/01", "book/chapters/02"]
+    assert list(build._toc_entries(toc)) == ["book/x", "book/chapters/01", "book/chapters/02"]
 
 
 _TINY = '''# %% tags=["parameters"]
@@ -194,11 +221,11 @@ def test_pages_are_rebuilt_when_a_chapter_they_paste_from_changes():
                           stego_glue_sources={"book/findings": {"book/chapters/02", "book/chapters/06"},
                                               "book/results/table2": {"book/chapters/04"},
                                               "book/gone": {"book/chapters/06"}})
-    outdated = study._pages_pasting_from_changed
+    outdated = sphinx_ext._pages_pasting_from_changed
     assert outdated(None, env, set(), {"book/chapters/06"}, set()) == ["book/findings"]
     assert outdated(None, env, {"book/chapters/04"}, set(), set()) == ["book/results/table2"]
     assert outdated(None, env, set(), {"book/chapters/00"}, set()) == []
-    study._purge_glue_sources(None, env, "book/findings")
+    sphinx_ext._purge_glue_sources(None, env, "book/findings")
     assert outdated(None, env, set(), {"book/chapters/06"}, set()) == []
 
 
@@ -206,7 +233,7 @@ def test_the_book_pages_paste_only_from_chapters_in_the_toc():
     import yaml
 
     root = study.repo_root()
-    entries = set(study._toc_entries(yaml.safe_load((root / "_toc.yml").read_text())))
+    entries = set(build._toc_entries(yaml.safe_load((root / "_toc.yml").read_text())))
     pasting = set()
     for entry in entries:
         page = root / f"{entry}.md"

@@ -584,3 +584,66 @@ def test_training_requires_the_knn_table_and_names_the_feature_stage(tmp_path):
     # the baselines need no kNN table
     assert train(_cfg(method="pca", steps=2, val_freq=2), train_store=tr, val_store=va, root=tmp_path,
                  progress=False).completed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the protocols' wiring, checked against independent computations
+
+
+@pytest.mark.parametrize("protocol, drops_per_step", [("original", 6), ("corrected", 4)])
+def test_loss_features_get_the_third_dropout_only_under_original(tmp_path, stores, monkeypatch, protocol,
+                                                                  drops_per_step):
+    """Quirk 2 (spec §1.3): per training step the reference draws channel dropout three times for the batch (linear
+    branch, nonlinear branch, the loss features F) and three times for the kNN partners; "corrected" keeps the two
+    branch draws and hands the loss the clean features."""
+    calls = []
+    real = torch.nn.Dropout2d.forward
+
+    def spy(module, x):
+        if module.training:
+            calls.append(tuple(x.shape))
+        return real(module, x)
+
+    monkeypatch.setattr(torch.nn.Dropout2d, "forward", spy)
+    steps = 3
+    train(_cfg(steps=steps, val_freq=steps, protocol=protocol), train_store=stores[0], val_store=stores[1],
+          root=tmp_path, progress=False)
+    assert len(calls) == drops_per_step * steps
+    assert all(shape == (8, 32, 8, 8) for shape in calls)  # all on [batch, C, h, w] features
+
+
+def _independent_projection(tokens: np.ndarray, method: str, k: int) -> np.ndarray:
+    """The first k axes [k, C]: numpy's SVD of the standardised tokens (PCA, up to sign) or scikit-learn's seeded
+    Gaussian random matrix (it depends only on C and the seed)."""
+    z = (tokens - tokens.mean(0)) / tokens.std(0)
+    if method == "pca":
+        return np.linalg.svd(z, full_matrices=False)[2][:k]
+    from sklearn.random_projection import GaussianRandomProjection
+
+    return GaussianRandomProjection(k, random_state=0).fit(np.zeros((2, tokens.shape[1]))).components_
+
+
+@pytest.mark.parametrize("protocol", ["original", "corrected"])
+@pytest.mark.parametrize("method", ["pca", "rp"])
+def test_baseline_code_is_the_standardised_projection(tmp_path, stores, method, protocol):
+    """The PCA / RP baselines' code of a validation batch: tokens standardised with the batch's own statistics
+    ("original", quirk 15) or the training tokens' ("corrected"), times the first k axes — computed here with
+    numpy's SVD / a seeded Gaussian matrix on every training token (n_fit_images covers the whole store)."""
+    tr, va = stores
+    cfg = _cfg(method=method, code_dim=3, steps=2, val_freq=2, n_fit_images=len(tr), protocol=protocol)
+    res = train(cfg, train_store=tr, val_store=va, root=tmp_path, progress=False)
+    train_tokens = tr.feats.permute(0, 2, 3, 1).reshape(-1, 32).double().numpy()  # [n,C,h,w] -> [n*h*w, C]
+    axes = _independent_projection(train_tokens, method, 3)  # [k, C]
+    batch = va.feats[:8]
+    tokens = batch.permute(0, 2, 3, 1).reshape(-1, 32).double().numpy()
+    stats = tokens if protocol == "original" else train_tokens
+    expected = ((tokens - stats.mean(0)) / stats.std(0)) @ axes.T  # [N, k]
+    code = Segmenter.from_run(res.run_dir).code(batch)  # [8,k,h,w]
+    got = code.permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+    if method == "pca":  # principal axes are defined up to sign
+        expected = expected * np.sign((expected * got).sum(0))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    # training validated the very same code: its best metrics are the loaded segmenter's on the validation store
+    again = evaluate_store(Segmenter.from_run(res.run_dir), va, batch_size=8, progress=False)
+    for key in ("cluster/mIoU", "linear/mIoU", "cluster/Accuracy", "linear/Accuracy"):
+        assert res.best[key] == pytest.approx(again[key], abs=1e-6)

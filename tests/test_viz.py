@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stego_core import viz
+from stego_core.book import viz
 
 PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
 

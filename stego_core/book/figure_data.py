@@ -1,4 +1,5 @@
-"""The study's figures: data from the results store and Altair builders for Figure 3, Figure 4 and the appendix.
+"""The data of the study's figures (Figure 3, Figure 4, the appendix) from the results store; the charts are in
+``stego_core.book.figure_charts`` and both are re-exported by ``stego_core.book.figures``.
 
 Spec §8.6 (stego-studies ``figures.py``). Everything here reads finished artifacts; nothing trains.
 
@@ -25,47 +26,42 @@ Data:
 - ``paper_dimension_table(datasets=None)``: the published Figure 4 curves (``stego_core.papers``, read off the
   figure) in the ``dimension_table`` format, for the panel of published curves and for reference lines.
 
-Charts (Altair, tooltips everywhere, legends that highlight the clicked series):
-- ``variance_chart(frame, reference=None)``: Figure 3, cumulative explained variance against the fraction of
-  components, ticks at 0, D/16, D/4, D/2, 3D/4, D; ``reference`` (``papers.figure3_points()``) adds the paper's
-  values as diamonds, labelled as read off the figure.
-- ``dimension_chart(table, metrics=("mIoU",))``: Figure 4 and its appendix variants. Rows = probes (linear, then
-  cluster); columns = datasets (one metric) or metrics (one dataset, several metrics: the appendix's h-NNE panel).
-  x = code dimension D on a log axis with ticks 3·2^k (plus the backbone's dimension when it is not one of them);
-  every method but the DINO baseline is a line with points, with a band (or error bars) of ±1 std when a cell has
-  several seeds; the DINO baseline (the raw features, D = C) is a dashed horizontal rule with a point at D = C.
-  An optional slider picks a dimension and labels every series' value there. ``reference`` (a
-  ``paper_dimension_table``) adds the paper's curves as thin dashed lines (its DINO baseline as a dotted rule) to the
-  panels of the datasets the table shares with it (a paper profile's run; nothing for the demo's data).
-Colours follow the study (seaborn's colour-blind palette: STEGO 3, DINO 0, PCA 2, RP 6, h-NNE 8).
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import altair as alt
 import numpy as np
 import pandas as pd
 
-from . import (
-    papers,
-    viz,  # noqa: F401 - importing it enables the offline Altair renderer the book needs
-)
-from .backbones import NEWER_BACKBONES
-from .config import SERIES_LABELS, StegoError, check_choice, check_int
-from .papers import DATASET_LABELS
-from .projections import fitted_projections
-from .results import PROBES, best_rows
+from .. import papers
+from ..backbones import NEWER_BACKBONES
+from ..config import SERIES_LABELS, StegoError, check_choice, check_int
+from ..projections import fitted_projections
+from ..results import PROBES, best_rows
 
-__all__ = ["SERIES_LABELS", "METHOD_COLORS", "SERIES_ORDER", "dimension_table", "dimension_ticks", "pivot_table",
-           "dimension_findings", "pca_variance_curves", "variance_findings", "variance_frame", "variance_chart",
-           "dimension_chart", "paper_dimension_table", "VARIANCE_STYLES", "extended_study_rows", "backbone_comparison",
-           "extended_study_status"]
+__all__ = [
+    "METHOD_COLORS",
+    "SERIES_LABELS",
+    "SERIES_ORDER",
+    "VARIANCE_STYLES",
+    "backbone_comparison",
+    "check_table",
+    "dimension_findings",
+    "dimension_table",
+    "dimension_ticks",
+    "extended_study_rows",
+    "extended_study_status",
+    "paper_dimension_table",
+    "pca_variance_curves",
+    "pivot_table",
+    "variance_findings",
+    "variance_frame",
+]
 
-# display names of the methods (``results.method``) and their colours (seaborn "colorblind" indices 3, 0, 2, 6, 8)
+# the methods' colours (display names: ``config.SERIES_LABELS``) (seaborn "colorblind" indices 3, 0, 2, 6, 8)
 METHOD_COLORS: dict[str, str] = {"stego": "#d55e00", "pca": "#029e73", "rp": "#fbafe4", "hnne": "#ece133",
                                  "dino": "#0173b2"}
 SERIES_ORDER = tuple(SERIES_LABELS)  # legend order
@@ -131,14 +127,14 @@ def dimension_ticks(dims: Sequence[int], extra: Sequence[int] = ()) -> list[int]
     if not dims:
         return [3]
     top = max(dims + [int(e) for e in extra])
-    ticks = [3 * 2 ** k for k in range(0, 16) if 3 * 2 ** k <= top]
+    ticks = [3 * 2 ** k for k in range(16) if 3 * 2 ** k <= top]
     return sorted(set(ticks) | {int(e) for e in extra})
 
 
 def pivot_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """A readable wide view of ``dimension_table``: one row per (dataset, series, D), one column per probe/metric
     (``"linear mIoU"``, ...), plus ``± std`` columns when some cell has several seeds."""
-    _check_table(table)
+    check_table(table)
     t = table if metric is None else table[table["metric"] == metric]
     if t.empty:
         return pd.DataFrame()
@@ -156,7 +152,7 @@ def pivot_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return wide.round(2).reset_index().rename(columns={"code_dim": "D", "series": "method"})
 
 
-def _check_table(table: Any) -> None:
+def check_table(table: Any) -> None:
     if not isinstance(table, pd.DataFrame) or any(c not in table.columns for c in _TABLE_COLUMNS):
         raise StegoError("table: expected the frame of figures.dimension_table (columns "
                          f"{', '.join(_TABLE_COLUMNS)})")
@@ -184,7 +180,7 @@ def dimension_findings(table: pd.DataFrame, dataset: str | None = None, backbone
     ``dino_linear`` / ``dino_cluster`` (raw features), ``pca_linear_full_minus_dino``; ``stego_cluster_best`` and
     ``stego_cluster_best_dim``. Missing series give NaN (counts 0).
     """
-    _check_table(table)
+    check_table(table)
     names = sorted(set(table["dataset"]))
     if dataset is None:
         if len(names) != 1:
@@ -240,6 +236,7 @@ def dimension_findings(table: pd.DataFrame, dataset: str | None = None, backbone
 
 def _default_backbone(names: Sequence[str]) -> str | None:
     """The backbone a dataset's findings quote when none is named: the first of the paper's, else the first."""
+
     names = sorted(names)
     paper = [n for n in names if n not in NEWER_BACKBONES]
     return (paper or names or [None])[0]
@@ -252,7 +249,8 @@ def _default_backbone(names: Sequence[str]) -> str | None:
 def extended_study_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``dimension_table`` for every dataset that has runs on a newer backbone (DINOv2 / DINOv3,
     ``stego_core.backbones.NEWER_BACKBONES``), with all of that dataset's backbones so they can be compared."""
-    _check_table(table)
+
+    check_table(table)
     datasets = set(table.loc[table["backbone"].isin(NEWER_BACKBONES), "dataset"])
     return table[table["dataset"].isin(datasets)].reset_index(drop=True)
 
@@ -262,7 +260,8 @@ def backbone_comparison(table: pd.DataFrame) -> pd.DataFrame:
     each): the raw features' C, cluster mIoU at the smallest common D for STEGO, PCA and RP, at how many of the
     common dimensions STEGO's cluster mIoU is above PCA's and RP's, and the raw features' and STEGO's best cluster
     mIoU. One row per (dataset, backbone), the paper's backbone of a dataset first."""
-    _check_table(table)
+
+    check_table(table)
     rows = []
     pairs = table[["dataset", "backbone"]].drop_duplicates().astype(str)
     pairs = pairs.assign(_newer=pairs["backbone"].isin(NEWER_BACKBONES)).sort_values(
@@ -284,7 +283,8 @@ def backbone_comparison(table: pd.DataFrame) -> pd.DataFrame:
 
 def extended_study_status(table: pd.DataFrame) -> str:
     """One sentence on what the results store holds for the extended study (``extended_study_rows``)."""
-    _check_table(table)
+
+    check_table(table)
     newer = table[table["backbone"].isin(NEWER_BACKBONES)]
     if newer.empty:
         return ("This build's results store holds no dimension-study runs on a DINOv2 or DINOv3 backbone, so there is "
@@ -382,203 +382,10 @@ def variance_frame(curves: Mapping[str, Any] | pd.DataFrame, *, n_points: int = 
 def paper_dimension_table(datasets: Sequence[str] | str | None = None) -> pd.DataFrame:
     """The published Figure 4 (Koenig et al. 2023, mIoU without CRF, read off the figure; ``stego_core.papers``) in
     the ``dimension_table`` format: one "seed", std 0, ``protocol`` "original", no selected step."""
+
     values = papers.figure4_values(datasets)
     out = values.assign(series=values["method"].map(lambda m: SERIES_LABELS.get(m, m)), protocol="original",
                         mean=values["value"], std=0.0, lo=values["value"], hi=values["value"], n_seeds=1,
                         best_step=np.nan)
     out = out.astype({"code_dim": "int64"})
     return out.loc[:, _TABLE_COLUMNS].reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# charts
-
-
-_FRACTION_TICKS = (0.0, 1 / 16, 1 / 4, 1 / 2, 3 / 4, 1.0)
-_FRACTION_LABELS = "{'0': '0', '0.0625': 'D/16', '0.25': 'D/4', '0.5': 'D/2', '0.75': '3D/4', '1': 'D'}"
-
-
-def variance_chart(frame: pd.DataFrame, *, reference: pd.DataFrame | None = None,
-                   title: str = "Cumulative explained variance of PCA", width: int = 420,
-                   height: int = 280) -> alt.LayerChart:
-    """Figure 3: one line per feature source (``variance_frame``); x = fraction of the C components kept.
-
-    reference: the paper's points (``papers.figure3_points()``: dataset, fraction, cumulative), drawn as diamonds
-    labelled "<dataset> · paper (read off the figure)".
-    """
-    if not isinstance(frame, pd.DataFrame) or not {"source", "fraction", "cumulative"} <= set(frame.columns):
-        raise StegoError("frame: expected the frame of figures.variance_frame (columns source, fraction, cumulative)")
-    pick = alt.selection_point(fields=["source"], bind="legend")
-    axis_x = alt.Axis(values=list(_FRACTION_TICKS), labelExpr=f"{_FRACTION_LABELS}[toString(datum.value)]",
-                      title="components kept (fraction of D = C)")
-    x = alt.X("fraction:Q", axis=axis_x, scale=alt.Scale(domain=[0, 1]))
-    y = alt.Y("cumulative:Q", axis=alt.Axis(format="%", title="cumulative explained variance"),
-              scale=alt.Scale(domain=[0, 1]))
-    color = alt.Color("source:N", title="features")
-    fade = alt.condition(pick, alt.value(1.0), alt.value(0.15))
-    layers = [alt.Chart(frame).mark_line(strokeWidth=2).encode(
-        x=x, y=y, color=color, opacity=fade,
-        tooltip=[alt.Tooltip("source:N", title="features"),
-                 alt.Tooltip("components:Q", title="components", format=".1f"),
-                 alt.Tooltip("n_components:Q", title="C"),
-                 alt.Tooltip("cumulative:Q", title="explained", format=".1%")]).add_params(pick)]
-    if reference is not None and len(reference):
-        if not {"dataset", "fraction", "cumulative"} <= set(reference.columns):
-            raise StegoError("reference: expected papers.figure3_points() (columns dataset, fraction, cumulative)")
-        ref = reference.assign(source=reference["dataset"].map(lambda d: DATASET_LABELS.get(d, d))
-                               + " · paper (read off the figure)")
-        layers.append(alt.Chart(ref).mark_point(shape="diamond", size=90, filled=True).encode(
-            x=x, y=y, color=color, opacity=fade,
-            tooltip=[alt.Tooltip("source:N", title="values"), alt.Tooltip("fraction:Q", format=".2f"),
-                     alt.Tooltip("cumulative:Q", title="explained", format=".0%")]))
-    return alt.layer(*layers, title=title).properties(width=width, height=height)
-
-
-def _panel_frame(table: pd.DataFrame, metrics: Sequence[str], methods: Sequence[str] | None,
-                 reference: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
-    """Rows of the chart with a ``panel`` column (dataset or metric) and the log2-D stretches the slider needs.
-
-    ``kind`` is "ours" for the table's rows and "paper" for the ``reference`` rows of the table's datasets, which
-    join the panel of their dataset (labelled with our backbone)."""
-    t = table[table["metric"].isin(list(metrics))]
-    if methods is not None:
-        t = t[t["method"].isin(list(methods))]
-    if t.empty:
-        raise StegoError(f"table: no rows for metrics {list(metrics)} and methods {methods}; "
-                         "expected a dimension_table with those")
-    t = t.copy()
-    t["dataset_label"] = t["dataset"] + " · " + t["backbone"]
-    t["kind"] = "ours"
-    if reference is not None and len(reference):
-        _check_table(reference)
-        ref = reference[reference["metric"].isin(list(metrics)) & reference["probe"].isin(set(t["probe"]))]
-        if methods is not None:
-            ref = ref[ref["method"].isin(list(methods))]
-        label = t.groupby("dataset", sort=False)["dataset_label"].first()
-        ref = ref[ref["dataset"].isin(label.index)].copy()
-        if len(ref):
-            ref["dataset_label"] = ref["dataset"].map(label)
-            ref["kind"] = "paper"
-            ref["series"] = ref["series"] + " (paper)"
-            t = pd.concat([t, ref], ignore_index=True)
-    datasets = list(dict.fromkeys(t["dataset_label"]))
-    if len(metrics) == 1:
-        t["panel"], facet_title = t["dataset_label"], "dataset"
-    elif len(datasets) == 1:
-        t["panel"], facet_title = t["metric"], datasets[0]
-    else:
-        t["panel"], facet_title = t["dataset_label"] + " · " + t["metric"], "dataset · metric"
-    t["probe_title"] = t["probe"].map(PROBE_TITLES)
-    # panels in the order of the metrics asked for, then of the datasets' first appearance
-    t["_m"] = t["metric"].map({m: i for i, m in enumerate(metrics)})
-    t["_d"] = t["dataset_label"].map({d: i for i, d in enumerate(datasets)})
-    t = t.sort_values(["_d", "_m", "probe", "method", "code_dim"], kind="stable").drop(columns=["_m", "_d"])
-    # slider support: each point owns the stretch of log2 D closer to it than to the series' neighbouring dims
-    t["log2_dim"] = np.log2(t["code_dim"].astype("float64"))
-    group = t.groupby(["panel", "probe", "method", "kind"], sort=False)["log2_dim"]
-    t["lo_edge"] = ((t["log2_dim"] + group.shift(1)) / 2).fillna(-100.0)
-    t["hi_edge"] = ((t["log2_dim"] + group.shift(-1)) / 2).fillna(100.0)
-    t["label"] = t["series"] + ": " + t["mean"].map(lambda v: f"{v:.1f}")
-    return t.reset_index(drop=True), facet_title
-
-
-def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), methods: Sequence[str] | None = None,
-                    probes: Sequence[str] = ("linear", "cluster"), spread: str = "band", slider: bool = True,
-                    reference: pd.DataFrame | None = None, title: str | None = None, width: int = 260,
-                    height: int = 190) -> alt.FacetChart:
-    """Figure 4 (and its appendix variants): probe scores against the code dimension D, one panel per probe and
-    dataset (or metric). See the module doc for the series, axes and interactions.
-
-    table: ``dimension_table``. metrics: one metric (columns = datasets) or several for one dataset (columns =
-    metrics). methods: which methods to draw (None = all present). spread: "band" or "errorbar" (±1 std over seeds,
-    drawn where a cell has several seeds) or "none". slider: add a dimension slider that labels every series' value.
-    reference: published values in the same format (``paper_dimension_table()``), drawn as thin dashed lines
-    ("<method> (paper)", same colours) in the panels of the datasets ``table`` has too; ignored elsewhere.
-    """
-    _check_table(table)
-    check_choice("spread", spread, SPREADS)
-    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    for p in probes:
-        check_choice("probes", p, PROBES)
-    t, facet_title = _panel_frame(table[table["probe"].isin(list(probes))], metrics, methods, reference)
-    present = [m for m in SERIES_ORDER if m in set(t["method"])] + sorted(set(t["method"]) - set(SERIES_ORDER))
-    domain = [SERIES_LABELS.get(m, m) for m in present]
-    colours = [METHOD_COLORS.get(m, "#949494") for m in present]
-    papers_present = [m for m in present if ((t["kind"] == "paper") & (t["method"] == m)).any()]
-    domain += [SERIES_LABELS.get(m, m) + " (paper)" for m in papers_present]
-    colours += [METHOD_COLORS.get(m, "#949494") for m in papers_present]
-    color = alt.Color("series:N", title="method", scale=alt.Scale(domain=domain, range=colours),
-                      legend=alt.Legend(orient="right", symbolOpacity=1.0, labelLimit=220))
-    dims = sorted(set(int(d) for d in t["code_dim"]))
-    ticks = dimension_ticks(dims)
-    # the backbone's C gets a tick of its own unless it sits too close to a 3·2^k tick to be read
-    ticks = sorted(set(ticks) | {d for d in t.loc[t["method"] == "dino", "code_dim"].astype(int)
-                                 if min(abs(math.log2(d / k)) for k in ticks) > 0.5})
-    x = alt.X("code_dim:Q", title="code dimension D (log scale)",
-              scale=alt.Scale(type="log", base=2, domain=[min(dims + ticks), max(dims + ticks)], nice=False),
-              axis=alt.Axis(values=ticks, format="d", labelOverlap=False))
-    y_title = f"{metrics[0]} (%)" if len(metrics) == 1 else "score (%)"
-    y = alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False))
-    pick = alt.selection_point(fields=["series"], bind="legend", name="series_pick")
-    fade = alt.condition(pick, alt.value(1.0), alt.value(0.12))
-    tooltip = [alt.Tooltip("series:N", title="method"), alt.Tooltip("code_dim:Q", title="D"),
-               alt.Tooltip("probe:N"), alt.Tooltip("metric:N"), alt.Tooltip("mean:Q", format=".2f"),
-               alt.Tooltip("std:Q", format=".2f"), alt.Tooltip("n_seeds:Q", title="seeds"),
-               alt.Tooltip("best_step:Q", title="selected step", format=".0f"),
-               alt.Tooltip("dataset:N"), alt.Tooltip("backbone:N")]
-    ours, paper = "datum.kind == 'ours'", "datum.kind == 'paper'"
-    is_dino, not_dino = f"{ours} && datum.method == 'dino'", f"{ours} && datum.method != 'dino'"
-    base = alt.Chart()
-    lines = base.mark_line(point=alt.OverlayMarkDef(filled=True, size=40)).encode(
-        x=x, y=y, color=color, opacity=fade, tooltip=tooltip).transform_filter(not_dino).add_params(pick)
-    layers = [lines]
-    if (t["kind"] == "paper").any():  # the published curves: thin dashed lines, the DINO baseline a dotted rule
-        ref_tip = [alt.Tooltip("series:N", title="published"), alt.Tooltip("code_dim:Q", title="D"),
-                   alt.Tooltip("probe:N"), alt.Tooltip("mean:Q", title="value (read off the figure)", format=".1f")]
-        layers.append(base.mark_line(strokeDash=[5, 3], strokeWidth=1.3, point=alt.OverlayMarkDef(size=12)).encode(
-            x=x, y=y, color=color, opacity=fade, tooltip=ref_tip).transform_filter(
-            f"{paper} && datum.method != 'dino'"))
-        layers.append(base.mark_rule(strokeDash=[1, 3], strokeWidth=1.5).encode(
-            y=y, color=color, opacity=fade, tooltip=ref_tip).transform_filter(f"{paper} && datum.method == 'dino'"))
-    several = f"{not_dino} && datum.n_seeds > 1"
-    if not (t["n_seeds"] > 1).any():
-        spread = "none"  # one seed everywhere: nothing to draw (and no empty layers)
-    if spread == "band":
-        layers.append(base.mark_area(opacity=0.2).encode(x=x, y=alt.Y("lo:Q", title=y_title), y2="hi:Q",
-                                                             color=color, opacity=alt.condition(
-                                                                 pick, alt.value(0.22), alt.value(0.03)))
-                      .transform_filter(several))
-    elif spread == "errorbar":
-        layers.append(base.mark_rule(strokeWidth=1.5).encode(x=x, y=alt.Y("lo:Q", title=y_title), y2="hi:Q",
-                                                            color=color, opacity=fade).transform_filter(several))
-    # the DINO baseline: dashed horizontal rule (+ a ±std band over seeds) and a point at its own D = C
-    layers.append(base.mark_rule(strokeDash=[6, 4], strokeWidth=2).encode(y=y, color=color, opacity=fade,
-                                                                          tooltip=tooltip).transform_filter(is_dino))
-    layers.append(base.mark_point(filled=True, size=60, shape="circle").encode(
-        x=x, y=y, color=color, opacity=fade, tooltip=tooltip).transform_filter(is_dino))
-    if spread != "none":
-        layers.append(base.mark_rect(opacity=0.12).encode(y=alt.Y("lo:Q", title=y_title), y2="hi:Q", color=color)
-                      .transform_filter(f"{is_dino} && datum.n_seeds > 1"))
-    params = []
-    if slider:
-        own = t[t["kind"] == "ours"]
-        lo, hi = float(own["log2_dim"].min()), float(own["log2_dim"].max())
-        mid = float(np.log2(dims[len(dims) // 2]))
-        params.append(alt.param(name="log2_D", value=round(mid, 2), bind=alt.binding_range(
-            min=round(lo, 2), max=round(hi, 2), step=0.05, name="log₂ D: pick a dimension ")))
-        at_dim = f"{not_dino} && datum.lo_edge <= log2_D && log2_D < datum.hi_edge"
-        layers.append(base.mark_rule(color="#777777", strokeDash=[2, 2]).encode(x=x)
-                      .transform_filter(at_dim).transform_aggregate(code_dim="max(code_dim)"))
-        flip = f"log2_D > {(lo + hi) / 2:.3f}"  # labels to the left of the rule in the right half of the axis
-        layers.append(base.mark_text(align=alt.expr(f"{flip} ? 'right' : 'left'"), dx=alt.expr(f"{flip} ? -6 : 6"),
-                                     fontSize=10).encode(
-            x=x, y=y, text="label:N", color=color, opacity=fade, tooltip=tooltip).transform_filter(at_dim))
-    chart = alt.layer(*layers, data=t).properties(width=width, height=height).facet(
-        row=alt.Row("probe_title:N", title=None, sort=[PROBE_TITLES[p] for p in probes]),
-        column=alt.Column("panel:N", title=facet_title, sort=list(dict.fromkeys(t["panel"]))),
-    ).resolve_scale(y="independent")
-    if params:
-        chart = chart.add_params(*params)
-    if title:
-        chart = chart.properties(title=title)
-    return chart

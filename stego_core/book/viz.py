@@ -4,7 +4,7 @@ offline.
 Images here are uint8 ``[H, W, 3]`` numpy arrays (RGB). Charts are Altair charts with tooltips and a legend that
 highlights the clicked entries. Importing this module registers and enables the ``stego`` Altair renderer: it
 writes a chart as HTML that loads vega, vega-lite and vega-embed from the book's own ``vendor/`` folder (see
-``stego_core.study.vendor_js``), through require.js when the page has it (widget pages) and plain script tags
+``stego_core.book.vendor.vendor_js``), through require.js when the page has it (widget pages) and plain script tags
 otherwise; outside a built book (a live notebook) it falls back to the jsDelivr CDN.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import unnormalize
+from ..data import unnormalize
 
 IGNORE_COLOR = (0, 0, 0)  # colour of ignored pixels (label -1) in colourised labels
 
@@ -34,7 +34,6 @@ IGNORE_COLOR = (0, 0, 0)  # colour of ignored pixels (label -1) in colourised la
 
 def to_image(img: Any) -> np.ndarray:
     """An ImageNet-normalised float tensor/array [3,H,W] (a dataset item's ``img``) -> uint8 [H,W,3]."""
-
     t = torch.as_tensor(img, dtype=torch.float32)
     rgb01 = unnormalize(t)  # [3,H,W] in [0, 1]
     return (rgb01.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)  # [3,H,W] -> [H,W,3]
@@ -206,11 +205,11 @@ def class_histogram_chart(df: pd.DataFrame, *, x: str = "class", y: str = "fract
     """Bars per class (``df`` from :func:`class_statistics`) in the classes' own colours; click to highlight."""
     pick = alt.selection_point(fields=[x], on="click", clear="dblclick")
     tooltip = [c for c in df.columns if c not in (color,)]
-    enc = dict(x=alt.X(f"{x}:N", sort=None, title=None),
-               y=alt.Y(f"{y}:Q", title=y, axis=alt.Axis(format="%" if y == "fraction" else "")),
-               color=alt.Color(f"{color}:N", scale=None) if color in df.columns else alt.Color(f"{x}:N"),
-               opacity=alt.condition(pick, alt.value(1.0), alt.value(0.3)),
-               tooltip=tooltip)
+    enc = {"x": alt.X(f"{x}:N", sort=None, title=None),
+               "y": alt.Y(f"{y}:Q", title=y, axis=alt.Axis(format="%" if y == "fraction" else "")),
+               "color": alt.Color(f"{color}:N", scale=None) if color in df.columns else alt.Color(f"{x}:N"),
+               "opacity": alt.condition(pick, alt.value(1.0), alt.value(0.3)),
+               "tooltip": tooltip}
     chart = alt.Chart(df, title=title or "").mark_bar().encode(**enc).add_params(pick)
     if column:
         chart = chart.encode(column=alt.Column(f"{column}:N", title=None))
@@ -223,8 +222,8 @@ def line_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, to
     """Lines of ``y`` over ``x`` per ``color`` group; clicking legend entries highlights those lines."""
     tooltip = list(tooltip) if tooltip is not None else [c for c in (color, x, y) if c]
     scale = alt.Scale(type="log", base=2) if log_x else alt.Scale(zero=False)
-    enc: dict[str, Any] = dict(x=alt.X(f"{x}:Q", scale=scale), y=alt.Y(f"{y}:Q", scale=alt.Scale(zero=False)),
-                               tooltip=tooltip)
+    enc: dict[str, Any] = {"x": alt.X(f"{x}:Q", scale=scale), "y": alt.Y(f"{y}:Q", scale=alt.Scale(zero=False)),
+                               "tooltip": tooltip}
     base = alt.Chart(df, title=title or "")
     if color:
         pick = alt.selection_point(fields=[color], bind="legend")
@@ -239,7 +238,7 @@ def bar_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, too
               title: str | None = None, width: int = 360, height: int = 220) -> alt.Chart:
     """Horizontal-label bars of ``y`` per ``x`` (e.g. timings per stage), coloured by ``color``."""
     tooltip = list(tooltip) if tooltip is not None else list(df.columns)
-    enc: dict[str, Any] = dict(x=alt.X(f"{x}:N", sort=None, title=None), y=alt.Y(f"{y}:Q"), tooltip=tooltip)
+    enc: dict[str, Any] = {"x": alt.X(f"{x}:N", sort=None, title=None), "y": alt.Y(f"{y}:Q"), "tooltip": tooltip}
     if color:
         pick = alt.selection_point(fields=[color], bind="legend")
         enc.update(color=alt.Color(f"{color}:N"), xOffset=alt.XOffset(f"{color}:N"),
@@ -247,6 +246,45 @@ def bar_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, too
         return alt.Chart(df, title=title or "").mark_bar().encode(**enc).add_params(pick).properties(
             width=width, height=height)
     return alt.Chart(df, title=title or "").mark_bar().encode(**enc).properties(width=width, height=height)
+
+
+PAIR_LABELS = {"self": "self (image with itself)", "knn": "kNN partner", "random": "random image"}
+
+
+def pair_correlation_chart(pairs: pd.DataFrame, shifts: dict[str, float] | None = None, *, bins: int = 40,
+                           title: str | None = None, width: int = 560, height: int = 240) -> alt.Chart:
+    """Histograms of the feature correlation F per pair type (``knn.pair_statistics``), each normalised to its
+    pair type's count, with the loss's shifts (``{"self": b, "knn": b, "random": b}``) as labelled vertical rules:
+    a pair of that type is pulled together where F exceeds its rule and pushed apart below it."""
+    need = {"pair", "F"}
+    if not isinstance(pairs, pd.DataFrame) or not need <= set(pairs.columns):
+        raise ValueError("pairs: expected the frame of stego_core.knn.pair_statistics (columns pair, F)")
+    lo = float(min(pairs["F"].min(), *(shifts or {}).values(), -0.2))
+    hi = float(max(pairs["F"].max(), *(shifts or {}).values(), 0.6))
+    edges = np.linspace(lo, hi, bins + 1)
+    rows = []
+    for pair, values in pairs.groupby("pair", sort=False)["F"]:
+        counts = np.histogram(values, bins=edges)[0]
+        rows += [{"pair": PAIR_LABELS.get(pair, pair), "from": float(a), "to": float(b), "share": c / len(values)}
+                 for a, b, c in zip(edges[:-1], edges[1:], counts)]
+    hist = pd.DataFrame(rows)
+    order = [PAIR_LABELS.get(p, p) for p in pairs["pair"].drop_duplicates()]
+    pick = alt.selection_point(fields=["pair"], bind="legend")
+    color = alt.Color("pair:N", sort=order, title="pair type")
+    areas = alt.Chart(hist).mark_area(interpolate="step-after", line=True).encode(
+        x=alt.X("from:Q", title="feature correlation F"), y=alt.Y("share:Q", stack=None, title="share of pairs"),
+        color=color, opacity=alt.condition(pick, alt.value(0.35), alt.value(0.04)),
+        tooltip=["pair", alt.Tooltip("from:Q", format=".2f"), alt.Tooltip("to:Q", format=".2f"),
+                 alt.Tooltip("share:Q", format=".3f")]).add_params(pick)
+    layers = [areas]
+    if shifts:
+        rules = pd.DataFrame([{"pair": PAIR_LABELS.get(p, p), "shift": float(b), "label": f"shift {p} = {b:g}"}
+                              for p, b in shifts.items()])
+        base = alt.Chart(rules).encode(x="shift:Q", color=color)
+        layers += [base.mark_rule(strokeDash=[4, 3], strokeWidth=2).encode(tooltip=["pair", "shift"]),
+                   base.mark_text(angle=270, align="left", baseline="bottom", dx=4, dy=-2).encode(
+                       text="label:N", y=alt.value(4))]
+    return alt.layer(*layers, title=title or "").properties(width=width, height=height)
 
 
 # --------------------------------------------------------------------------------------------- offline renderer

@@ -1,0 +1,88 @@
+"""The ``stego-study`` command.
+
+``stego-study run NOTEBOOK [-p name value ...] [--profile demo] [--force]``
+    converts ``notebooks/NOTEBOOK.py`` (jupytext py:percent) to a notebook, executes it with papermill and writes the
+    executed chapter to ``book/chapters/NOTEBOOK.ipynb`` (``stego_core.book.runner``). ``-p`` values are parsed like
+    papermill's (YAML literals); names must exist in the notebook's ``parameters`` cell and values must have the type
+    of the default. A current chapter is not executed again unless ``--force``.
+``stego-study book [--profile demo] [--force] [--workdir DIR]``
+    runs every notebook of the profile (``notebooks/profiles/NAME.yaml``), vendors the JavaScript the charts and
+    widgets need (npm registry, once) and builds the book strictly.
+``stego-study params NOTEBOOK``
+    prints the notebook's parameters with their defaults and comments.
+``stego-study vendor``
+    only fetches the JavaScript into ``book/vendor/``.
+``stego-study segment ...``
+    segments your own images (``stego_core.segment``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..config import StegoError
+from ..segment import main as segment_main
+from .build import make_book, prepare_workdir
+from .parameters import (
+    load_profile,
+    notebook_path,
+    parse_cli_parameters,
+    read_parameters,
+)
+from .runner import run_notebook
+from .vendor import vendor_js
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="stego-study", description="Run the study's notebooks and build its book.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute one notebook into book/chapters/NAME.ipynb")
+    run.add_argument("notebook", help="name of a notebook in notebooks/ (e.g. 00_data)")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="set a parameter (repeatable); values are YAML literals like papermill's -p")
+    run.add_argument("--profile", help="take this profile's parameters for the notebook first (e.g. demo)")
+    run.add_argument("--force", action="store_true", help="execute even when the chapter is current")
+    run.add_argument("--workdir", help="book folder to write into (default: the checkout)")
+    sub.add_parser("segment", add_help=False,
+                   help="segment your own images with a trained run or a released checkpoint (see its --help)")
+    book = sub.add_parser("book", help="run a profile's notebooks and build the book")
+    book.add_argument("--profile", default="demo", help="notebooks/profiles/NAME.yaml or a YAML path (demo)")
+    book.add_argument("--force", action="store_true", help="execute every notebook even when current")
+    book.add_argument("--workdir", help="build a copy of the book in this folder instead of the checkout")
+    params = sub.add_parser("params", help="list a notebook's parameters with their comments")
+    params.add_argument("notebook")
+    sub.add_parser("vendor", help="fetch the book's JavaScript from the npm registry into book/vendor/")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stego-study`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["segment"]:  # its own argument parser: stego_core.segment
+        return segment_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "params":
+            for p in read_parameters(args.notebook):
+                print(f"{p.name} = {p.default!r}" + (f"  # {p.comment}" if p.comment else ""))
+        elif args.command == "vendor":
+            vendor_js()
+        elif args.command == "run":
+            values: dict[str, Any] = {}
+            if args.profile:
+                values.update(dict(load_profile(args.profile)).get(notebook_path(args.notebook).stem, {}))
+            values.update(parse_cli_parameters(args.notebook, args.parameter))
+            workdir = prepare_workdir(args.workdir) if args.workdir else None
+            run_notebook(args.notebook, values, workdir=workdir, force=args.force)
+        elif args.command == "book":
+            make_book(args.profile, workdir=args.workdir, force=args.force)
+    except StegoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
