@@ -50,7 +50,7 @@ from torch import nn
 
 from stego_core.config import write_json_atomic
 
-SECTIONS = ("backbone", "train", "crf", "store", "demo")
+SECTIONS = ("backbone", "train", "sweep", "crf", "store", "demo")
 HERE = Path(__file__).resolve().parent
 
 # Sizes of the real training caches (spec §6, §9.1). Five-crop sets: every crop is an item.
@@ -243,36 +243,15 @@ def bench_backbones(table: Table, plan: dict, device: torch.device) -> None:
 
 
 def _stego_step_fn(in_dim: int, n_classes: int, device: torch.device, batch: int):
-    """One STEGO training step (as ``stego_core.training.train`` does it) on given features and labels."""
-    from stego_core.heads import STEGOHead
-    from stego_core.losses import CorrespondenceLoss
-    from stego_core.probes import ClusterProbe, LinearProbe, linear_probe_loss
+    """One STEGO training step: ``stego_core.train_state.train_step`` on given features and labels."""
+    from stego_core.train_state import build_state, train_step
     from stego_core.training import make_config
 
     cfg = make_config("cocostuff27", batch_size=batch)
-    torch.manual_seed(0)
-    head = STEGOHead(in_dim, cfg.code_dim).to(device).train()
-    cluster = ClusterProbe(cfg.code_dim, n_classes).to(device).train()
-    linear = LinearProbe(cfg.code_dim, n_classes).to(device).train()
-    loss_fn = CorrespondenceLoss(
-        pos_intra_weight=cfg.pos_intra_weight, pos_inter_weight=cfg.pos_inter_weight,
-        neg_inter_weight=cfg.neg_inter_weight, pos_intra_shift=cfg.pos_intra_shift,
-        pos_inter_shift=cfg.pos_inter_shift, neg_inter_shift=cfg.neg_inter_shift, pointwise=cfg.pointwise,
-        feature_samples=cfg.feature_samples, neg_samples=cfg.neg_samples)
-    opts = [torch.optim.Adam(head.parameters(), lr=cfg.lr), torch.optim.Adam(cluster.parameters(), lr=cfg.probe_lr),
-            torch.optim.Adam(linear.parameters(), lr=cfg.probe_lr)]
+    state = build_state(cfg, in_dim, n_classes, device=device).train()
 
     def step(feats: torch.Tensor, feats_pos: torch.Tensor, label: torch.Tensor) -> None:
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        f, code = head.forward_with_feats(feats)
-        f_pos, code_pos = head.forward_with_feats(feats_pos)
-        loss = cfg.correspondence_weight * loss_fn(f, f_pos, code, code_pos)["total"]
-        cluster_loss, _ = cluster(code.detach())
-        loss = loss + cluster_loss + linear_probe_loss(linear(code.detach()), label)
-        loss.backward()
-        for opt in opts:
-            opt.step()
+        train_step(state, feats, label, feats_pos=feats_pos)
 
     return step
 
@@ -326,6 +305,109 @@ def bench_train_step(table: Table, plan: dict, device: torch.device, workdir: Pa
     sec = time_call(cached, device, min_time=plan["min_time"], min_iters=5)
     table.add("train step", f"{cfg} cached fp16 store (ours)", sec * 1e3, "ms/step", ratio=sec_live / sec,
               note=f"store of {len(store)} built in {build_s:.1f} s")
+
+
+def _timed_steps(times: list) -> Callable[[int, Any], None]:
+    """A training callback that records (step, time) so that per-step seconds leave out setup and validation."""
+    def record(step: int, logs: Any) -> None:
+        times.append((step, time.perf_counter()))
+    return record
+
+
+def _median_step(times: list[tuple[int, float]], skip: set[int]) -> float:
+    """Median seconds of the steps after the first whose step did not validate (steps in ``skip``)."""
+    gaps = [t1 - t0 for (s0, t0), (s1, t1) in zip(times, times[1:]) if s1 == s0 + 1 and s1 not in skip]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+def _sweep_pair(table: Table, label: str, cfgs: list, stores: tuple, workdir: Path, device: torch.device) -> None:
+    """One group trained run by run (``train``, today's independent runs) and fused (``train_group``), side by side
+    on the same stores: seconds per run (wall, incl. setup and validation) and per run-step (median step)."""
+    from stego_core.train_loop import validation_steps
+    from stego_core.training import train, train_group
+
+    cfg = cfgs[0]
+    skip = set(validation_steps(cfg.steps, cfg.val_freq, len(stores[0]), cfg.batch_size, cfg.protocol))
+    kw = dict(train_store=stores[0], val_store=stores[1], progress=False, device=device)
+    t0 = time.perf_counter()
+    per_run_step = []
+    for c in cfgs:
+        times: list = []
+        train(c, root=workdir / f"indep-{label}", callback=_timed_steps(times), **kw)
+        per_run_step.append(_median_step(times, skip))
+    indep_s = (time.perf_counter() - t0) / len(cfgs)
+    indep_step = sum(per_run_step) / len(cfgs)
+    times = []
+    t0 = time.perf_counter()
+    train_group(cfgs, root=workdir / f"fused-{label}", callback=_timed_steps(times), **kw)
+    fused_s = (time.perf_counter() - t0) / len(cfgs)
+    fused_step = _median_step(times, skip) / len(cfgs)
+    conf = f"{label}: {len(cfgs)} runs x {cfg.steps} steps, batch {cfg.batch_size}"
+    table.add("sweep", f"{conf} independent", indep_s, "s/run", ratio=1.0,
+              note=f"{indep_step * 1e3:.1f} ms per run-step")
+    table.add("sweep", f"{conf} fused", fused_s, "s/run", ratio=indep_s / fused_s,
+              note=f"{fused_step * 1e3:.1f} ms per run-step, {indep_step / fused_step:.2f}x per step")
+
+
+def _demo_stores(workdir: Path, device: torch.device) -> tuple:
+    from stego_core.cache import cache_features
+    from stego_core.knn import build_knn
+
+    stores = tuple(cache_features("mosaic", split, "efficientnet_lite0", res=224, crop="center", root=workdir,
+                                  device=device, progress=False) for split in ("train", "val"))
+    build_knn(stores[0], 30, protocol="original", progress=False)
+    return stores
+
+
+def _paper_stores(plan: dict, workdir: Path, device: torch.device) -> tuple:
+    """A synthetic store of the paper's shape: ViT-B/8 geometry (768 channels, 28 x 28 tokens at 224 px)."""
+    from stego_core.cache import cache_features
+    from stego_core.knn import build_knn
+
+    n_train, n_val = plan["sweep_paper_items"]
+    bb = PatchProjection(768, 8, "vitb8shape")
+    stores = tuple(cache_features(PhotoSet(n, 224), None, bb, root=workdir / f"paper-{split}", device=device,
+                                  progress=False) for split, n in (("train", n_train), ("val", n_val)))
+    build_knn(stores[0], 10, protocol="original", progress=False)
+    return stores
+
+
+def bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path) -> None:
+    """Independent vs fused training of the same group on the same store (stego_core.fused), side by side."""
+    from stego_core.projections import fit_projection
+    from stego_core.training import make_config
+
+    groups = []
+    try:
+        demo = _demo_stores(workdir / "demo", device)
+        base = dict(steps=plan["sweep_demo_steps"])
+        dims = (112, 96, 48, 24, 12, 6, 3)
+        groups.append(("demo STEGO", [make_config("demo", code_dim=d, **base) for d in dims], demo))
+        probes = [make_config("demo", method="dino", **base)]
+        probes += [make_config("demo", method=m, code_dim=d, **base) for m in ("pca", "rp") for d in dims]
+        groups.append(("demo probe-only", probes, demo))
+    except Exception as exc:  # noqa: BLE001
+        table.add("sweep", "demo", None, "s/run", note=f"skipped: {type(exc).__name__}: {exc}")
+    paper = _paper_stores(plan, workdir / "paper", device)
+    steps = plan["sweep_paper_steps"]
+    base = dict(dataset="benchphotos", backbone="vitb8shape", steps=steps, val_freq=steps, protocol="corrected",
+                n_fit_images=len(paper[0]), batch_size=32)
+    dims = (768, 384, 192, 100, 96, 90, 48, 24, 12, 6, 3)
+    probes = [make_config("cocostuff27", method="dino", **base)]
+    probes += [make_config("cocostuff27", method=m, code_dim=d, **base) for m in ("pca", "rp") for d in dims]
+    groups.append(("ViT-B/8-shaped probe-only", probes, paper))
+    groups.append(("ViT-B/8-shaped STEGO", [make_config("cocostuff27", code_dim=d, **{**base, "steps": plan[
+        "sweep_paper_stego_steps"], "val_freq": plan["sweep_paper_stego_steps"]}) for d in dims], paper))
+    for label, cfgs, stores in groups:
+        if any(c.method == "pca" for c in cfgs):  # the PCA fit is shared by every dimension: fit it before timing
+            c = next(c for c in cfgs if c.method == "pca")
+            fit_projection("pca", 1, stores[0], n_images=c.n_fit_images, random_state=c.seed, progress=False,
+                           root=workdir / f"indep-{label}", standardize="per_batch" if c.protocol == "original"
+                           else "train")
+            fit_projection("pca", 1, stores[0], n_images=c.n_fit_images, random_state=c.seed, progress=False,
+                           root=workdir / f"fused-{label}", standardize="per_batch" if c.protocol == "original"
+                           else "train")
+        _sweep_pair(table, label, cfgs, stores, workdir, device)
 
 
 def bench_crf(table: Table, plan: dict) -> None:
@@ -440,6 +522,8 @@ def make_plan(full: bool) -> dict:
             "live_iters": 5,
             "crf": (32, 320, 27),
             "store": (2048, 224, 768, 8, 32),
+            "sweep_demo_steps": 60, "sweep_paper_items": (256, 64), "sweep_paper_steps": 20,
+            "sweep_paper_stego_steps": 20,
         }
     return {
         "min_time": 1.0,
@@ -448,6 +532,7 @@ def make_plan(full: bool) -> dict:
         "live_iters": 1,
         "crf": (2 * (os.cpu_count() or 1), 320, 27),
         "store": (256, 224, 384, 16, 32),
+        "sweep_demo_steps": 60, "sweep_paper_items": (64, 16), "sweep_paper_steps": 5, "sweep_paper_stego_steps": 4,
     }
 
 
@@ -518,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_backbones(table, plan, device)
         if "train" in only:
             bench_train_step(table, plan, device, workdir)
+        if "sweep" in only:
+            bench_sweep(table, plan, device, workdir)
         if "crf" in only:
             bench_crf(table, plan)
         if "store" in only:

@@ -31,7 +31,8 @@ protocol = "original"  # "original" (the study's code, incl. per-batch standardi
 overrides = {}  # further TrainConfig fields for every run, e.g. {"batch_size": 8} or {"n_neighbors": 4} on tiny data
 spread = "band"  # how Figure 4 shows the spread over seeds: "band", "errorbar" or "none"
 device = "cpu"  # cpu, cuda, cuda:1 …; training and feature extraction run there
-workers = 1  # runs trained at once, each in its own process sharing the CPU cores (the demo: 2 on 2 cores, about 1.5x faster); 1 runs them one after the other here
+fused = True  # train the runs of one seed that share the stores in one pass over the batches (each run keeps its own weights, generators and checkpoints and ends as it would alone, up to float rounding in PCA/RP; see the method page on baselines); False trains every run on its own
+workers = 1  # runs (fused: groups of runs) trained at once, each in its own process sharing the CPU cores (the demo: 2 on 2 cores, about 1.5x faster); 1 runs them one after the other here
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars (one per run when True)
 
@@ -95,7 +96,7 @@ glue("dim_skip_note", Markdown(
 
 # %%
 t0 = time.perf_counter()
-swept = sweep.run_sweep(runnable, root=root, progress=progress, run_progress=False,
+swept = sweep.run_sweep(runnable, root=root, progress=progress, run_progress=False, fused=fused,
                         executor=sweep.local_executor(workers))
 sweep_seconds = time.perf_counter() - t0
 table = figures.dimension_table(swept.results, protocol=protocol)

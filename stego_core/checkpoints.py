@@ -26,6 +26,7 @@ files from a source you trust (the authors' own release, for instance).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import tempfile
@@ -36,16 +37,18 @@ from typing import Any
 import torch
 
 from .backbones import load_backbone
-from .config import StegoError
+from .config import StegoError, atomic_write
 from .heads import STEGOHead
 from .probes import ClusterProbe, LinearProbe
 
-__all__ = ["LoadedCheckpoint", "load_stego_checkpoint", "backbone_name_for"]
+__all__ = ["LoadedCheckpoint", "load_stego_checkpoint", "backbone_name_for", "save_stego_checkpoint",
+           "RELEASED_BACKBONES"]
 
 # (model_type, patch size) -> our backbone registry name
 _BACKBONE_NAMES = {("vit_small", 8): "dino_vits8", ("vit_small", 16): "dino_vits16",
                    ("vit_base", 8): "dino_vitb8", ("vit_base", 16): "dino_vitb16"}
 _WIDTH_TO_TYPE = {384: "vit_small", 768: "vit_base"}
+RELEASED_BACKBONES = tuple(_BACKBONE_NAMES.values())  # the backbones a released checkpoint can hold
 
 _REQUIRED = ("cluster_probe.clusters", "linear_probe.weight", "linear_probe.bias")
 _HEAD_KEYS = ("net.cluster1.0.weight", "net.cluster1.0.bias", "net.cluster2.0.weight", "net.cluster2.0.bias",
@@ -322,3 +325,37 @@ def _load_conv(module: Any, weight: Any, bias: Any, path: Path) -> None:
                          f"{tuple(target[wk].shape)}")
     module.load_state_dict({wk: weight.float().reshape(target[wk].shape), bk: bias.float().reshape(target[bk].shape)},
                            strict=True)
+
+
+def save_stego_checkpoint(run_dir: str | os.PathLike, path: str | os.PathLike, *,
+                          weights: str | os.PathLike | None = None) -> Path:
+    """Write a trained STEGO run on a DINO v1 backbone as a checkpoint in the released layout (module doc):
+    ``net.model.*`` = the run's backbone (``weights``: instead of the run's), ``net.cluster1/2.*`` = its head,
+    both probes, and ``hyper_parameters`` with ``n_classes`` and the ``cfg`` entries ``load_stego_checkpoint``
+    reads. Written to a temporary name and renamed."""
+
+    run_dir, path = Path(run_dir), Path(path)
+    cfg = json.loads((run_dir / "meta.json").read_text()).get("config") or {}
+    names = {v: k for k, v in _BACKBONE_NAMES.items()}
+    if cfg.get("method") != "stego" or cfg.get("backbone") not in names:
+        raise StegoError(f"run_dir: {run_dir.name} is a {cfg.get('method')} run on {cfg.get('backbone')}; the "
+                         f"released layout holds STEGO runs on {', '.join(sorted(names))}")
+    from .segmenter import Segmenter  # segmenter imports this module to read checkpoints: import at call time
+
+    seg = Segmenter.from_run(run_dir)
+    head = seg.code_map
+    backbone = load_backbone(cfg["backbone"], weights if weights is not None else cfg.get("weights"))
+    sd = {f"net.model.{k}": v for k, v in backbone.vit.state_dict().items() if not k.startswith("head.")}
+    sd.update({"net.cluster1.0.weight": head.linear.weight, "net.cluster1.0.bias": head.linear.bias,
+               "net.cluster2.0.weight": head.nonlinear[0].weight, "net.cluster2.0.bias": head.nonlinear[0].bias,
+               "net.cluster2.2.weight": head.nonlinear[2].weight, "net.cluster2.2.bias": head.nonlinear[2].bias,
+               "cluster_probe.clusters": seg.cluster_probe.centres,
+               "linear_probe.weight": seg.linear_probe.conv.weight, "linear_probe.bias": seg.linear_probe.conv.bias})
+    model_type, patch = names[cfg["backbone"]]
+    hparams = {"n_classes": seg.n_classes,
+               "cfg": {"dataset_name": cfg["dataset"], "model_type": model_type, "dino_patch_size": patch,
+                       "dim": seg.code_dim, "extra_clusters": seg.n_clusters - seg.n_classes}}
+    with atomic_write(path) as fh:
+        torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in sd.items()}, "hyper_parameters": hparams},
+                   fh)
+    return path

@@ -554,7 +554,7 @@ class CocoStuff27(_FileDataset):
         self._five = None
         base = self.root / "cocostuff"
         folder, list_name = self._LISTS[split]
-        list_path = _require(base / "curated" / folder / list_name, self.name, self.root)
+        list_path = self.list_path = _require(base / "curated" / folder / list_name, self.name, self.root)
         self.img_dir = _require(base / "images" / folder, self.name, self.root)
         self.lbl_dir = _require(base / "annotations" / folder, self.name, self.root)
         self.ids = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
@@ -678,6 +678,7 @@ class Potsdam(_FileDataset):
             lists = [base / "labelled_train.txt", base / "labelled_test.txt"]
         else:
             lists = [base / self._LISTS[split]]
+        self.lists = lists  # the list files read, in order
         self.ids = []
         for list_path in lists:
             _require(list_path, self.name, self.root)

@@ -5,7 +5,8 @@ decision of the serial path: it expands the grid, skips runs whose ``DONE`` mark
 collects the results table; the executor only decides *where* each pending run executes. Each run becomes one Ray
 remote task with the resources it needs (``num_cpus``, ``num_gpus`` — fractional values put several small runs on
 one GPU); outcomes are yielded as tasks finish (``ray.wait``), so the sweep's progress bar and error handling work
-unchanged. An exception inside a run surfaces as that same exception in the driver (``on_error="raise"``, the
+unchanged (in a fused sweep, ``stego_core.fused``, each task is one fused group of runs rather than one run). An
+exception inside a run surfaces as that same exception in the driver (``on_error="raise"``, the
 remaining tasks are cancelled) or as a recorded failure (``on_error="continue"``, handled by ``run_sweep``).
 
 Shared storage. Workers write the sweep markers and run folders under the sweep's ``root``, so on a multi-machine

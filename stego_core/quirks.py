@@ -15,6 +15,9 @@ quirks chapter (notebooks/07_quirks.py) puts them side by side.
 - ``pos_embed_difference`` (quirk 13): how far DINO's (g+0.1)/n interpolation rule moves the positional table
   away from an exact resize.
 - ``prediction_change``: the share of pixels whose prediction differs between two settings.
+- ``protocol_runs`` / ``best_metric``: a run trained under each protocol for the chapter's side-by-side rows; the
+  corrected-protocol run may be absent (the paper profiles train none), which leaves its column empty with a note
+  naming the command that trains it.
 """
 from __future__ import annotations
 
@@ -30,10 +33,37 @@ from .data import normalize_uint8
 from .evaluation import evaluate_store
 from .knn import build_knn
 from .probes import PROBES, ClusterProbe
+from .runs import MissingRunError, require_run
 from .segmenter import Segmenter
+from .train_state import TrainState, train_step
 
-__all__ = ["class_histograms", "knn_agreement", "knn_quirk", "evaluate_run", "with_extra_clusters", "byte_difference",
+__all__ = ["protocol_runs", "best_metric", "class_histograms",
+           "knn_agreement", "knn_quirk", "evaluate_run", "with_extra_clusters", "byte_difference",
            "pos_embed_difference", "prediction_change"]
+
+
+def protocol_runs(preset: str, *, method: str, code_dim: int | None = None, train_missing: bool = False,
+                  **run_args: Any) -> dict[str, Any]:
+    """{"original": Segmenter, "corrected": Segmenter or None, "note": str} for one method's runs.
+
+    The original-protocol run is required (chapters 02 and 03 train it). The corrected one is trained here when
+    ``train_missing`` is true (``runs.require_run``); otherwise, when it is absent, "corrected" is None and "note"
+    names the command that trains it. ``run_args``: the other keywords of ``runs.require_run``.
+    """
+    out = {p: None for p in PROTOCOLS} | {"note": ""}
+    out["original"] = require_run(preset, method=method, code_dim=code_dim, protocol="original",
+                                  train_missing=train_missing, **run_args)
+    try:
+        out["corrected"] = require_run(preset, method=method, code_dim=code_dim, protocol="corrected",
+                                       train_missing=train_missing, **run_args)
+    except MissingRunError as exc:
+        out["note"] = f"no corrected-protocol {method} run: train it with {exc.command}"
+    return out
+
+
+def best_metric(segmenter: Segmenter | None, key: str) -> float:
+    """A run's validation metric at its selected step (``info["metrics"][key]``); NaN for an absent run."""
+    return float("nan") if segmenter is None else float(segmenter.info["metrics"][key])
 
 
 def class_histograms(store: Any, *, batch_size: int = 64) -> np.ndarray:
@@ -114,14 +144,12 @@ def with_extra_clusters(segmenter: Segmenter, store: Any, extra_clusters: int, *
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = ClusterProbe(segmenter.code_dim, segmenter.n_classes + int(extra_clusters)).to(segmenter.device)
-    opt = torch.optim.Adam(probe.parameters(), lr=lr)
+    state = TrainState(cfg=None, cluster_probe=probe, linear_probe=None,
+                       opt_cluster=torch.optim.Adam(probe.parameters(), lr=lr), opt_linear=None)
     for _ in range(steps):
         idx = torch.randperm(len(store), generator=gen)[:batch_size].sort().values
         code = segmenter.code(store.read(idx.numpy())["feats"])  # [b,D,h,w], no gradient
-        loss, _ = probe(code)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(state, code, None, code=code)  # the training's probe step, cluster probe only
     return segmenter.with_cluster_probe(probe.eval())
 
 

@@ -31,12 +31,21 @@ from .config import PROTOCOLS, STAGES, StegoError, artifacts_root, check_choice,
 from .segmenter import Segmenter
 from .training import PRESETS, TrainConfig, TrainResult, make_config, train
 
-__all__ = ["STAGES", "find_runs", "run_config", "require_run", "require_runs", "method_dims", "train_missing",
+__all__ = ["STAGES", "MissingRunError", "find_runs", "run_config", "require_run", "require_runs", "method_dims",
+           "train_missing",
            "missing_run_command"]
 
 _COLUMNS = ["run_dir", "run_id", "dataset", "backbone", "method", "code_dim", "seed", "protocol", "train_store",
             "val_store", "best", "finished"]
 SCRATCH_BOOK = "scratch-book"  # under the artifacts root: the book folder of the commands that make missing runs
+
+
+class MissingRunError(StegoError):
+    """A downstream chapter asked for runs that nobody trained; ``command`` is the command that makes them."""
+
+    def __init__(self, message: str, command: str):
+        super().__init__(message)
+        self.command = command
 
 
 def _store_path(store: Any) -> str | None:
@@ -179,10 +188,11 @@ def require_runs(preset: str, requests: Sequence[tuple[str, int | None]], *, tra
         names = ", ".join(_dims_label(c) for c in missing)
         command = missing_run_command(missing, train_store=train_store, val_store=val_store, preset=preset,
                                       overrides=overrides, root=root, device=str(device))
-        raise StegoError(f"runs: no finished run of {names} (seed {seed}, protocol {protocol!r}, preset {preset!r}) "
+        raise MissingRunError(f"runs: no finished run of {names} (seed {seed}, protocol {protocol!r}, "
+                              f"preset {preset!r}) "
                          f"on the training store {_store_path(train_store)}; downstream chapters do not train: make "
                          f"{'it' if len(missing) == 1 else 'them'} with {command} (or set train_missing: true in "
-                         f"this chapter's parameters to train {'it' if len(missing) == 1 else 'them'} here)")
+                         f"this chapter's parameters to train {'it' if len(missing) == 1 else 'them'} here)", command)
     out: dict[tuple[str, int], Segmenter] = {}
     for cfg, run_dir in wanted:
         if run_dir is None:

@@ -12,6 +12,9 @@ Why direct calls rather than one papermill notebook per run: a run is a function
 to minutes), so a notebook kernel per run would cost more than the run; and the sweep's notebook renders the whole
 sweep (progress, table, figure) in one executed chapter.
 
+Fused sweeps (``fused=True``, the default): runs that share a feature store and a batch schedule train as one
+group in one pass over the batches (``stego_core.fused``); each still gets its own run folder, markers and rows.
+
 Seams:
 - ``run_fn(spec, *, run_dir, root, progress)`` does one run; the default ``train_run`` opens (or builds) the
   train/val feature stores with ``stego_core.cache.cache_features`` and calls ``stego_core.training.train``. Tests
@@ -52,6 +55,7 @@ from .config import (
     write_json_atomic,
 )
 from .crf import start_method
+from .fused import RunGroup, group_specs
 from .results import empty_results, load_results, summarise
 from .training import PRESETS, TrainConfig, make_config, train
 
@@ -376,13 +380,17 @@ def _rows_of(df: pd.DataFrame, specs: Sequence[RunSpec], root=None) -> pd.DataFr
 
 def run_sweep(grid: SweepGrid | Iterable[RunSpec], *, root=None, run_fn: Callable[..., Any] | None = None,
               executor: Callable[[Callable[[RunSpec], Any], Sequence[RunSpec]], Iterable[Any]] | None = None,
-              progress: bool = True, run_progress: bool = False, on_error: str = "raise") -> SweepResult:
+              progress: bool = True, run_progress: bool = False, on_error: str = "raise",
+              fused: bool = True) -> SweepResult:
     """Run every unfinished run of ``grid`` and return a ``SweepResult`` with the rows of all its runs.
 
     root: artifacts root (markers, stores, runs, results). run_fn: see the module docstring (default ``train_run``).
     executor: see the module docstring (default ``serial_executor``). progress: a bar over runs; run_progress:
     the runs' own bars. on_error: "raise" stops at the first failing run (call again to resume), "continue"
     records the failure, runs the rest and reports failures in ``SweepResult.failed``.
+    fused: train the runs that share a store and a batch schedule together (``stego_core.fused``: one pass over the
+    batches per group; each run keeps its own folder, generators and checkpoints, and trains on the batches it
+    would see alone); the executor then runs groups. False (or a custom ``run_fn``) trains each run on its own.
     """
     check_choice("on_error", on_error, ON_ERROR)
     specs = grid.runs() if isinstance(grid, SweepGrid) else list(grid)
@@ -394,6 +402,7 @@ def run_sweep(grid: SweepGrid | Iterable[RunSpec], *, root=None, run_fn: Callabl
         if h in seen:
             raise StegoError(f"grid: run {s.name} appears twice; expected distinct runs")
         seen[h] = s.name
+    fuse = fused and run_fn is None
     run_fn = run_fn or train_run
     executor = executor or serial_executor
 
@@ -402,15 +411,19 @@ def run_sweep(grid: SweepGrid | Iterable[RunSpec], *, root=None, run_fn: Callabl
     ran: list[str] = []
     failed: dict[str, str] = {}
 
-    one = _RunOne(root=root, run_fn=run_fn, run_progress=run_progress, on_error=on_error)
+    if fuse:  # one unit per fused group, outcomes per run
+        units, fn = group_specs(pending), RunGroup(root=root, run_progress=run_progress, on_error=on_error)
+    else:
+        units, fn = pending, _RunOne(root=root, run_fn=run_fn, run_progress=run_progress, on_error=on_error)
     with tqdm(total=len(specs), initial=len(skipped), desc="sweep", unit="run", disable=not progress) as bar:
-        for name, error in executor(one, pending):
-            if error is None:
-                ran.append(name)
-            else:
-                failed[name] = error
-            bar.set_postfix_str(name)
-            bar.update(1)
+        for outcome in executor(fn, units):
+            for name, error in (outcome if fuse else [outcome]):
+                if error is None:
+                    ran.append(name)
+                else:
+                    failed[name] = error
+                bar.set_postfix_str(name)
+                bar.update(1)
     return SweepResult(specs=specs, skipped=skipped, ran=ran, failed=failed,
                        results=_rows_of(load_results(root), specs, root))
 

@@ -29,17 +29,18 @@ MODULES_OVER_LIMIT = {
     "cache.py",
     "data.py",
     "projections.py",
-    "training.py",
 }
 # Functions ("module path:qualified name") still longer than MAX_FUNCTION_LINES. Shrinking, like the list above.
 FUNCTIONS_OVER_LIMIT = {
     "cache.py:cache_features",
     "checkpoints.py:load_stego_checkpoint",
     "segment.py:segment_images",
-    "training.py:train",
 }
 # Imported inside functions only: heavy and optional (a missing one must not break `import stego_core.x`).
-LAZY_IMPORTS = {"ray", "hnne", "papermill", "playwright"}
+LAZY_IMPORTS = {"ray", "hnne", "papermill", "playwright", "torch.utils.tensorboard"}
+# The one import cycle, broken at call time: segmenter imports checkpoints to read released checkpoints, and the
+# checkpoint writer builds a Segmenter from a run.
+CYCLE_BREAKERS = {("checkpoints.py", ".segmenter")}
 # Shared constants and the one module that may define them.
 CONSTANT_HOMES = {
     "IMAGENET_MEAN": "data.py", "IMAGENET_STD": "data.py", "IMAGE_EXTENSIONS": "data.py",
@@ -129,18 +130,22 @@ def _train_calls(tree: ast.Module) -> list[str]:
     return calls
 
 
-def _local_imports(tree: ast.Module) -> list[str]:
+def _lazy_allowed(module: str, path: str) -> bool:
+    return (path, module) in CYCLE_BREAKERS or any(module == m or module.startswith(m + ".") for m in LAZY_IMPORTS)
+
+
+def _local_imports(tree: ast.Module, path: str = "") -> list[str]:
     found = []
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for node in ast.walk(fn):
                 if isinstance(node, ast.Import):
-                    roots = {alias.name.split(".")[0] for alias in node.names}
+                    modules = {alias.name for alias in node.names}
                 elif isinstance(node, ast.ImportFrom):
-                    roots = {"." if node.level else (node.module or "").split(".")[0]}
+                    modules = {"." * node.level + (node.module or "")}
                 else:
                     continue
-                if not roots <= LAZY_IMPORTS:
+                if not all(_lazy_allowed(m, path) for m in modules):
                     found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return found
 
@@ -191,7 +196,7 @@ def test_only_training_sweep_and_runs_call_train():
 
 
 def test_imports_at_module_top():
-    found = {path: hits for path, tree in _modules().items() if (hits := _local_imports(tree))}
+    found = {path: hits for path, tree in _modules().items() if (hits := _local_imports(tree, path))}
     assert not found, f"imports inside functions (move them to the top; only {sorted(LAZY_IMPORTS)} stay lazy): {found}"
 
 
@@ -242,6 +247,9 @@ def test_train_call_checker(source, expected):
     ("def f():\n    from .cache import open_store\n", 1),
     ("def f():\n    import ray\n    from hnne import HNNE\n    import papermill as pm\n", 0),
     ("def f():\n    from playwright.sync_api import sync_playwright\n", 0),
+    ("def f():\n    from torch.utils.tensorboard import SummaryWriter\n", 0),
+    ("def f():\n    import torch.utils.data\n", 1),
+    ("def f():\n    from .segmenter import Segmenter\n", 1),
 ])
 def test_local_import_checker(source, expected):
     assert len(_local_imports(ast.parse(source))) == expected

@@ -93,3 +93,28 @@ def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
         assert key in gq, key
     assert gq["res_var_n_components"] == g6["res_var_n_components"] == "96"  # 6 images x 4 x 4 tokens < C
     assert gq["res_stego_beats_pca_cluster"] == g6["res_stego_beats_pca_cluster"]
+
+
+def test_chapter_02_runs_are_the_sweeps_runs(tmp_path, monkeypatch):
+    """Issue 14 §3: the sweep's STEGO run at chapter 02's dimension and its DINO baseline are chapter 02's own keyed
+    runs (same config, same stores): the sweep loads them instead of training them again."""
+    monkeypatch.setenv("STEGO_ARTIFACTS", str(tmp_path / "artifacts"))
+    study.run_notebook("01_features", FEATURES, workdir=tmp_path / "book")
+    shared = dict(dataset="mosaic", res=64, dataset_options={"n_images": 6, "scene_size": 96}, progress=False)
+    training = dict(batch_size=3, n_neighbors=3, val_freq=2)
+    study.run_notebook("02_train_stego", dict(shared, code_dim=3, steps=2, n_examples=2, **training),
+                       workdir=tmp_path / "book")
+    runs = tmp_path / "artifacts" / "runs"
+    assert len(list(runs.glob("*/DONE"))) == 3  # STEGO, untrained head, raw features
+    before = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/DONE")}
+    run = study.run_notebook("03_dimension_study", dict(shared, methods=["stego", "dino"], dims=[3], seeds=[0],
+                                                        steps=2, overrides=training), workdir=tmp_path / "book")
+    nb = nbformat.read(run.output, as_version=4)
+    assert not _errors(nb)
+    assert _glued(nb)["dim_n_runs"] == "2"
+    after = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/DONE")}
+    assert after == before, "the sweep trained runs that chapter 02 had trained already"
+    recorded = {json.loads(p.read_text())["train_run_dir"].rsplit("/", 1)[-1]
+                for p in (tmp_path / "artifacts" / "sweeps").glob("*/run.json")}
+    assert len(recorded) == 2 and recorded <= set(before)
+    assert {r.split("-")[1] for r in recorded} == {"stego", "dino"}

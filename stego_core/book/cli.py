@@ -8,6 +8,8 @@
 ``stego-study book [--profile demo] [--force] [--workdir DIR]``
     runs every notebook of the profile (``notebooks/profiles/NAME.yaml``), vendors the JavaScript the charts and
     widgets need (npm registry, once) and builds the book strictly.
+``stego-study preflight --profile NAME [--synthetic]``
+    checks that a profile will run before the GPU-days (``stego_core.preflight``); exit status 1 when a check fails.
 ``stego-study params NOTEBOOK``
     prints the notebook's parameters with their defaults and comments.
 ``stego-study vendor``
@@ -22,6 +24,7 @@ import sys
 from typing import Any
 
 from ..config import StegoError
+from ..preflight import add_arguments, run_cli
 from ..segment import main as segment_main
 from .build import make_book, prepare_workdir
 from .parameters import (
@@ -51,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     book.add_argument("--profile", default="demo", help="notebooks/profiles/NAME.yaml or a YAML path (demo)")
     book.add_argument("--force", action="store_true", help="execute every notebook even when current")
     book.add_argument("--workdir", help="build a copy of the book in this folder instead of the checkout")
+    add_arguments(sub.add_parser("preflight", help="check that a profile will run (data, weights, device, disk, a "
+                                 "tiny end-to-end run) before the GPU-days; --synthetic without data or GPU"))
     params = sub.add_parser("params", help="list a notebook's parameters with their comments")
     params.add_argument("notebook")
     sub.add_parser("vendor", help="fetch the book's JavaScript from the npm registry into book/vendor/")
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             run_notebook(args.notebook, values, workdir=workdir, force=args.force)
         elif args.command == "book":
             make_book(args.profile, workdir=args.workdir, force=args.force)
+        elif args.command == "preflight":
+            return run_cli(args)
     except StegoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
