@@ -378,7 +378,7 @@ def test_baselines_train_probes_only(tmp_path, stores, method):
 def test_hnne_tokens_reach_the_fit(tmp_path, stores, monkeypatch, method, expected):
     """hnne_tokens sets h-NNE's token sample (the demo fits on fewer than the study's 1e6); PCA and RP fit on
     every token of the n_fit_images images."""
-    from stego_core import projections, training
+    from stego_core import projections, train_features
 
     seen = {}
     real_fit = projections.fit_projection
@@ -387,7 +387,7 @@ def test_hnne_tokens_reach_the_fit(tmp_path, stores, monkeypatch, method, expect
         seen.update(kw)
         return real_fit("pca" if method_ == "hnne" else method_, k, store, **kw)  # hnne itself is slow
 
-    monkeypatch.setattr(training, "fit_projection", spy)
+    monkeypatch.setattr(train_features, "fit_projection", spy)
     cfg = _cfg(method=method, code_dim=3, steps=2, val_freq=2, hnne_tokens=150, n_fit_images=5)
     train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
     assert seen["n_tokens"] == expected and seen["n_images"] == 5
