@@ -7,11 +7,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROFILE ?= demo
 PYTEST_ARGS ?=
+HTML   ?= _build/html
+REMOTE ?= origin
 
-.PHONY: book test test-random vendor mutation venv system-deps clean-book clean-artifacts benchmark help
+.PHONY: book publish test test-random vendor mutation venv system-deps clean-book clean-artifacts benchmark help
 
 help:
 	@echo "make book          run the '$(PROFILE)' profile's notebooks with papermill and build the book (HTML under _build/html)"
+	@echo "make publish       put the built book (_build/html) on the gh-pages branch and push it to $(REMOTE)"
 	@echo "make test          ruff check, then the whole test suite"
 	@echo "make system-deps   install the Debian packages the browser tests and the book need (chromium, npm; needs root)"
 	@echo "make benchmark     print the benchmark table (benchmarks/run.py)"
@@ -29,6 +32,9 @@ venv: $(STAMP)
 
 book: $(STAMP)
 	$(BIN)/stego-study book --profile $(PROFILE)
+
+publish: $(STAMP)
+	$(BIN)/stego-study publish --html $(HTML) --remote $(REMOTE)
 
 test: $(STAMP) vendor
 	$(BIN)/ruff check stego_core notebooks tests benchmarks

@@ -18,6 +18,9 @@ What is measured (each "original" row is what the reference implementation does;
   ours) against two fp32 backbone passes per step on the stored images ("live fp32", the original's way: it never
   cached) and the same in bf16 + SDPA ("live bf16"). The live paths read the stored uint8 images (no JPEG decoding,
   which would only add to the original's cost).
+- sweep: seconds per run and per run-step of a group of runs trained independently (``training.train`` run by
+  run, the original's one job per run) and fused (``training.train_group``: one pass over the batches), same group,
+  same store, side by side; on the demo store and on a synthetic ViT-B/8-shaped store (benchmarks/README.md).
 - CRF: DenseCRF images/s at 320x320 with 27 classes, by worker count, with a warm ``CRFPool``; plus ``crf_batch``
   including the pool start-up, as a one-off evaluation call pays it.
 - feature store: images/s and MB/s of shuffled ``iter_batches`` over a store on local disk (page cache warm: the
@@ -308,9 +311,9 @@ def bench_train_step(table: Table, plan: dict, device: torch.device, workdir: Pa
 
 
 def _timed_steps(times: list) -> Callable[[int, Any], None]:
-    """A training callback that records (step, time) so that per-step seconds leave out setup and validation."""
+    """A training callback that records (step, CPU time) so that per-step seconds leave out setup and validation."""
     def record(step: int, logs: Any) -> None:
-        times.append((step, time.perf_counter()))
+        times.append((step, time.process_time()))
     return record
 
 
@@ -329,23 +332,23 @@ def _sweep_pair(table: Table, label: str, cfgs: list, stores: tuple, workdir: Pa
     cfg = cfgs[0]
     skip = set(validation_steps(cfg.steps, cfg.val_freq, len(stores[0]), cfg.batch_size, cfg.protocol))
     kw = dict(train_store=stores[0], val_store=stores[1], progress=False, device=device)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     per_run_step = []
     for c in cfgs:
         times: list = []
         train(c, root=workdir / f"indep-{label}", callback=_timed_steps(times), **kw)
         per_run_step.append(_median_step(times, skip))
-    indep_s = (time.perf_counter() - t0) / len(cfgs)
+    indep_s = (time.process_time() - t0) / len(cfgs)
     indep_step = sum(per_run_step) / len(cfgs)
     times = []
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     train_group(cfgs, root=workdir / f"fused-{label}", callback=_timed_steps(times), **kw)
-    fused_s = (time.perf_counter() - t0) / len(cfgs)
+    fused_s = (time.process_time() - t0) / len(cfgs)
     fused_step = _median_step(times, skip) / len(cfgs)
     conf = f"{label}: {len(cfgs)} runs x {cfg.steps} steps, batch {cfg.batch_size}"
-    table.add("sweep", f"{conf} independent", indep_s, "s/run", ratio=1.0,
+    table.add("sweep", f"{conf} independent", indep_s, "CPU s/run", ratio=1.0,
               note=f"{indep_step * 1e3:.1f} ms per run-step")
-    table.add("sweep", f"{conf} fused", fused_s, "s/run", ratio=indep_s / fused_s,
+    table.add("sweep", f"{conf} fused", fused_s, "CPU s/run", ratio=indep_s / fused_s,
               note=f"{fused_step * 1e3:.1f} ms per run-step, {indep_step / fused_step:.2f}x per step")
 
 
@@ -373,13 +376,25 @@ def _paper_stores(plan: dict, workdir: Path, device: torch.device) -> tuple:
 
 
 def bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path) -> None:
-    """Independent vs fused training of the same group on the same store (stego_core.fused), side by side."""
-    from stego_core.projections import fit_projection
+    """Independent vs fused training of the same group on the same store (stego_core.fused), side by side, in CPU
+    seconds of one torch thread (process time: on a shared machine the wall time mostly measures the neighbours)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        _bench_sweep(table, plan, device, workdir, Path(plan.get("store_root") or workdir))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path, stores_at: Path) -> None:
     from stego_core.training import make_config
 
     groups = []
     try:
-        demo = _demo_stores(workdir / "demo", device)
+        if "demo" not in plan["sweep_stores"]:
+            raise LookupError("not asked for (--sweep-stores)")
+        demo = _demo_stores(stores_at / "demo", device)
         base = dict(steps=plan["sweep_demo_steps"])
         dims = (112, 96, 48, 24, 12, 6, 3)
         groups.append(("demo STEGO", [make_config("demo", code_dim=d, **base) for d in dims], demo))
@@ -388,7 +403,11 @@ def bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path) -
         groups.append(("demo probe-only", probes, demo))
     except Exception as exc:  # noqa: BLE001
         table.add("sweep", "demo", None, "s/run", note=f"skipped: {type(exc).__name__}: {exc}")
-    paper = _paper_stores(plan, workdir / "paper", device)
+    if "paper" not in plan["sweep_stores"]:
+        for label, cfgs, stores in groups:
+            _prefit_and_pair(table, label, cfgs, stores, workdir, device)
+        return
+    paper = _paper_stores(plan, stores_at / "paper", device)
     steps = plan["sweep_paper_steps"]
     base = dict(dataset="benchphotos", backbone="vitb8shape", steps=steps, val_freq=steps, protocol="corrected",
                 n_fit_images=len(paper[0]), batch_size=32)
@@ -399,15 +418,20 @@ def bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path) -
     groups.append(("ViT-B/8-shaped STEGO", [make_config("cocostuff27", code_dim=d, **{**base, "steps": plan[
         "sweep_paper_stego_steps"], "val_freq": plan["sweep_paper_stego_steps"]}) for d in dims], paper))
     for label, cfgs, stores in groups:
-        if any(c.method == "pca" for c in cfgs):  # the PCA fit is shared by every dimension: fit it before timing
-            c = next(c for c in cfgs if c.method == "pca")
+        _prefit_and_pair(table, label, cfgs, stores, workdir, device)
+
+
+def _prefit_and_pair(table: Table, label: str, cfgs: list, stores: tuple, workdir: Path,
+                     device: torch.device) -> None:
+    from stego_core.projections import fit_projection
+
+    if any(c.method == "pca" for c in cfgs):  # the PCA fit is shared by every dimension: fit it before timing
+        c = next(c for c in cfgs if c.method == "pca")
+        for mode in ("indep", "fused"):
             fit_projection("pca", 1, stores[0], n_images=c.n_fit_images, random_state=c.seed, progress=False,
-                           root=workdir / f"indep-{label}", standardize="per_batch" if c.protocol == "original"
-                           else "train")
-            fit_projection("pca", 1, stores[0], n_images=c.n_fit_images, random_state=c.seed, progress=False,
-                           root=workdir / f"fused-{label}", standardize="per_batch" if c.protocol == "original"
-                           else "train")
-        _sweep_pair(table, label, cfgs, stores, workdir, device)
+                           root=workdir / f"{mode}-{label}",
+                           standardize="per_batch" if c.protocol == "original" else "train")
+    _sweep_pair(table, label, cfgs, stores, workdir, device)
 
 
 def bench_crf(table: Table, plan: dict) -> None:
@@ -522,7 +546,7 @@ def make_plan(full: bool) -> dict:
             "live_iters": 5,
             "crf": (32, 320, 27),
             "store": (2048, 224, 768, 8, 32),
-            "sweep_demo_steps": 60, "sweep_paper_items": (256, 64), "sweep_paper_steps": 20,
+            "sweep_demo_steps": 30, "sweep_paper_items": (256, 64), "sweep_paper_steps": 20,
             "sweep_paper_stego_steps": 20,
         }
     return {
@@ -532,7 +556,7 @@ def make_plan(full: bool) -> dict:
         "live_iters": 1,
         "crf": (2 * (os.cpu_count() or 1), 320, 27),
         "store": (256, 224, 384, 16, 32),
-        "sweep_demo_steps": 60, "sweep_paper_items": (64, 16), "sweep_paper_steps": 5, "sweep_paper_stego_steps": 4,
+        "sweep_demo_steps": 8, "sweep_paper_items": (64, 8), "sweep_paper_steps": 4, "sweep_paper_stego_steps": 3,
     }
 
 
@@ -580,6 +604,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--out", default=str(HERE / "out" / "benchmark.json"), help="where the JSON goes")
+    parser.add_argument("--sweep-stores", default="demo,paper",
+                        help="stores of the sweep section: demo (the mosaic store), paper (ViT-B/8-shaped synthetic)")
+    parser.add_argument("--store-root", default=None,
+                        help="where the sweep section keeps its feature stores between runs (default: the temp dir)")
     parser.add_argument("--workdir", default=None, help="folder for the temporary feature stores (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -590,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"--only: unknown section(s) {unknown}; expected some of {list(SECTIONS)}")
-    plan = make_plan(full)
+    plan = {**make_plan(full), "sweep_stores": [x.strip() for x in args.sweep_stores.split(",")],
+            "store_root": args.store_root}
     info = {**machine(device), "mode": "full" if full else "quick", "sections": only}
     print(f"benchmark ({info['mode']}) on {info['device']}, torch {info['torch']}, {info['cpu_count']} CPUs",
           file=sys.stderr)

@@ -35,6 +35,7 @@ fused = True  # train the runs of one seed that share the stores in one pass ove
 workers = 1  # runs (fused: groups of runs) trained at once, each in its own process sharing the CPU cores (the demo: 2 on 2 cores, about 1.5x faster); 1 runs them one after the other here
 root = None  # artifacts folder; None means $STEGO_ARTIFACTS, else ./artifacts
 progress = True  # show progress bars (one per run when True)
+logger = "none"  # live logs of every run of the sweep: "none", or "tensorboard" (event files in each run's folder; watch the whole sweep with tensorboard --logdir artifacts/runs; needs pip install 'stego-study[tensorboard]')
 
 # %% [markdown]
 # # The dimension study
@@ -46,9 +47,12 @@ progress = True  # show progress bars (one per run when True)
 # component analysis (**PCA**), a Gaussian random projection (**RP**) and the non-linear **h-NNE** — and by a
 # baseline without any head (**DINO baseline**: the raw backbone features, D = C). Every method gets the identical
 # linear and cluster probes, trained with the identical schedule on the same cached features, and the best
-# validation step (by cluster mIoU) of each run is reported. The paper's findings: STEGO's code beats PCA and RP in
-# cluster mIoU at every dimension, while in linear-probe mIoU PCA catches up with the raw features at large D —
-# the information is there, but a linear probe needs labels to find it.
+# validation step (by cluster mIoU) of each run is reported. The paper reads STEGO as a semantics-preserving
+# dimensionality reduction: in cluster mIoU its code lies above PCA and RP on COCO-Stuff and Cityscapes, while on
+# Potsdam retrained STEGO falls as D grows and PCA catches up at the largest dimensions; in linear-probe mIoU PCA
+# approaches the raw features at large D — the information is there, but a linear probe needs labels to find it.
+# The findings page ({doc}`../findings`) puts the published counts and this build's paired differences side by
+# side.
 #
 # This chapter runs that sweep (every method × dimension × seed), skipping runs that already finished, so an
 # interrupted sweep simply resumes when the chapter is run again.
@@ -94,10 +98,10 @@ glue("dim_skip_note", Markdown(
 # seed at the features' own dimension C = {glue:text}`dim_C`: {glue:text}`dim_n_runs` runs in all.
 # {glue:md}`dim_skip_note`
 
-# %%
+# %% tags=["show-input"]
 t0 = time.perf_counter()
 swept = sweep.run_sweep(runnable, root=root, progress=progress, run_progress=False, fused=fused,
-                        executor=sweep.local_executor(workers))
+                        executor=sweep.local_executor(workers), logger=logger)
 sweep_seconds = time.perf_counter() - t0
 table = figures.dimension_table(swept.results, protocol=protocol)
 glue("dim_n_ran", len(swept.ran), display=False)
@@ -115,7 +119,7 @@ glue("dim_minutes", sweep_seconds / 60, display=False)
 # top-left corner, the less a small D loses. The diamonds are the paper's values for its three datasets' DINO ViT
 # features (read off its Figure 3).
 
-# %%
+# %% tags=["show-input"]
 pca = projections.fit_projection("pca", 1, stores["train"], n_images=base_config.n_fit_images,
                                  root=config.artifacts_root(root), progress=progress)
 ratio = pca.explained_variance_ratio_
@@ -165,8 +169,8 @@ figures.pivot_table(table, "mIoU")
 #   the standardised features, so the paper's finding that it recovers the raw level is expected there; the
 #   question is how fast it gets there.
 #
-# With one seed, differences of a few points between neighbouring dimensions are within the run-to-run noise; add
-# seeds (parameter `seeds`) to see bands of ± one standard deviation.
+# With a single seed, differences of a few points between neighbouring dimensions are within the run-to-run noise;
+# with several seeds (parameter `seeds`) the bands show ± one standard deviation over them.
 #
 # ## The same with pixel accuracy (appendix of the paper)
 

@@ -77,8 +77,9 @@ widgets.explorer_chart(data, size=size)
 # %% [markdown]
 # The explorer holds {glue:text}`n_maps` prediction maps ({glue:text}`n_models` trained models ×
 # {glue:text}`n_shown` images × CRF on/off × two probes). The caption line names the setting and its mIoU on the
-# image shown and on the whole validation split. Things to try: lower the code dimension and watch PCA and RP lose
-# classes before STEGO does; switch on the CRF and see region borders snap to texture edges; set the opacity to 1
+# image shown and on the whole validation split. Things to try: lower the code dimension and compare the methods'
+# maps with the table below (on the demo, lower dimensions do not always hurt PCA: k-means is easier there); switch
+# on the CRF and see region borders snap to texture edges; set the opacity to 1
 # to see the bare label maps.
 #
 # ## How good is each setting

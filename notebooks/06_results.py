@@ -36,10 +36,11 @@ show_figures = True  # draw the figures on this page too; the book's profiles se
 
 # %%
 import numpy as np
+import pandas as pd
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import papers, sweep
+from stego_core import findings, papers, sweep
 from stego_core.book import figures, viz
 
 store = sweep.load_sweep_results(root)
@@ -84,23 +85,97 @@ glue("res_paper_datasets", ", ".join(sorted(set(table["dataset"]) & set(papers.D
 fig4_paper = figures.dimension_chart(published, methods=main_methods, slider=False, width=190, height=150,
                                      title="Koenig et al. 2023, Figure 4: mIoU without CRF (read off the figure)")
 glue("fig4_paper", fig4_paper, display=show_figures)
-findings = figures.dimension_findings(table, quoted) if quoted is not None else {}
+headline = figures.dimension_findings(table, quoted) if quoted is not None else {}
 glue("res_dataset", Markdown(f"`{quoted}`" if quoted else "(none)"), display=False)
 glue("res_dataset_name", quoted or "(none)", display=False)
 for key in ("stego_cluster_min", "pca_cluster_min", "rp_cluster_min", "stego_minus_pca_cluster_min",
             "pca_linear_full", "dino_linear", "pca_linear_full_minus_dino", "dino_cluster", "stego_cluster_best"):
-    glue(f"res_{key}", float(findings.get(key, np.nan)), display=False)
+    glue(f"res_{key}", float(headline.get(key, np.nan)), display=False)
 for key in ("min_dim", "pca_full_dim", "stego_beats_pca_cluster", "n_dims_pca", "stego_beats_rp_cluster",
             "n_dims_rp"):
-    glue(f"res_{key}", findings.get(key) if findings.get(key) is not None else "n/a", display=False)
+    glue(f"res_{key}", headline.get(key) if headline.get(key) is not None else "n/a", display=False)
 quoted_table = figures.pivot_table(table[table["dataset"] == quoted], "mIoU") if quoted \
     else viz.note("No results yet.")
 glue("fig4_table", quoted_table, display=show_figures)
 
 # %% [markdown]
-# On {glue:md}`res_dataset`, STEGO's cluster mIoU is above PCA's at {glue:text}`res_stego_beats_pca_cluster` of
-# {glue:text}`res_n_dims_pca` dimensions and above RP's at {glue:text}`res_stego_beats_rp_cluster` of
-# {glue:text}`res_n_dims_rp`.
+# ## Paired differences over seeds
+#
+# Every run of a method at one dimension is paired with the run of the other method at the same dimension and
+# seed (STEGO − raw features: the raw-feature run of the same seed). Below, the mean difference in cluster mIoU
+# with its 95 % interval over the seeds (a t interval; one seed gives no interval), and whether the interval
+# lies above zero, below it, or includes it.
+
+# %%
+diffs = {b: figures.paired_differences(store[store["dataset"] == quoted] if quoted else store, b)
+         for b in ("pca", "rp", "hnne", "dino")}
+for b, d in diffs.items():
+    glue(f"res_verdict_{b}", figures.differences_verdict(d), display=False)
+hnne_vs_pca = figures.paired_differences(store[store["dataset"] == quoted] if quoted else store, "pca", method="hnne")
+glue("res_verdict_hnne_pca", figures.differences_verdict(hnne_vs_pca, method="h-NNE"), display=False)
+diff_frame = pd.concat([d.assign(comparison="STEGO − " + figures.METHOD_LABELS[b]) for b, d in diffs.items()])
+glue("fig4_diffs", figures.differences_chart(diff_frame) if len(diff_frame) else viz.note("No paired runs yet."),
+     display=show_figures)
+diff_table = figures.differences_table(diff_frame)
+glue("fig4_diffs_table", diff_table, display=show_figures)
+convergence = figures.convergence_table(store[store["dataset"] == quoted] if quoted else store)
+glue("res_n_sweep_runs", len(convergence), display=False)
+glue("res_n_last_best", int(convergence["picks_last"].sum()), display=False)
+glue("res_last_best_share", float(100 * convergence["picks_last"].mean()) if len(convergence) else float("nan"),
+     display=False)
+glue("res_n_seeds", int(store.loc[store["dataset"] == quoted, "seed"].nunique()) if quoted else 0, display=False)
+diff_table
+
+# %% [markdown]
+# On {glue:md}`res_dataset`: {glue:text}`res_verdict_pca:s`; {glue:text}`res_verdict_rp:s`;
+# {glue:text}`res_verdict_hnne:s`; {glue:text}`res_verdict_dino:s`.
+# {glue:text}`res_n_last_best` of the {glue:text}`res_n_sweep_runs` runs selected their last validation step as
+# their best (a run still improving when it stopped).
+#
+# ## The paper's claims, in numbers
+#
+# The published numbers (`stego_core.papers`, each with its source) that the findings page quotes, and this
+# build's evidence for each claim (`stego_core.findings`).
+
+# %%
+published_pca = findings.published_stego_vs("pca").set_index("dataset")
+published_rp = findings.published_stego_vs("rp").set_index("dataset")
+for ds in papers.DATASETS:
+    for name, frame in (("pca", published_pca), ("rp", published_rp)):
+        glue(f"pub_{ds}_above_{name}", int(frame.loc[ds, "above"]), display=False)
+        glue(f"pub_{ds}_n_{name}", int(frame.loc[ds, "n_dims"]), display=False)
+        glue(f"pub_{ds}_not_above_{name}", ", ".join(map(str, frame.loc[ds, "not_above"])) or "none", display=False)
+for ds in papers.DATASETS:
+    setting = papers.PAPER_SETTINGS[ds]
+    glue(f"pub_{ds}_stego_dim", int(setting["stego_dim"]), display=False)
+    glue(f"pub_{ds}_vit_dim", int(setting["vit_dim"]), display=False)
+    glue(f"pub_{ds}_compression", setting["vit_dim"] / setting["stego_dim"], display=False)
+glue("claim_little", findings.LITTLE, display=False)
+anomaly = findings.potsdam_anomaly()
+for key, value in anomaly.items():
+    glue(f"pub_potsdam_{key}", value, display=False)
+crf_effects = findings.published_crf_effects()
+glue("pub_crf_min", float(crf_effects["effect"].min()), display=False)
+glue("pub_crf_max", float(crf_effects["effect"].max()), display=False)
+t2 = papers.table2_values(crf=True)
+for key, (row, ds, probe) in {"coco_dino_cluster": ("DINO (ours)", "cocostuff27", "cluster"),
+                              "coco_dino_theirs_cluster": ("DINO (theirs)", "cocostuff27", "cluster"),
+                              "coco_dino_linear": ("DINO (ours)", "cocostuff27", "linear"),
+                              "coco_stego_linear": ("STEGO (ours, released checkpoint)", "cocostuff27", "linear"),
+                              "city_dino_linear": ("DINO (ours)", "cityscapes", "linear"),
+                              "city_stego_linear": ("STEGO (ours, released checkpoint)", "cityscapes", "linear")}.items():
+    pick = t2[(t2["row"] == row) & (t2["dataset"] == ds) & (t2["probe"] == probe) & (t2["metric"] == "mIoU")]
+    glue(f"pub_{key}", float(pick["value"].iloc[0]), display=False)
+claims = findings.demo_claims(table, quoted) if quoted else {}
+for key, value in claims.items():
+    glue(f"claim_{key}", value if isinstance(value, (str, int)) or value is None else float(value), display=False)
+crf_effects.rename(columns={"row": "model", "with_crf": "with CRF", "without_crf": "without CRF"}).round(2)
+
+# %%
+later, later_notes = papers.later_methods_frame()
+glue("later_methods", later.style.hide(axis="index"), display=False)
+glue("later_methods_notes", later_notes.style.hide(axis="index"), display=False)
+later.style.hide(axis="index")
 #
 # ## Appendix figures: pixel accuracy and h-NNE
 

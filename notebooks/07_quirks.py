@@ -143,7 +143,7 @@ viz.line_chart(by_batch, "batch size", "mIoU", "probe", tooltip=["probe", "batch
 # ## 4. The CRF's image round trip (quirk 9)
 #
 # Before the CRF, the reference turns the normalised image back into bytes with ×255 and a *truncation*, so many
-# bytes end up one lower than the original, and hands them over in BGR order. The corrected protocol rounds and
+# bytes end up one unit smaller than the original, and hands them over in BGR order. The corrected protocol rounds and
 # keeps RGB. The CRF's colour kernel is narrow (3 byte units), so the difference can move region borders:
 
 # %%
@@ -187,7 +187,9 @@ rows += [{"quirk": "3 nearest resize", "measure": f"STEGO val {probe} mIoU (eval
 #
 # DINO's ViTs store positional embeddings for a 28×28 token grid (224 px, patch 8). For 320 px (40×40 tokens) the
 # reference resizes them with a scale factor of (40 + 0.1)/28 instead of to exactly 40×40, which samples the
-# bicubic kernel at slightly different places. The demo's EfficientNet has no positional embedding, so no metric
+# bicubic kernel at slightly different places. The rule is DINO's own interpolation, which STEGO inherits, not a
+# STEGO quirk; the "corrected" exact resize computes features DINO never produced at 320 px, so it measures the
+# rule's weight rather than fixing anything. The demo's EfficientNet has no positional embedding, so no metric
 # changes here; on a randomly initialised table the two rules differ by:
 
 # %%

@@ -17,6 +17,7 @@ precision = "fp32"  # backbone precision of the estimate: "fp32" (what 01_featur
 source = "cache"  # where training reads features: "cache" (the feature store, this project's way) or "live" (backbone every step, as the original)
 protocol = "original"  # decides how often training validates: "original" (PyTorch Lightning 1.x, per epoch) or "corrected"
 seeds = 1  # seeds per configuration in the sweep estimate; the study used one
+fused = True  # the sweep estimate for a fused sweep (run_sweep's default: each seed's STEGO heads, and its probe-only runs, read the training batches once); False: every run reads them itself, as independent runs do
 backbones = None  # backbones of the per-backbone table (names of stego_core.costs.BACKBONE_SHAPES); None takes each dataset's paper backbone and the DINOv2 / DINOv3 of its extended-study presets
 
 # %% [markdown]
@@ -99,10 +100,13 @@ variants.round(2)
 # The study trains every method (STEGO, the DINO baseline, PCA, random projections and, on Cityscapes, h-NNE) at
 # every code dimension of its grid (`stego_core.sweep.study_grid`). On cached features the store is built once and
 # each run then costs its steps, its validations and its disk reads; baseline runs are charged the STEGO step time,
-# an upper bound.
+# an upper bound. In a fused sweep (parameter `fused`) the runs of one seed that share the store read each training
+# batch once per group (column `train_reads`); their GPU time per step is still charged per run, since the fused
+# step has been measured only on CPU so far (`benchmarks/run.py --only sweep`).
 
 # %%
-sweep = pd.DataFrame([costs.study_hours(d, precision=precision, seeds=seeds, protocol=protocol) for d in datasets])
+sweep = pd.DataFrame([costs.study_hours(d, precision=precision, seeds=seeds, protocol=protocol, fused=fused)
+                      for d in datasets])
 glue("sweep_runs", int(sweep["runs"].sum()), display=False)
 glue("sweep_hours", float(sweep["total_h"].sum()), display=False)
 sweep.round(2)

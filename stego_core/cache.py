@@ -57,7 +57,9 @@ from .config import (
     ensure_writable,
     stage_command,
 )
+from .costs import store_item_bytes
 from .data import DATASETS, load_dataset, unnormalize
+from .guards import artifact_lock, disk_full_guard, note
 
 STORE_VERSION = 1
 META_FILE = "meta.json"
@@ -491,6 +493,27 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
         raise StegoError(f"{split}: no finished feature store of {ds_name}/{split} with {backbone_name} at {res} px "
                          f"(crop {crop!r}) under {folder.path}; the feature stage builds it: {command}")
 
+    if not folder.local:  # object storage has no file locks: one writer per store is the caller's business
+        _write_store(folder, cfg, ds, backbone, weights, data_root, n_items, chunk_size, batch_size, num_workers,
+                     device, amp, progress)
+        return open_store(folder.path)
+    with artifact_lock(folder.root, f"the feature store {ds_name}/{split}"):
+        if not folder.exists(COMPLETE_FILE):  # another process may have finished it while we waited
+            _write_store(folder, cfg, ds, backbone, weights, data_root, n_items, chunk_size, batch_size,
+                         num_workers, device, amp, progress)
+    return open_store(folder.path)
+
+
+def _store_bytes(meta: dict) -> int:
+    """The whole store's size by the cost model (stego_core.costs.store_item_bytes)."""
+    return int(meta["n_items"]) * store_item_bytes(int(meta["dim"]), int(meta["grid"][0]) * int(meta["grid"][1]),
+                                                   int(meta["res"]))
+
+
+def _write_store(folder: _Folder, cfg: dict, ds: Any, backbone: Any, weights: Any, data_root: Any, n_items: int,
+                 chunk_size: int, batch_size: int, num_workers: int, device: Any, amp: bool, progress: bool) -> None:
+    """Compute the missing chunks of a store and mark it COMPLETE (the caller holds its lock)."""
+    ds_name, split = cfg["dataset"], cfg["split"]
     meta = folder.read_json(META_FILE) if folder.exists(META_FILE) else None
     if meta is not None and int(meta["chunk_size"]) != chunk_size:
         warnings.warn(f"chunk_size: the unfinished store at {folder.path} uses chunk_size {meta['chunk_size']}; "
@@ -498,6 +521,9 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
         chunk_size = int(meta["chunk_size"])
     n_chunks = -(-n_items // chunk_size)
     todo = [c for c in range(n_chunks) if not folder.exists(_chunk_file(c, ARRAYS[-1]))]
+    if meta is not None and todo:
+        note(f"resuming the feature store {ds_name}/{split} at chunk {todo[0] + 1} of {n_chunks} "
+             f"({n_chunks - len(todo)} done) in {folder.path}")
 
     if todo:
         if isinstance(backbone, str):
@@ -521,12 +547,14 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
                                     else np.asarray(ds.palette).astype(int).tolist()),
                         "data_root": None if data_root is None else str(data_root),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                folder.write_json(META_FILE, meta)
+                with disk_full_guard(folder.path, _store_bytes(meta), f"the feature store {ds_name}/{split}"):
+                    folder.write_json(META_FILE, meta)
             elif [feats.shape[1], *feats.shape[2:]] != [meta["dim"], *meta["grid"]]:
                 raise StegoError(f"backbone: chunk {chunk} has features {tuple(feats.shape[1:])} but the store at "
                                  f"{folder.path} holds [{meta['dim']},{meta['grid'][0]},{meta['grid'][1]}]")
-            for a in ARRAYS:  # index last: its presence marks the chunk as complete
-                folder.save_npy(_chunk_file(chunk, a), arrays[a])
+            with disk_full_guard(folder.path, _store_bytes(meta), f"the feature store {ds_name}/{split}"):
+                for a in ARRAYS:  # index last: its presence marks the chunk as complete
+                    folder.save_npy(_chunk_file(chunk, a), arrays[a])
             done_items += stop - start
             bar.update(1)
             bar.set_postfix_str(f"{done_items / max(time.perf_counter() - t0, 1e-9):.1f} img/s")
@@ -536,4 +564,3 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
     folder.clean_temporaries("")
     folder.write_json(COMPLETE_FILE, {"n_items": n_items, "n_chunks": n_chunks,
                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return open_store(folder.path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -81,6 +82,17 @@ def config_hash(cfg: Any, length: int = 10) -> str:
     """A short, stable hash of a configuration (dict or dataclass); key order does not matter."""
     text = json.dumps(_jsonable(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+@functools.cache
+def code_hash(length: int = 10) -> str:
+    """A short hash of this ``stego_core``'s Python sources: training checkpoints record it, so a run resumed by
+    other code says so."""
+    digest = hashlib.sha1()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:length]
 
 
 def stage_root(stage: str, root: str | os.PathLike | None = None) -> Path:

@@ -66,13 +66,31 @@ from typing import Any
 import pandas as pd
 
 from .config import check_choice, check_int
-from .sweep import STUDY_DIMS, study_grid
-from .training import PRESETS, validation_steps
 
-__all__ = ["DatasetFacts", "DATASET_FACTS", "REFERENCE", "PRECISIONS", "FEATURE_SOURCES", "BACKBONE_SHAPES",
-           "PREFIX_TOKENS", "vit_flops", "block_gflops", "throughput", "feature_bytes_per_image", "five_crop_bytes",
-           "step_seconds", "n_validations", "eval_res", "dataset_costs", "cost_table", "study_hours", "backbone_table",
-           "format_bytes"]
+__all__ = [
+    "BACKBONE_SHAPES",
+    "DATASET_FACTS",
+    "FEATURE_SOURCES",
+    "PRECISIONS",
+    "PREFIX_TOKENS",
+    "REFERENCE",
+    "DatasetFacts",
+    "backbone_table",
+    "block_gflops",
+    "cost_table",
+    "dataset_costs",
+    "eval_res",
+    "feature_bytes_per_image",
+    "five_crop_bytes",
+    "format_bytes",
+    "knn_bytes",
+    "n_validations",
+    "step_seconds",
+    "store_item_bytes",
+    "study_hours",
+    "throughput",
+    "vit_flops",
+]
 
 PRECISIONS = ("fp32", "bf16")  # "fp32": the original's style (unfused attention); "bf16": fused attention
 FEATURE_SOURCES = ("cache", "live")
@@ -142,6 +160,8 @@ REFERENCE: dict[str, Any] = {
 
 def n_validations(dataset: str, protocol: str = "original") -> int:
     """How many validations one paper run of ``dataset`` does (``stego_core.training.validation_steps``)."""
+    from .training import validation_steps
+
     check_choice("dataset", dataset, DATASET_FACTS)
     facts = DATASET_FACTS[dataset]
     return len(validation_steps(facts.steps, REFERENCE["val_freq"], facts.train_items, facts.batch_size, protocol))
@@ -183,7 +203,18 @@ def throughput(backbone: str, res: int, precision: str = "fp32") -> float:
 def feature_bytes_per_image(backbone: str, res: int) -> int:
     """Bytes one item takes in the feature store: float16 tokens + uint8 RGB image + int16 label + int64 index."""
     width, _, _ = _shape(backbone)
-    return _tokens(backbone, res) * width * 2 + res * res * 3 + res * res * 2 + 8
+    return store_item_bytes(width, _tokens(backbone, res), res)
+
+
+def store_item_bytes(dim: int, tokens: int, res: int) -> int:
+    """Bytes of one feature-store item with ``tokens`` (h*w) feature vectors of ``dim`` channels at ``res`` px: the
+    store's own need (``stego_core.cache`` quotes it when the disk is full)."""
+    return tokens * dim * 2 + res * res * 3 + res * res * 2 + 8
+
+
+def knn_bytes(n_items: int, k: int = 30) -> int:
+    """Bytes of a kNN table: ``k`` int64 neighbours per item."""
+    return n_items * k * 8
 
 
 def five_crop_bytes(facts: DatasetFacts) -> int:
@@ -255,7 +286,7 @@ def dataset_costs(dataset: str, *, precision: str = "fp32", source: str = "cache
         "download_bytes": (facts.train_images + facts.val_images) * facts.download_bytes_per_image,
         "five_crop_bytes": five_crop_bytes(facts),
         "feature_store_bytes": (cache_train + cache_val) if cached else 0,
-        "knn_bytes": n_train * k * 8,
+        "knn_bytes": knn_bytes(n_train, k),
         "cache_gpu_s": (n_train / throughput(bb, train_res, precision) + n_val / throughput(bb, val_res, precision))
         if cached else n_train / throughput(bb, train_res, precision),  # live: the kNN pass only
         "train_gpu_s": facts.steps * step_seconds(bb, facts.batch_size, source, precision),
@@ -274,14 +305,21 @@ def dataset_costs(dataset: str, *, precision: str = "fp32", source: str = "cache
     return out
 
 
-def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protocol: str = "original") -> dict[str, Any]:
+def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protocol: str = "original",
+                fused: bool = False) -> dict[str, Any]:
     """GPU and disk-read hours of the paper's dimension sweep for one dataset (``stego_core.sweep.study_grid``) on
     cached features: the cache is built once, then every run pays its steps and validations at the cached times
-    and reads its batches and validation passes from disk.
+    and reads its batches and validation passes from disk. ``fused`` (``run_sweep(fused=True)``,
+    ``stego_core.fused``): the training batches are read once per fused group (``fused.group_specs``: per seed the
+    STEGO heads, the probe-only runs, each h-NNE run alone) instead of once per run; validation still reads per
+    run, and the GPU time per run-step is not changed (no GPU measurement of the fused step exists yet).
 
     dataset: a paper dataset, or a preset of the extended study (e.g. "potsdam_dinov3_sat": its dataset's sweep on
     its backbone, ``stego_core.training.NEWER_BACKBONE_PRESETS``).
     """
+    from .sweep import STUDY_DIMS, study_grid
+    from .training import PRESETS
+
     check_int("seeds", seeds, minimum=1)
     check_choice("dataset", dataset, [p for p in STUDY_DIMS if PRESETS[p]["dataset"] in DATASET_FACTS])
     runs = study_grid(dataset, seeds=tuple(range(seeds))).runs()
@@ -289,11 +327,18 @@ def study_hours(dataset: str, *, precision: str = "fp32", seeds: int = 1, protoc
     train_s = sum(int(r.config["steps"]) * step_seconds(bb, int(r.config["batch_size"]), "cache", precision)
                   for r in runs)
     once = dataset_costs(name, precision=precision, source="cache", protocol=protocol, backbone=bb)
-    per_run_read = once["train_read_bytes"] + once["val_read_bytes"]
-    read_s = (once["cache_read_bytes"] + len(runs) * per_run_read) / REFERENCE["disk_bytes_per_s"]
+    n_train_reads = len(runs)
+    if fused:
+        from .fused import group_specs
+
+        n_train_reads = len(group_specs(runs))
+    reads = (once["cache_read_bytes"] + n_train_reads * once["train_read_bytes"]
+             + len(runs) * once["val_read_bytes"])
+    read_s = reads / REFERENCE["disk_bytes_per_s"]
     val_s = len(runs) * once["val_gpu_s"]
     eval_s = len(runs) * once["eval_gpu_s"]
-    return {"dataset": dataset, "runs": len(runs), "cache_h": once["cache_gpu_s"] / 3600, "train_h": train_s / 3600,
+    return {"dataset": dataset, "runs": len(runs), "train_reads": n_train_reads,
+            "cache_h": once["cache_gpu_s"] / 3600, "train_h": train_s / 3600,
             "validation_h": val_s / 3600, "eval_h": eval_s / 3600, "disk_read_h": read_s / 3600,
             "total_h": (once["cache_gpu_s"] + train_s + val_s + eval_s + read_s) / 3600}
 
@@ -309,6 +354,9 @@ def backbone_table(datasets: Iterable[str] = tuple(DATASET_FACTS), backbones: It
     backbones: names of ``BACKBONE_SHAPES``; None = per dataset, the paper's backbone and those of the study's
     presets for it (the extended study's DINOv2 / DINOv3).
     """
+    from .sweep import STUDY_DIMS
+    from .training import PRESETS
+
     chosen = None if backbones is None else list(backbones)
     anchor = vit_flops(REFERENCE["backbone"], REFERENCE["res"])
     rows = []

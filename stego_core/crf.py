@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .config import PROTOCOLS, StegoError, check_choice, check_int
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from .guards import die_with_parent
 
 # The reference kernels (stego-spec §7.3); not meant to be tuned, the study compares against them.
 MAX_ITER = 10  # mean-field iterations
@@ -166,7 +167,8 @@ class CRFPool:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             ctx = multiprocessing.get_context(start_method())
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                                 initializer=die_with_parent)  # no orphans
         return self._executor
 
     def _map(self, fn: Callable, arg_tuples: Sequence[tuple], desc: str = "DenseCRF") -> list:

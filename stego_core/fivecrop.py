@@ -22,7 +22,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import PROTOCOLS, StegoError, atomic_write, check_choice, write_json_atomic
+from .costs import REFERENCE
 from .data import SPLITS, five_crop_dir, load_dataset
+from .guards import artifact_lock, disk_full_guard, note
 
 __all__ = ["five_crop_boxes", "prepare_five_crops", "FIVE_CROP_DATASETS"]
 
@@ -66,6 +68,17 @@ def prepare_five_crops(dataset: str, split: str, *, root: str | os.PathLike | No
     if marker.exists():
         if json.loads(marker.read_text()) == meta:
             return folder
+    with artifact_lock(folder, f"the five-crop tree of {dataset}/{split}", name=f"crops-{split}"):
+        if marker.exists() and json.loads(marker.read_text()) == meta:
+            return folder  # another process finished it while we waited
+        _write_crops(source, folder, split, meta, crop_ratio, protocol, progress)
+    return folder
+
+
+def _write_crops(source: Any, folder: Path, split: str, meta: dict, crop_ratio: float, protocol: str,
+                 progress: bool) -> None:
+    """Write the missing crops and then the ``done-<split>.json`` marker (the caller holds the lock)."""
+    dataset, marker = meta["dataset"], folder / f"done-{split}.json"
     img_dir, lbl_dir = folder / "img" / split, folder / "label" / split
     for sub in (img_dir, lbl_dir):
         try:
@@ -78,6 +91,22 @@ def prepare_five_crops(dataset: str, split: str, *, root: str | os.PathLike | No
     if source.n_classes + 1 > 255:  # pragma: no cover - all wired datasets have <= 27 classes
         raise StegoError(f"dataset: {source.n_classes} classes do not fit a uint8 label+1 PNG")
     existing_img, existing_lbl = set(os.listdir(img_dir)), set(os.listdir(lbl_dir))
+    for stale in [n for n in existing_img | existing_lbl if n.startswith(".") and n.endswith(".tmp")]:
+        for sub in (img_dir, lbl_dir):  # temporary files of a killed writer
+            (sub / stale).unlink(missing_ok=True)
+    done = sum(all(f"{5 * i + j}{ext}" in existing_img for j in range(5)) for i in range(len(source)))
+    if 0 < done < len(source):
+        note(f"resuming the five-crop tree of {dataset}/{split} at image {done + 1} of {len(source)} in {folder}")
+    bits = REFERENCE["jpeg_bits_per_pixel"] + REFERENCE["label_png_bits_per_pixel"]  # the cost model's sizes
+    need = len(source) * 5 / 4 * int(np.prod(source.raw(0)[1].shape)) * bits / 8  # crops hold 5/4 of the pixels
+    with disk_full_guard(folder, need, f"the five-crop tree of {dataset}/{split}"):
+        _crop_all(source, img_dir, lbl_dir, existing_img, existing_lbl, ext, save_args, crop_ratio, dataset, split,
+                  progress)
+        write_json_atomic(marker, meta)
+
+
+def _crop_all(source: Any, img_dir: Path, lbl_dir: Path, existing_img: set, existing_lbl: set, ext: str,
+              save_args: dict, crop_ratio: float, dataset: str, split: str, progress: bool) -> None:
     for i in tqdm(range(len(source)), desc=f"five-crop {dataset}/{split}", disable=not progress):
         names = [str(5 * i + j) for j in range(5)]
         if all(n + ext in existing_img and n + ".png" in existing_lbl for n in names):
@@ -88,5 +117,3 @@ def prepare_five_crops(dataset: str, split: str, *, root: str | os.PathLike | No
             _save_atomic(np.ascontiguousarray(image[top:top + h, left:left + w]), img_dir / (name + ext),
                          **save_args)
             _save_atomic(np.ascontiguousarray(stored[top:top + h, left:left + w]), lbl_dir / (name + ".png"))
-    write_json_atomic(marker, meta)
-    return folder

@@ -18,6 +18,7 @@ the independent run). ``fused=False`` trains every run on its own, as before.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 
 from .cache import cache_features
 from .config import write_json_atomic
+from .guards import artifact_lock
 from .training import fuse_key, train_group
 
 __all__ = ["group_specs", "train_group_run", "RunGroup"]
@@ -51,7 +53,7 @@ def train_group_run(specs: list[Any], *, root=None, progress: bool = False) -> l
     val_store = cache_features(cfg.dataset, "val", cfg.backbone, root=root, progress=progress, **first.val_cache)
     device = first.train_cache.get("device", "cpu")  # the caches' device also trains
     results = train_group([s.train_config() for s in specs], train_store=train_store, val_store=val_store,
-                          root=root, progress=progress, device=device)
+                          root=root, progress=progress, device=device, logger=first.logger)
     for spec, result in zip(specs, results):
         write_json_atomic(Path(spec.run_dir(root)) / "run.json",
                           {"train_run_dir": str(result.run_dir), "best": result.best})
@@ -68,6 +70,15 @@ class RunGroup:
     on_error: str
 
     def __call__(self, specs: list[Any]) -> list[tuple[str, str | None]]:
+        with contextlib.ExitStack() as locks:  # a second sweep on the same runs waits for this group
+            for spec in specs:
+                locks.enter_context(artifact_lock(spec.run_dir(self.root), f"the sweep run {spec.name}"))
+            todo = [s for s in specs if not (s.run_dir(self.root) / "DONE").exists()]  # others finished meanwhile
+            return self._run(todo) + [(s.name, None) for s in specs if s not in todo]
+
+    def _run(self, specs: list[Any]) -> list[tuple[str, str | None]]:
+        if not specs:
+            return []
         for spec in specs:
             run_dir = spec.run_dir(self.root)
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,9 @@ table is an error that names the feature-stage command which builds it.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import PROTOCOLS, StegoError, check_choice, check_int, stage_command
+from .costs import knn_bytes
+from .guards import artifact_lock, disk_full_guard
 from .losses import tensor_correlation
 
 DROPOUT_P = 0.1  # the reference featurizer's Dropout2d probability
@@ -116,13 +120,27 @@ def build_knn(store: Any, k: int = 30, *, protocol: str = "original", seed: int 
     if store.has_file(npy) and store.has_file(info_name):
         if store.read_json(info_name) == info:
             return load_knn(store, protocol)
+    local = isinstance(getattr(store, "path", None), Path)  # object storage has no file locks
+    lock = artifact_lock(store.path, f"the kNN table ({protocol})", name=f"knn-{protocol}") if local else None
+    with lock or contextlib.nullcontext():
+        if store.has_file(npy) and store.has_file(info_name) and store.read_json(info_name) == info:
+            return load_knn(store, protocol)  # another process built it while we waited
+        return _build_knn(store, info, k, k_eff, protocol=protocol, seed=seed, batch_size=batch_size,
+                          chunk_size=chunk_size, progress=progress)
+
+
+def _build_knn(store: Any, info: dict, k: int, k_eff: int, *, protocol: str, seed: int, batch_size: int,
+               chunk_size: int, progress: bool) -> torch.Tensor:
+    n = len(store)
+    npy, info_name = _knn_files(protocol)
     if k > n:
         warnings.warn(f"k: {k} neighbours asked for but the store has only {n} items; using k = {n}", stacklevel=2)
     store.remove_file(info_name)  # the info file is written last: it vouches for the table beside it
     desc = pooled_descriptors(store, protocol=protocol, seed=seed, batch_size=batch_size, progress=progress)
     nns = nearest_neighbors(desc, k_eff, chunk_size=chunk_size, progress=progress)
-    store.save_array(npy, nns.numpy().astype(np.int64))
-    store.write_json(info_name, info)
+    with disk_full_guard(store.path, knn_bytes(n, k_eff), f"the kNN table ({protocol})"):
+        store.save_array(npy, nns.numpy().astype(np.int64))
+        store.write_json(info_name, info)
     return nns
 
 

@@ -34,7 +34,8 @@ from .config import StegoError, check_choice
 from .probes import PROBES
 
 __all__ = ["SOURCES", "DATASETS", "DATASET_LABELS", "PAPER_SETTINGS", "FIGURE4_DIMS", "TABLE2_LABELS",
-           "TABLE2_DATASETS", "table2_values", "table2_frame", "figure3_points", "figure4_values", "later_methods"]
+           "TABLE2_DATASETS", "table2_values", "table2_frame", "figure3_points", "figure4_values", "later_methods",
+           "LATER_PROTOCOLS", "later_methods_frame"]
 
 _POSTER = ("axkoenig/axkoenig.github.io, content/research/stego/media/cvpr23_poster.pdf: table \"Validation results "
            "of reproducibility study\"")
@@ -270,3 +271,36 @@ def later_methods() -> pd.DataFrame:
     rows = [dict(method=m, backbone=bb, dataset=ds, Accuracy=acc, mIoU=miou, source=src)
             for m, bb, per_dataset, src in _LATER for ds, (acc, miou) in per_dataset.items()]
     return pd.DataFrame(rows)
+
+
+#: how each source evaluated: the later methods follow their own papers' protocols (CRF, resolution and crops are
+#: not checked against Table 2's), so the rows orient, they do not rank
+LATER_PROTOCOLS: dict[str, str] = {
+    "cause": "unsupervised, as its repository reports it (its own protocol)",
+    "primaps": "unsupervised, as its repository reports it (its own protocol)",
+    "u2seg": "unsupervised, as the paper's abstract reports it (its own protocol)",
+    "koenig-table2": "Table 2 of Koenig et al.: cluster probe, CRF, 320 px",
+}
+
+
+def later_methods_frame() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The later methods as the book prints them, with the released STEGO checkpoint's row of Table 2 first for
+    orientation: one row per method and backbone; ``COCO`` / ``City`` / ``Potsdam`` as "accuracy / mIoU" text
+    ("–" not reported), ``protocol`` and a note number; and the table of notes (note, source)."""
+    stego = table2_values(crf=True)
+    stego = stego[(stego["row"] == "STEGO (ours, released checkpoint)") & (stego["probe"] == "cluster")]
+    later = later_methods()
+    entries: list[tuple[str, str, str, dict[str, str]]] = []
+    cells = {ds: f"{part.set_index('metric').loc['Accuracy', 'value']:.1f} / "
+                 f"{part.set_index('metric').loc['mIoU', 'value']:.1f}"
+             for ds, part in stego.groupby("dataset")}
+    entries.append(("STEGO (released checkpoints)", "DINO ViT-B/8 (Potsdam ViT-S/8)", "koenig-table2", cells))
+    for (method, backbone, source), part in later.groupby(["method", "backbone", "source"], sort=False):
+        entries.append((method, backbone, source, {r.dataset: f"{r.Accuracy:.1f} / {r.mIoU:.1f}"
+                                                   for r in part.itertuples()}))
+    keys = list(dict.fromkeys(e[2] for e in entries))
+    mark = {k: f"[{i + 1}]" for i, k in enumerate(keys)}
+    rows = [{"method": m, "backbone": bb, **{TABLE2_DATASETS[ds]: c.get(ds, "–") for ds in DATASETS},
+             "protocol": LATER_PROTOCOLS[src], "source": mark[src]} for m, bb, src, c in entries]
+    notes = pd.DataFrame({"note": [mark[k] for k in keys], "source": [SOURCES[k] for k in keys]})
+    return pd.DataFrame(rows), notes

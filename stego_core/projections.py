@@ -77,6 +77,7 @@ from .config import (
     stage_root,
     write_json_atomic,
 )
+from .guards import artifact_lock, note
 
 __all__ = [
     "STANDARDIZE", "PROJECTIONS", "PCAProjection", "RandomProjection", "HNNEProjection", "IdentityProjection",
@@ -679,7 +680,17 @@ def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None 
     if (folder / "DONE").exists():
         return ProjectedStore(folder, store)
     folder.mkdir(parents=True, exist_ok=True)
+    with artifact_lock(folder, f"the projected store {name}"):  # one writer; a second process waits for it
+        if not (folder / "DONE").exists():
+            _write_projected(folder, proj, store, cfg, n=n, k=k, grid=(h, w), shuffle=shuffle, seed=seed,
+                             batch_size=batch_size, progress=progress)
+    return ProjectedStore(folder, store)
 
+
+def _write_projected(folder: Path, proj: _Projection, store: Any, cfg: dict, *, n: int, k: int,
+                     grid: tuple[int, int], shuffle: bool, seed: int, batch_size: int, progress: bool) -> None:
+    """The work of ``project_store`` (the caller holds the folder's lock)."""
+    (h, w), src_meta, batches = grid, cfg["source_meta"], cfg["batches"]
     meta = {**src_meta, "dim": k, "grid": [h, w], "n_items": n,
             "projection": {"method": proj.method, "k": k, "params": proj.get_params(), "batch_size": batch_size,
                            "batches": batches, "source": cfg["source"], "config_hash": config_hash(cfg)}}
@@ -692,6 +703,7 @@ def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None 
         out = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float32, shape=(n, k, h, w))
     else:
         out = np.load(feats_path, mmap_mode="r+")
+        note(f"resuming the projected store {folder.name} at item {done + 1} of {n}")
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     with tqdm(total=n, initial=done, desc=f"projecting ({proj.method}-{k})", unit="img", disable=not progress) as bar:
         for start in range(done, n, batch_size):
@@ -705,7 +717,6 @@ def project_store(proj: _Projection, store: Any, root: str | os.PathLike | None 
     del out
     _write_pickle_atomic(folder / "projection.pkl", proj)
     (folder / "DONE").write_text("ok\n")
-    return ProjectedStore(folder, store)
 
 
 def open_projected_store(path: str | os.PathLike, source: Any) -> ProjectedStore:

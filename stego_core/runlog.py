@@ -40,7 +40,7 @@ class RunLogger:
 
     def log_examples(self, step: int, image: Any, label: Any, pred: Any, palette: Any) -> None:
         """A few validation images with their labels and predictions: image uint8 [B,H,W,3], label and pred
-        int [B,H,W] (-1 = ignore), palette uint8 [K,3]."""
+        int [B,H,W] (-1 = ignore), palette uint8 [K,3] (None: fixed colours)."""
 
     def close(self) -> None:
         """Flush and release the files."""
@@ -54,6 +54,8 @@ def example_strip(image: Any, label: Any, pred: Any, palette: Any) -> np.ndarray
     """One uint8 [B, H, 3W, 3] strip per example: the image, its labels and the prediction side by side (ignored
     pixels black)."""
     image, label, pred = (np.asarray(a) for a in (image, label, pred))
+    if palette is None:  # a store without a palette: fixed colours, one per id
+        palette = np.random.default_rng(0).integers(40, 256, (int(max(label.max(), pred.max(), 0)) + 1, 3))
     colours = np.concatenate([np.asarray(palette, dtype=np.uint8).reshape(-1, 3), np.zeros((1, 3), np.uint8)])
 
     def paint(ids: np.ndarray) -> np.ndarray:  # [B,H,W] ids, -1 -> the black last row

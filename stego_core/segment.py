@@ -59,8 +59,8 @@ from .config import (
 from .data import IMAGE_EXTENSIONS, normalize
 from .segmenter import PROBES, Segmenter
 
-__all__ = ["PROBES", "IMAGE_EXTENSIONS", "Segmentation", "segment_images", "upsampled_argmax", "network_size",
-           "main"]
+__all__ = ["PROBES", "IMAGE_EXTENSIONS", "Segmentation", "segment_images", "load_segmenter", "label_map", "id_names",
+           "upsampled_argmax", "network_size", "main"]
 
 _BAND_BYTES = 64 << 20  # memory for one band of upsampled scores in upsampled_argmax
 
@@ -189,20 +189,66 @@ def _palette(n: int, base: np.ndarray | None = None) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the model
-def _segmenter(run: Any, checkpoint: Any, *, which: str, weights: str | None, device: Any, protocol: str,
-               trusted: bool) -> tuple[Segmenter, dict[str, Any]]:
-    """The segmenter with its backbone on ``device`` and its description for classes.json."""
+def load_segmenter(run: Any = None, checkpoint: Any = None, *, which: str = "best", weights: str | None = None,
+                   device: Any = "cpu", protocol: str = "original", trusted: bool = False,
+                   backbone: Any = None) -> tuple[Segmenter, dict[str, Any]]:
+    """The segmenter of a run folder or a released checkpoint with its backbone on ``device``, and its description
+    (for classes.json). ``backbone``: a loaded backbone to attach to a run's segmenter instead of loading one (the
+    explorer shares one backbone between the runs of a store); ``weights`` None = those the run's features were
+    computed with, or the ViT stored in the checkpoint."""
     dev = resolve_device(device)
     if run is not None:
         seg = run if isinstance(run, Segmenter) else Segmenter.from_run(run, which=which)
         if weights is None:
             weights = seg.info.get("weights")  # the weights the run's features were computed with
         if seg.backbone is None:
-            seg = seg.with_backbone(load_backbone(seg.info["backbone"], weights, protocol=protocol))
+            seg = seg.with_backbone(backbone if backbone is not None
+                                    else load_backbone(seg.info["backbone"], weights, protocol=protocol))
         return seg.to(dev), {**seg.description, "weights": weights}
     seg = checkpoint if isinstance(checkpoint, Segmenter) else Segmenter.from_checkpoint(
         checkpoint, trusted=trusted, weights=weights, protocol=protocol)
     return seg.to(dev), seg.description
+
+
+def id_names(seg: Segmenter, probe: str, *, map_clusters: bool = True) -> tuple[np.ndarray, list[str]]:
+    """(palette [n,3] uint8, name per id) of the ids ``probe`` predicts: the training dataset's classes for the
+    linear probe (and for the cluster probe of a segmenter whose clusters are matched to classes), else
+    "cluster k"."""
+    matched = probe == "cluster" and seg.cluster_to_class is not None
+    n_ids = seg.n_classes if probe == "linear" or matched else seg.n_clusters
+    base = seg.info.get("palette")
+    palette = _palette(n_ids, None if base is None else np.asarray(base, dtype=np.uint8))
+    class_names = list(seg.info.get("class_names") or [])
+    names = (class_names if (probe == "linear" or matched) and len(class_names) == n_ids
+             else [f"cluster {k}" for k in range(n_ids)] if probe == "cluster"
+             else [f"class {k}" for k in range(n_ids)])
+    return palette, names
+
+
+def label_map(seg: Segmenter, rgb: np.ndarray, *, res: int = 320, probe: str = "cluster", crf: bool = False,
+              protocol: str = "original", flip: bool = True,
+              map_clusters: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
+    """One RGB image uint8 [H,W,3] -> (int64 ids [H,W] at the image's size, the (h, w) the backbone saw): steps
+    1-4 of the module docstring with ``seg`` (which needs a backbone). Cluster ids become classes when ``seg``
+    carries a cluster -> class map and ``map_clusters`` (-1 = a cluster without a class)."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise StegoError(f"rgb: expected a uint8 image [H,W,3], got {rgb.dtype} of shape {rgb.shape}")
+    if seg.backbone is None:
+        raise StegoError("seg: expected a segmenter with a backbone (load_segmenter)")
+    resample = Image.NEAREST if protocol == "original" else Image.BILINEAR
+    height, width = rgb.shape[:2]
+    net_h, net_w = network_size(height, width, res, int(seg.backbone.stride))
+    small = np.asarray(Image.fromarray(rgb).resize((net_w, net_h), resample))
+    x = normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1).float() / 255.0)[None]  # [H,W,3] -> [1,3,h,w]
+    code = seg.image_code(x, flip=flip)  # [1,D,h/s,w/s]
+    scores = seg.log_probs(code, x.shape[-2:], probe)[0].cpu()  # [K,h,w]
+    if crf:
+        scores = torch.from_numpy(seg.refine(scores[None], x, protocol=protocol)[0])  # marginals [K,h,w]
+    label = upsampled_argmax(scores, (height, width))  # [H,W]
+    if probe == "cluster" and map_clusters and seg.cluster_to_class is not None:
+        label = seg.cluster_to_class[label]
+    return label, (net_h, net_w)
 
 
 def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, run: Any = None,
@@ -249,37 +295,25 @@ def segment_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, *, ru
         _check_readable(f)
     out = ensure_writable(Path(out_dir), "out_dir")
 
-    seg, description = _segmenter(run, checkpoint, which=which, weights=weights, device=device, protocol=protocol,
-                                  trusted=trusted)
-    n_ids = seg.n_classes if probe == "linear" else seg.n_clusters
+    seg, description = load_segmenter(run, checkpoint, which=which, weights=weights, device=device,
+                                      protocol=protocol, trusted=trusted)
+    palette, names = id_names(seg, probe, map_clusters=False)  # cluster ids, as documented
+    n_ids = len(names)
     if n_ids > 256:
         raise StegoError(f"probe: {n_ids} ids do not fit a uint8 label PNG; expected at most 256")
-    base = seg.info.get("palette")
-    palette = _palette(n_ids, None if base is None else np.asarray(base, dtype=np.uint8))
-    class_names = list(seg.info.get("class_names") or [])
-    names = (class_names if probe == "linear" and len(class_names) == n_ids
-             else [f"cluster {k}" for k in range(n_ids)] if probe == "cluster"
-             else [f"class {k}" for k in range(n_ids)])
     write_json_atomic(out / "classes.json", {
         "probe": probe, "ids": [{"id": k, "name": names[k], "color": palette[k].tolist()} for k in range(n_ids)],
         "note": ("cluster ids are STEGO's unsupervised clusters (arbitrary numbering)" if probe == "cluster"
                  else "class ids of the dataset the linear probe was trained on"),
         "model": description, "res": res, "crf": crf, "flip": flip, "protocol": protocol})
 
-    resample = Image.NEAREST if protocol == "original" else Image.BILINEAR
-    stride = int(seg.backbone.stride)
     results = []
     for path in tqdm(files, desc="segment", unit="img", disable=not progress):
         rgb = _read_rgb(path)  # [H,W,3]
         height, width = rgb.shape[:2]
-        net_h, net_w = network_size(height, width, res, stride)
-        small = np.asarray(Image.fromarray(rgb).resize((net_w, net_h), resample))
-        x = normalize(torch.from_numpy(np.array(small)).permute(2, 0, 1).float() / 255.0)[None]  # [H,W,3] -> [1,3,h,w]
-        code = seg.image_code(x, flip=flip)  # [1,D,h/s,w/s]
-        scores = seg.log_probs(code, x.shape[-2:], probe)[0].cpu()  # [K,h,w]
-        if crf:
-            scores = torch.from_numpy(seg.refine(scores[None], x, protocol=protocol)[0])  # marginals [K,h,w]
-        label = upsampled_argmax(scores, (height, width)).astype(np.uint8)  # [H,W]
+        ids, (net_h, net_w) = label_map(seg, rgb, res=res, probe=probe, crf=crf, protocol=protocol, flip=flip,
+                                        map_clusters=False)
+        label = ids.astype(np.uint8)
         label_path, overlay_path = out / f"{path.stem}_label.png", out / f"{path.stem}_overlay.png"
         _save_png_atomic(label, label_path)
         _save_png_atomic(overlay(rgb, label, palette, alpha), overlay_path)

@@ -28,6 +28,7 @@ RP on all datasets, h-NNE on Cityscapes, the DINO baseline once per seed).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -56,7 +57,9 @@ from .config import (
 )
 from .crf import start_method
 from .fused import RunGroup, group_specs
+from .guards import artifact_lock, die_with_parent
 from .results import empty_results, load_results, summarise
+from .runlog import LOGGERS
 from .training import PRESETS, TrainConfig, make_config, train
 
 __all__ = ["SWEEP_METHODS", "STUDY_DIMS", "STUDY_METHODS", "RunSpec", "SweepGrid", "SweepResult", "study_grid",
@@ -112,6 +115,7 @@ class RunSpec:
     config: dict  # the resolved TrainConfig as a dict (dataset, backbone, method, code_dim, seed, protocol, ...)
     train_cache: dict = field(default_factory=dict)  # keyword options for cache_features of the training split
     val_cache: dict = field(default_factory=dict)  # keyword options for cache_features of the validation split
+    logger: str = "none"  # live logs while it trains ("none", "tensorboard"; stego_core.runlog); not in the key
 
     @property
     def method(self) -> str:
@@ -244,15 +248,17 @@ class _RunOne:
 
     def __call__(self, spec: RunSpec) -> tuple[str, str | None]:
         run_dir = spec.run_dir(self.root)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "spec.json", {"name": spec.name, **spec.key()})
-        try:
-            self.run_fn(spec, run_dir=run_dir, root=self.root, progress=self.run_progress)
-        except Exception as exc:  # noqa: BLE001 - reported per run, re-raised below unless on_error="continue"
-            if self.on_error == "raise":
-                raise
-            return spec.name, f"{type(exc).__name__}: {exc}"
-        write_json_atomic(run_dir / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})  # marker last
+        with artifact_lock(run_dir, f"the sweep run {spec.name}"):  # a second sweep waits for this run
+            if (run_dir / "DONE").exists():
+                return spec.name, None  # finished by another process while we waited
+            write_json_atomic(run_dir / "spec.json", {"name": spec.name, **spec.key()})
+            try:
+                self.run_fn(spec, run_dir=run_dir, root=self.root, progress=self.run_progress)
+            except Exception as exc:  # noqa: BLE001 - reported per run, re-raised below unless on_error="continue"
+                if self.on_error == "raise":
+                    raise
+                return spec.name, f"{type(exc).__name__}: {exc}"
+            write_json_atomic(run_dir / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S")})  # marker last
         return spec.name, None
 
 
@@ -263,6 +269,7 @@ def train_run(spec: RunSpec, *, run_dir: Path, root=None, progress: bool = False
                                  **spec.train_cache)
     val_store = cache_features(cfg.dataset, "val", cfg.backbone, root=root, progress=progress, **spec.val_cache)
     result = train(cfg, train_store=train_store, val_store=val_store, root=root, progress=progress,
+                   logger=spec.logger,
                    **{k: v for k, v in spec.train_cache.items() if k == "device"})  # caches' device also trains
     write_json_atomic(Path(run_dir) / "run.json", {"train_run_dir": str(result.run_dir), "best": result.best})
     return result
@@ -275,6 +282,7 @@ def serial_executor(fn: Callable[[RunSpec], Any], specs: Sequence[RunSpec]) -> I
 
 
 def _limit_threads(threads: int) -> None:
+    die_with_parent()  # a worker never outlives the process that started it (stego_core.guards)
     torch.set_num_threads(threads)
 
 
@@ -381,7 +389,7 @@ def _rows_of(df: pd.DataFrame, specs: Sequence[RunSpec], root=None) -> pd.DataFr
 def run_sweep(grid: SweepGrid | Iterable[RunSpec], *, root=None, run_fn: Callable[..., Any] | None = None,
               executor: Callable[[Callable[[RunSpec], Any], Sequence[RunSpec]], Iterable[Any]] | None = None,
               progress: bool = True, run_progress: bool = False, on_error: str = "raise",
-              fused: bool = True) -> SweepResult:
+              fused: bool = True, logger: str | None = None) -> SweepResult:
     """Run every unfinished run of ``grid`` and return a ``SweepResult`` with the rows of all its runs.
 
     root: artifacts root (markers, stores, runs, results). run_fn: see the module docstring (default ``train_run``).
@@ -391,11 +399,16 @@ def run_sweep(grid: SweepGrid | Iterable[RunSpec], *, root=None, run_fn: Callabl
     fused: train the runs that share a store and a batch schedule together (``stego_core.fused``: one pass over the
     batches per group; each run keeps its own folder, generators and checkpoints, and trains on the batches it
     would see alone); the executor then runs groups. False (or a custom ``run_fn``) trains each run on its own.
+    logger: live logs of every run that trains ("none", "tensorboard": event files in each run's folder,
+    ``stego_core.runlog``); None keeps each spec's own ``logger``.
     """
     check_choice("on_error", on_error, ON_ERROR)
     specs = grid.runs() if isinstance(grid, SweepGrid) else list(grid)
     if not all(isinstance(s, RunSpec) for s in specs):
         raise StegoError("grid: expected a SweepGrid or a list of RunSpec")
+    if logger is not None:
+        check_choice("logger", logger, LOGGERS)
+        specs = [dataclasses.replace(s, logger=logger) for s in specs]
     seen: dict[str, str] = {}
     for s in specs:
         h = s.config_hash

@@ -35,12 +35,15 @@ from .config import (
     artifacts_root,
     check_choice,
     check_int,
+    code_hash,
     ensure_writable,
     write_json_atomic,
 )
 from .evaluation import evaluate_batches
+from .guards import note
 from .projections import project_store, transform_many
 from .results import write_rows
+from .runlog import NullLogger, RunLogger
 from .segmenter import ProjectionCode, Segmenter
 from .train_features import FeatureSource, batch_indices, fit_run_projection
 from .train_state import CKPT_VERSION, TrainState, build_state, save_checkpoint, save_npz, save_pickle, train_step
@@ -113,6 +116,7 @@ class RunSlot:
     projection: Any = None
     saved_at: int | None = None  # the step last.pt holds
     code_corr: dict[str, np.ndarray] | None = None
+    logger: RunLogger = field(default_factory=NullLogger)  # live logs (stego_core.runlog), closed by finish_slot
 
     @property
     def last_path(self) -> Path:
@@ -181,6 +185,13 @@ def start_state(slot: RunSlot, dims: tuple[int, int], device: torch.device, *, r
                              f"pass resume=False to start over")
         slot.state.load_last(ck)
         slot.saved_at = slot.state.step
+        name = slot.last_path.parent.name
+        if ck.get("code") != code_hash():
+            note(f"resuming the training run {name} at step {ck['step']} of {cfg.steps}: it was started by a "
+                 f"different stego_core (code {ck.get('code') or 'unrecorded'}, this one {code_hash()}), so this "
+                 f"resumes someone else's run and mixes two versions; pass resume=False to start over")
+        else:
+            note(f"resuming the training run {name} at step {ck['step']} of {cfg.steps}")
 
 
 def _validate(segmenter: Segmenter, val: FeatureSource, cfg: Any) -> dict[str, float]:
@@ -200,6 +211,9 @@ def _validate_slot(slot: RunSlot, val: FeatureSource) -> dict[str, float]:
     st = slot.state
     metrics = _validate(Segmenter(st.step_map, st.cluster_probe, st.linear_probe), val, slot.cfg)
     st.history.extend({"step": st.step, "split": "val", "metric": k, "value": v} for k, v in metrics.items())
+    if not isinstance(slot.logger, NullLogger):
+        slot.logger.log_validation(st.step, metrics)
+        _log_examples(slot, val)
     st.last_metrics = {"step": st.step, **metrics}
     if not st.best or metrics["cluster/mIoU"] > st.best["cluster/mIoU"]:
         st.best = {"step": st.step, **metrics}
@@ -207,6 +221,21 @@ def _validate_slot(slot: RunSlot, val: FeatureSource) -> dict[str, float]:
     save_checkpoint(st, slot.last_path, "last")
     slot.saved_at = st.step
     return metrics
+
+
+def _log_examples(slot: RunSlot, val: FeatureSource, n: int = 4) -> None:
+    """The first ``n`` validation images with labels and linear-probe predictions, to the run's logger (stores
+    without images, such as h-NNE's projected copies, log none)."""
+    idx = torch.arange(min(n, val.n))
+    items = val.store.read(idx)
+    if "image" not in items:
+        return
+    feats, label = val.get(idx)
+    st = slot.state
+    segmenter = Segmenter(st.step_map, st.cluster_probe, st.linear_probe)
+    pred = segmenter.predict(segmenter.code(feats), tuple(label.shape[-2:]), probe="linear")  # [n,H,W]
+    slot.logger.log_examples(st.step, items["image"], label.cpu().numpy(), pred.numpy(),
+                             getattr(val.store, "palette", None))
 
 
 @dataclass
@@ -244,6 +273,7 @@ def _advance(slot: RunSlot, batch: _Batch, val: FeatureSource, validate_at: set[
         if st.step % _LOG_EVERY == 0 or st.step == cfg.steps:
             logs = out.logs()
             st.history.extend({"step": st.step, "split": "train", "metric": k, "value": v} for k, v in logs.items())
+            slot.logger.log_losses(st.step, logs)
         if st.step in validate_at:
             _validate_slot(slot, val)
     return logs
@@ -326,6 +356,7 @@ def finish_slot(slot: RunSlot) -> TrainResult:
     """The slot's TrainResult; for a completed run also code_corr.npz, results.csv, meta.json and DONE."""
     if slot.result is not None:
         return slot.result
+    slot.logger.close()
     st, cfg, run_dir = slot.state, slot.cfg, slot.run_dir
     st.train(False)
     completed = st.step >= cfg.steps

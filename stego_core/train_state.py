@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import atomic_write
+from .config import atomic_write, code_hash
+from .guards import disk_full_guard
 from .heads import STEGOHead
 from .losses import CorrespondenceLoss
 from .probes import ClusterProbe, LinearProbe, linear_probe_loss
@@ -126,7 +127,7 @@ class TrainState:
 
     def checkpoint(self, kind: str, metrics: dict | None = None) -> dict[str, Any]:
         """The content of ``last.pt`` (``kind="last"``: all of the state) or ``best.pt`` (modules + metrics)."""
-        ck = {"version": CKPT_VERSION, "config": self.cfg.to_dict(), "step": self.step,
+        ck = {"version": CKPT_VERSION, "config": self.cfg.to_dict(), "step": self.step, "code": code_hash(),
               "head": self.head.state_dict() if self.head is not None else None,
               "cluster_probe": self.cluster_probe.state_dict(), "linear_probe": self.linear_probe.state_dict()}
         if kind == "best":
@@ -296,8 +297,11 @@ def _cpu(obj: Any) -> Any:
 
 def save_checkpoint(state: TrainState, path: Path, kind: str, metrics: dict | None = None) -> None:
     """The one checkpoint writer: ``state.checkpoint(kind, metrics)`` with CPU tensors, atomically at ``path``."""
-    with atomic_write(path) as fh:
-        torch.save(_cpu(state.checkpoint(kind, metrics)), fh)
+    ck = _cpu(state.checkpoint(kind, metrics))
+    need = 2 * sum(p.numel() * p.element_size() for m in state.modules for p in m.state_dict().values())
+    guard = disk_full_guard(Path(path).parent, need, f"the training run {Path(path).parent.name}")
+    with guard, atomic_write(path) as fh:
+        torch.save(ck, fh)  # need: last.pt and best.pt, the modules' weights (optimiser moments: x3 for last.pt)
 
 
 def save_pickle(obj: Any, path: Path) -> None:

@@ -58,6 +58,7 @@ count every prediction.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -69,7 +70,9 @@ from torch import nn
 
 from .backbones import BACKBONES
 from .config import METHODS, PROTOCOLS, StegoError, check_choice, check_float, check_int, resolve_device
+from .guards import artifact_lock
 from .knn import require_knn
+from .runlog import LOGGERS, make_logger
 from .train_features import FeatureSource, check_stores, live_backbone, open_training_store
 from .train_loop import (
     RunSlot,
@@ -293,7 +296,7 @@ def fuse_key(cfg: TrainConfig) -> tuple:
 def train(cfg: TrainConfig, *, train_store: Any, val_store: Any, root: str | os.PathLike | None = None,
           progress: bool = True, resume: bool = True, backbone: nn.Module | None = None,
           callback: Callable[[int, dict[str, float]], None] | None = None, max_steps_this_call: int | None = None,
-          preload_mb: int = 2048, device: str | torch.device = "cpu") -> TrainResult:
+          preload_mb: int = 2048, device: str | torch.device = "cpu", logger: str = "none") -> TrainResult:
     """Train one run (see the module docstring) and return its ``TrainResult``.
 
     train_store / val_store: FeatureStores (or paths) of the training and validation split; the training store
@@ -311,6 +314,8 @@ def train(cfg: TrainConfig, *, train_store: Any, val_store: Any, root: str | os.
       a preloaded store lives in GPU memory.
     device: where the head, the probes, the projections and the batches live ("cpu", "cuda", "cuda:1", "mps");
       not part of the run's key (checkpoints hold CPU tensors). A device this machine lacks is a StegoError.
+    logger: live logs of the run, "none" or "tensorboard" (event files in ``<run folder>/tensorboard``:
+      training losses, validation metrics, example predictions; ``stego_core.runlog``); not part of the run's key.
     """
     if not isinstance(cfg, TrainConfig):
         raise StegoError(f"cfg: expected a TrainConfig (see make_config), got {type(cfg).__name__}")
@@ -321,14 +326,14 @@ def train(cfg: TrainConfig, *, train_store: Any, val_store: Any, root: str | os.
     return _train_group([cfg], train_store=train_store, val_store=val_store, root=root, progress=progress,
                         resume=resume, backbone=backbone, callback=group_callback,
                         max_steps_this_call=max_steps_this_call, preload_mb=preload_mb, device=device,
-                        own_rng=False)[0]
+                        own_rng=False, logger=logger)[0]
 
 
 def train_group(cfgs: Sequence[TrainConfig], *, train_store: Any, val_store: Any,
                 root: str | os.PathLike | None = None, progress: bool = True, resume: bool = True,
                 backbone: nn.Module | None = None, callback: Callable[[int, dict], None] | None = None,
                 max_steps_this_call: int | None = None, preload_mb: int = 2048,
-                device: str | torch.device = "cpu") -> list[TrainResult]:
+                device: str | torch.device = "cpu", logger: str = "none") -> list[TrainResult]:
     """Train several runs on the same stores in one pass over the batches (a fused sweep) and return their
     ``TrainResult`` in the order of ``cfgs``. Runs with equal ``fuse_key`` share every step's batch (read once;
     PCA / RP runs projected together, probe-only runs train only their probes); each keeps its own
@@ -340,11 +345,12 @@ def train_group(cfgs: Sequence[TrainConfig], *, train_store: Any, val_store: Any
         raise StegoError("cfgs: expected a non-empty list of TrainConfig (see make_config)")
     return _train_group(cfgs, train_store=train_store, val_store=val_store, root=root, progress=progress,
                         resume=resume, backbone=backbone, callback=callback, max_steps_this_call=max_steps_this_call,
-                        preload_mb=preload_mb, device=device, own_rng=True)
+                        preload_mb=preload_mb, device=device, own_rng=True, logger=logger)
 
 
 def _train_group(cfgs: list[TrainConfig], *, train_store, val_store, root, progress, resume, backbone, callback,
-                 max_steps_this_call, preload_mb, device, own_rng: bool) -> list[TrainResult]:
+                 max_steps_this_call, preload_mb, device, own_rng: bool, logger: str = "none") -> list[TrainResult]:
+    check_choice("logger", logger, LOGGERS)
     if max_steps_this_call is not None:
         check_int("max_steps_this_call", max_steps_this_call, minimum=1)
     dev = resolve_device(device)
@@ -357,8 +363,24 @@ def _train_group(cfgs: list[TrainConfig], *, train_store, val_store, root, progr
             cfgs[i] = dataclasses.replace(cfg, code_dim=dims[0])  # the raw features are the code
     if len({c.run_name + str(c.to_dict()) for c in cfgs}) != len(cfgs):
         raise StegoError("cfgs: the same run appears twice; expected distinct runs")
+    with contextlib.ExitStack() as locks:  # one writer per run: a second process waits for these runs
+        for cfg in cfgs:
+            run_dir = run_dir_for(cfg, train_store, val_store, root)
+            locks.enter_context(artifact_lock(run_dir, f"the training run {run_dir.name}"))
+        return _train_slots(cfgs, train_store, val_store, dims, dev, root=root, progress=progress, resume=resume,
+                            backbone=backbone, callback=callback, max_steps_this_call=max_steps_this_call,
+                            preload_mb=preload_mb, own_rng=own_rng, logger=logger)
+
+
+def _train_slots(cfgs: list[TrainConfig], train_store, val_store, dims: tuple[int, int], dev, *, root, progress,
+                 resume, backbone, callback, max_steps_this_call, preload_mb, own_rng: bool,
+                 logger: str = "none") -> list[TrainResult]:
+    """``_train_group`` once the runs' folders are locked."""
     opts = dict(root=root, resume=resume, progress=progress, device=dev)
     slots = [prepare_slot(c, train_store, val_store, dims, **opts) for c in cfgs]
+    for slot in slots:
+        if slot.result is None:  # a run that trains now streams its logs
+            slot.logger = make_logger(logger, slot.run_dir)
     groups: dict[tuple, list[RunSlot]] = {}
     for slot in slots:
         if slot.result is None:

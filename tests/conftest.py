@@ -48,6 +48,9 @@ def golden():
                 "shared/reference/golden-public.json); restore it instead of skipping the reference checks")
 
 
+SMOKE_REPOSITORY_URL = "https://github.com/stego-study/stego-study"  # never fetched: the browser tests cut the net
+
+
 @pytest.fixture(scope="session")
 def smoke_html(tmp_path_factory):
     """The smoke profile's book, built once per session into <basetemp>/smoke-book; its HTML folder."""
@@ -64,5 +67,6 @@ def smoke_html(tmp_path_factory):
     if not index.exists():
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("STEGO_ARTIFACTS", str(base / "smoke-artifacts"))
+            mp.setenv("STEGO_REPOSITORY_URL", SMOKE_REPOSITORY_URL)  # the launch buttons get checked too
             index = study.make_book("smoke", workdir=base / "smoke-book")
     return index.parent

@@ -33,6 +33,37 @@ CHARTS_DRAWN = """() => {
                              || el.querySelector('.stego-chart-error'));
 }"""
 
+# Data marks per chart: Vega draws the marks of the spec inside groups of class role-mark; axes, legends, titles and
+# the frame are role-axis-* / role-legend-* / role-title / role-frame groups and do not count. A chart whose data
+# is empty (or filtered away) has none.
+CHART_DATA_MARKS = """() => [...document.querySelectorAll('.stego-chart')].map(
+  el => el.querySelectorAll('svg g.role-mark > *:not(g)').length)"""
+# Page layout: the first heading of the article comes before any code cell; horizontal overflow; each chart's drawing
+# against the width of its column (the article's content box).
+FIRST_HEADING_BEFORE_CODE = """() => {
+  const article = document.querySelector('article.bd-article') || document.querySelector('main');
+  const h1 = article.querySelector('h1');
+  const cell = article.querySelector('div.cell');
+  if (!h1) return 'no h1';
+  if (cell && (cell.compareDocumentPosition(h1) & Node.DOCUMENT_POSITION_FOLLOWING)) return 'code cell before h1';
+  return 'ok';
+}"""
+PAGE_OVERFLOW = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+CHARTS_TOO_WIDE = """() => {
+  const article = document.querySelector('article.bd-article') || document.querySelector('main');
+  const column = article.getBoundingClientRect().width;
+  return [...document.querySelectorAll('.stego-chart svg.marks')]
+    .map(svg => svg.getBoundingClientRect().width).filter(w => w > column + 1).map(w => [w, column]);
+}"""
+# The download button (every page has the page source; chapters the .ipynb) and, when the book was built with a
+# repository URL, the launch buttons (Binder, Colab) on the executed chapters.
+DOWNLOAD_IPYNB = "() => [...document.querySelectorAll('a[href$=\".ipynb\"]')].map(a => a.getAttribute('href'))"
+LAUNCH_LINKS = "() => [...document.querySelectorAll('a[href*=\"mybinder.org\"], a[href*=\"colab.research\"]')]" \
+               ".map(a => a.getAttribute('href'))"
+# Pages that paste numbers from the chapters, and their Markdown sources (relative to the book's work folder).
+PASTING_PAGES = {"book/findings.html": "book/findings.md", "book/results/table2.html": "book/results/table2.md",
+                 "book/results/figure4.html": "book/results/figure4.md"}
+
 
 def _check_widgets(page) -> None:
     """Pages that carry ipywidgets state must show the widgets (here: tqdm's progress bars)."""
@@ -110,7 +141,7 @@ def test_every_page_renders_offline(html_root, server, browser):
     pages = _pages(html_root)
     assert "book/chapters/00_data.html" in pages or os.environ.get("STEGO_BOOK_HTML")
     shots = html_root.parent / "screenshots"
-    shots.mkdir(exist_ok=True)
+    (shots / "phone").mkdir(parents=True, exist_ok=True)
     problems: dict[str, list[str]] = {}
     n_charts = 0
     for rel in pages:
@@ -138,20 +169,100 @@ def test_every_page_renders_offline(html_root, server, browser):
             page.wait_for_function(CHARTS_DRAWN, timeout=20_000)
             errors = page.locator(".stego-chart-error").all_inner_texts()
             found += [f"chart error: {e}" for e in errors]
-            drawn = page.locator('.stego-chart.vega-embed svg [class*="mark-"] > *').count()
-            assert drawn > 0, f"{rel}: {charts} charts but no marks drawn"
+            marks = page.evaluate(CHART_DATA_MARKS)
+            found += [f"chart {i} draws no data marks" for i, n in enumerate(marks) if n == 0]
+            found += [f"chart wider than its column: {w:.0f} > {c:.0f} px" for w, c in page.evaluate(CHARTS_TOO_WIDE)]
             embeds = page.locator(".stego-chart.vega-embed").count()
             assert embeds == charts, f"{rel}: {embeds} of {charts} charts were embedded"
             n_charts += charts
         if rel in PAGE_CHECKS:
             PAGE_CHECKS[rel](page)
-        page.screenshot(path=str(shots / (rel.replace("/", "__").removesuffix(".html") + ".png")), full_page=True)
+        found += _reader_checks(page, rel, html_root)
+        name = rel.replace("/", "__").removesuffix(".html") + ".png"
+        page.screenshot(path=str(shots / name), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 844})  # a phone
+        page.wait_for_timeout(200)
+        if (over := page.evaluate(PAGE_OVERFLOW)) > 1:
+            found.append(f"page scrolls sideways by {over} px at 390 px")
+        page.screenshot(path=str(shots / "phone" / name), full_page=True)
         if found:
             problems[rel] = found
         context.close()
     assert not problems, problems
     if not os.environ.get("STEGO_BOOK_HTML"):
         assert n_charts >= 3  # the smoke chapters hold 3 charts
+
+
+def _launch_buttons_expected() -> bool:
+    """The smoke book is built with a repository URL (conftest); a given build has one when the environment says so."""
+    if os.environ.get("STEGO_BOOK_HTML"):
+        return bool(os.environ.get("STEGO_REPOSITORY_URL"))
+    return True
+
+
+def _reader_checks(page, rel: str, html_root: Path) -> list[str]:
+    """The reader's view at 1280 px: title first, no sideways scrolling, download / launch buttons, pasted numbers."""
+    found = []
+    first = page.evaluate(FIRST_HEADING_BEFORE_CODE)
+    if first != "ok" and rel not in ("genindex.html", "search.html"):
+        found.append(f"first heading: {first}")
+    if (over := page.evaluate(PAGE_OVERFLOW)) > 1:
+        found.append(f"page scrolls sideways by {over} px at 1280 px")
+    if rel.startswith("book/chapters/"):
+        stem = Path(rel).stem
+        if not any(h.endswith(f"{stem}.ipynb") for h in page.evaluate(DOWNLOAD_IPYNB)):
+            found.append("no download link to the chapter's .ipynb")
+        if _launch_buttons_expected():
+            links = page.evaluate(LAUNCH_LINKS)
+            if not any("mybinder.org" in h and stem in h for h in links) or not any("colab" in h for h in links):
+                found.append(f"launch buttons missing (configured): {links}")
+        elif page.evaluate(LAUNCH_LINKS):
+            found.append("launch buttons although no repository URL is configured")
+    if rel in PASTING_PAGES:
+        from chapters import missing_pasted_numbers
+
+        source = html_root.parents[1] / PASTING_PAGES[rel]
+        text = page.inner_text("article.bd-article")
+        found += [f"pasted number not on the page: {m}" for m in missing_pasted_numbers(text, source)]
+    return found
+
+
+def test_a_chart_without_data_counts_no_marks(html_root, server, browser, tmp_path):
+    """The data-mark probe fails an empty chart: the same chart with and without rows, on a page next to the book's
+    own vendored JavaScript."""
+    import altair as alt
+    import pandas as pd
+
+    from stego_core.book import viz
+
+    site = tmp_path / "site"
+    (site / "_static").mkdir(parents=True)
+    (site / "_static" / "documentation_options.js").write_text("")  # the loader finds ../vendor/ from it
+    os.symlink(html_root / "vendor", site / "vendor")
+    frames = {"full": pd.DataFrame({"D": [3, 6, 12], "mIoU": [20.0, 24.0, 23.0]}),
+              "empty": pd.DataFrame({"D": pd.Series(dtype=float), "mIoU": pd.Series(dtype=float)})}
+    for name, df in frames.items():
+        chart = alt.Chart(df).mark_line(point=True).encode(x="D:Q", y="mIoU:Q")
+        (site / f"{name}.html").write_text('<html><head><script src="_static/documentation_options.js"></script>'
+                                           f"</head><body>{viz.chart_html(chart.to_dict())}</body></html>")
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        counts = {}
+        for name in frames:
+            page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/{name}.html", wait_until="load")
+            page.wait_for_function(CHARTS_DRAWN, timeout=20_000)
+            counts[name] = page.evaluate(CHART_DATA_MARKS)
+            assert page.locator(".stego-chart svg g.role-axis").count() > 0  # the axes are drawn either way
+        context.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert counts["empty"] == [0]
+    assert counts["full"][0] >= 3 + 1  # three points and the line
 
 
 # --------------------------------------------------------------------------------------------- the explorer (05)

@@ -72,6 +72,12 @@ def test_table_and_sweep():
     assert sweep["disk_read_h"] == pytest.approx(reads / 2e9 / 3600)
     assert sweep["validation_h"] == pytest.approx(sweep["runs"] * one["val_gpu_s"] / 3600)
     assert costs.study_hours("potsdam", seeds=2)["runs"] == 2 * sweep["runs"]
+    # fused: the training batches are read once per group (per seed: the STEGO heads, the probe-only runs)
+    fused = costs.study_hours("potsdam", seeds=2, fused=True)
+    assert fused["train_reads"] == 4 and sweep["train_reads"] == sweep["runs"]
+    reads = one["cache_read_bytes"] + 4 * one["train_read_bytes"] + fused["runs"] * one["val_read_bytes"]
+    assert fused["disk_read_h"] == pytest.approx(reads / 2e9 / 3600)
+    assert fused["train_h"] == pytest.approx(2 * sweep["train_h"])
 
 
 def test_bad_input_and_formatting():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import nbformat
+import pandas as pd
 import pytest
 from chapters import glued
 
@@ -64,6 +65,16 @@ def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
     # every run wrote its rows to the results store
     store = results.load_results(tmp_path / "artifacts")
     assert store["run_id"].nunique() == 8
+    # the chapter's key numbers against the runs' own files (read with pandas, not through stego_core): STEGO's
+    # cluster mIoU at the smallest D is the seed mean of each run's best validation cluster mIoU (the study selects
+    # the step of maximal cluster mIoU)
+    csv = pd.concat([pd.read_csv(f) for f in sorted((tmp_path / "artifacts" / "runs").glob("*/results.csv"))])
+    val = csv[(csv["stage"] == "train") & (csv["split"] == "val") & (csv["probe"] == "cluster")
+              & (csv["metric"] == "mIoU") & (csv["protocol"] == "original") & ~csv["crf"].astype(bool)]
+    best = val.groupby(["method", "code_dim", "seed"])["value"].max().groupby(["method", "code_dim"]).mean()
+    assert float(glued["dim_stego_cluster_min"]) == pytest.approx(best[("stego", 3)])
+    assert float(glued["dim_pca_cluster_min"]) == pytest.approx(best[("pca", 3)])
+    assert glued["dim_n_runs"] == str(csv["run_id"].nunique())
 
     # a second call finds every run finished
     again = study.run_notebook("03_dimension_study", TINY, workdir=tmp_path / "book", force=True)

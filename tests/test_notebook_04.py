@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
 from chapters import glued
 
@@ -100,6 +102,13 @@ def test_quirks_chapter(chapters):
     for key in ("knn_changed", "knn_agree_orig", "knn_agree_corr", "bytes_changed", "crf_pixels_changed"):
         assert 0 <= float(glued[key]) <= 100, key
     assert float(glued["pos_rel"]) > 0 and float(glued["batch_spread"]) >= 0
+    # quirk 1's share of changed partners against the two kNN tables the chapter left beside the training store
+    # (ranks 1..n_neighbors of the smoke profile, as sets per item; numpy alone)
+    (store,) = (chapters.parents[2] / "smoke-artifacts" / "features").glob("mosaic-train-*")
+    n = dict(study.load_profile("smoke"))["07_quirks"]["n_neighbors"]
+    orig, corr = (np.load(store / f"knn-{p}.npy")[:, 1:n + 1] for p in ("original", "corrected"))
+    same = sum(len(set(a) & set(b)) for a, b in zip(orig.tolist(), corr.tolist()))
+    assert float(glued["knn_changed"]) == pytest.approx(round(100 * (1 - same / orig.size), 1))
     summary = _html(nb)[-1]
     for quirk in ("1 kNN dropout", "6 extra clusters dropped", "15 per-batch standardisation",
                   "9 CRF image round trip", "3 nearest resize", "13 pos-embed rule", "16 swapped metric names"):
@@ -117,6 +126,13 @@ def test_table2_rows_go_through_the_results_store(chapters, tmp_path_factory):
     glued = _glued(_read(chapters, "04_evaluate"))
     no_crf = table[(table["model"] == "STEGO") & (table["CRF"] == "no CRF") & (table["images"] == 8)]
     assert float(glued["stego_cluster_miou"]) == pytest.approx(round(no_crf["cluster mIoU"].item(), 1))
+    # every glued number of the chapter against the rows file it wrote (read with pandas alone)
+    rows = pd.concat([pd.read_csv(f) for f in (base / "smoke-artifacts" / "evaluations").glob("*/results.csv")])
+    mi = rows[(rows["probe"] == "cluster") & (rows["metric"] == "mIoU")].set_index(["method", "crf", "split"])["value"]
+    for method in ("stego", "dino"):
+        assert float(glued[f"{method}_cluster_miou"]) == pytest.approx(round(mi[(method, False, "val[:8]")], 1))
+        gain = mi[(method, True, "val[:2]")] - mi[(method, False, "val[:2]")]
+        assert float(glued[f"{method}_crf_gain"]) == pytest.approx(round(gain, 1))
 
 
 @pytest.mark.parametrize("notebook", ["04_evaluate", "05_explorer"])

@@ -115,3 +115,20 @@ def test_parameters_notebook(smoke_chapters):
         for p in study.read_parameters(name):
             assert f">{p.name}<" in html, (name, p.name)
     assert "01_features" not in "".join(_outputs(nb, "text/markdown"))
+
+
+def test_a_downloaded_chapter_runs_as_it_is(smoke_chapters, tmp_path, monkeypatch):
+    """The page's download button gives the executed chapter; opened elsewhere it runs top to bottom as it is (its
+    parameters cells, the reader's tags and added Markdown cells change nothing) and glues the same numbers."""
+    from nbclient import NotebookClient
+
+    from stego_core.book.runner import ensure_kernel
+
+    downloaded = nbformat.read(smoke_chapters / "08_costs.ipynb", as_version=4)
+    assert any("remove-cell" in c.metadata.get("tags", []) for c in downloaded.cells)  # the reader's view is on
+    monkeypatch.setenv("STEGO_ARTIFACTS", str(smoke_chapters.parents[2] / "smoke-artifacts"))
+    again = nbformat.reads(nbformat.writes(downloaded), as_version=4)
+    NotebookClient(again, kernel_name=ensure_kernel(), timeout=600,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert not [o for c in again.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
+    assert _glued(again)["biggest_store_gb"] == _glued(downloaded)["biggest_store_gb"]

@@ -57,3 +57,48 @@ def test_none_writes_nothing_and_unknown_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(StegoError, match="logger"):
         runlog.make_logger("wandb", tmp_path)
+
+
+def test_training_and_sweep_stream_to_tensorboard(tmp_path):
+    """logger="tensorboard": a run's losses at its logging steps, its validation metrics at every validation and
+    the example predictions land in <run folder>/tensorboard."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_training import FakeStore, _cfg, _synthetic, _with_knn
+
+    from stego_core import training
+
+    train_store = _with_knn(FakeStore(tmp_path / "train", *_synthetic(32, 0), split="train"))
+    val_store = FakeStore(tmp_path / "val", *_synthetic(8, 1), split="val")
+    result = training.train(_cfg(steps=20, val_freq=10), train_store=train_store, val_store=val_store,
+                            root=tmp_path / "art", progress=False, logger="tensorboard")
+    acc = EventAccumulator(str(result.run_dir / runlog.TENSORBOARD_DIR), size_guidance={"images": 0}).Reload()
+    history = result.history
+    train_rows = history[(history.split == "train") & (history.metric == "loss/total")]
+    logged = acc.Scalars("train/loss/total")
+    assert [e.step for e in logged] == train_rows.step.tolist() == [10, 20]
+    assert [e.value for e in logged] == pytest.approx(train_rows.value.tolist())
+    val_rows = history[(history.split == "val") & (history.metric == "cluster/mIoU")]
+    assert [e.value for e in acc.Scalars("val/cluster/mIoU")] == pytest.approx(val_rows.value.tolist())
+    assert [e.step for e in acc.Images("val/examples")] == val_rows.step.tolist()
+
+    # the default writes nothing
+    quiet = training.train(_cfg(steps=20, val_freq=10, seed=1), train_store=train_store, val_store=val_store,
+                           root=tmp_path / "art", progress=False)
+    assert not (quiet.run_dir / runlog.TENSORBOARD_DIR).exists()
+
+
+def test_sweep_hands_the_logger_to_every_run_without_changing_its_key(tmp_path):
+    from stego_core.sweep import SweepGrid, run_sweep
+
+    seen = []
+
+    def run_fn(spec, *, run_dir, root, progress):
+        seen.append(spec.logger)
+
+    grid = SweepGrid(presets=["demo"], methods=["pca", "rp"], dims=[3], seeds=[0])
+    keys = [s.config_hash for s in grid.runs()]
+    result = run_sweep(grid, root=tmp_path, run_fn=run_fn, progress=False, logger="tensorboard")
+    assert seen == ["tensorboard", "tensorboard"] and [s.config_hash for s in result.specs] == keys
+    with pytest.raises(StegoError, match="logger"):
+        run_sweep(grid, root=tmp_path / "other", run_fn=run_fn, progress=False, logger="wandb")

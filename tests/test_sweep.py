@@ -218,7 +218,8 @@ def test_default_run_fn_wires_cache_and_training(tmp_path, monkeypatch):
         run_dir = tmp_path / "runs" / "x"
         best = {"step": 5, "cluster/mIoU": 1.0}
 
-    def fake_train(cfg, *, train_store, val_store, root, progress):
+    def fake_train(cfg, *, train_store, val_store, root, progress, logger):
+        assert logger == "none"  # the sweep's default: no live logs
         trained.append((cfg.method, cfg.code_dim, cfg.steps, train_store, val_store))
         return Result()
 

@@ -559,7 +559,7 @@ def test_sweep_default_run_trains_on_the_caches_device(tmp_path, monkeypatch):
     class Result:
         run_dir, best = tmp_path / "runs" / "x", {"step": 1}
 
-    def fake_train(cfg, *, train_store, val_store, root, progress, device="cpu"):
+    def fake_train(cfg, *, train_store, val_store, root, progress, device="cpu", logger="none"):
         seen.append(device)
         return Result()
 

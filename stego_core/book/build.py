@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..config import StegoError, repo_root
+from .publish import config_args
 from .runner import CHAPTERS, log, run_profile
 from .vendor import VENDOR, vendor_js
 
@@ -112,6 +113,7 @@ def build_book(workdir: str | os.PathLike | None = None, *, strict: bool = True,
         pruned.parent.mkdir(parents=True, exist_ok=True)
         pruned.write_text(yaml.safe_dump(_prune_toc(toc, executed), sort_keys=False))
         args += ["--toc", str(pruned)]
+    args += config_args(workdir)  # the repository URL setting: repository and launch buttons
     jb = Path(sys.executable).parent / "jupyter-book"
     cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(workdir), *args]
     if strict:

@@ -14,8 +14,12 @@
     prints the notebook's parameters with their defaults and comments.
 ``stego-study vendor``
     only fetches the JavaScript into ``book/vendor/``.
+``stego-study publish [--html _build/html] [--remote origin] [--branch gh-pages]``
+    puts the built book on the ``gh-pages`` branch and pushes it (``make publish``; ``stego_core.book.publish``).
 ``stego-study segment ...``
     segments your own images (``stego_core.segment``).
+``stego-study explore [--profile NAME] [--port N] [--no-browser] [--checkpoint FILE] [--root DIR] [--device D]``
+    serves the live explorer with a real kernel on 127.0.0.1 (Voila; ``stego_core.book.explore``).
 """
 from __future__ import annotations
 
@@ -27,12 +31,14 @@ from ..config import StegoError
 from ..preflight import add_arguments, run_cli
 from ..segment import main as segment_main
 from .build import make_book, prepare_workdir
+from .explore import serve  # imports torch and voila: only for this command
 from .parameters import (
     load_profile,
     notebook_path,
     parse_cli_parameters,
     read_parameters,
 )
+from .publish import publish
 from .runner import run_notebook
 from .vendor import vendor_js
 
@@ -59,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     params = sub.add_parser("params", help="list a notebook's parameters with their comments")
     params.add_argument("notebook")
     sub.add_parser("vendor", help="fetch the book's JavaScript from the npm registry into book/vendor/")
+    pub = sub.add_parser("publish", help="put the built book on the gh-pages branch (ghp-import) and push it")
+    pub.add_argument("--html", help="the built HTML folder (default: _build/html of the checkout)")
+    pub.add_argument("--remote", default="origin", help="git remote name or URL to push to (origin)")
+    pub.add_argument("--branch", default="gh-pages", help="branch that holds the HTML (gh-pages)")
+    pub.add_argument("--no-push", action="store_true", help="only commit to the local branch")
+    explore = sub.add_parser("explore", help="serve the live explorer (Voila, a real kernel) on localhost")
+    explore.add_argument("--profile", help="only this profile's runs (dataset, backbone), device and checkpoints")
+    explore.add_argument("--port", type=int, default=8866, help="local port to serve on (8866)")
+    explore.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    explore.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                         help="also offer this released STEGO .ckpt (repeatable)")
+    explore.add_argument("--root", help="artifacts folder with the runs (default: $STEGO_ARTIFACTS, else ./artifacts)")
+    explore.add_argument("--device", help="where the models run (default: the profile's, else cpu)")
     return ap
 
 
@@ -72,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "params":
             for p in read_parameters(args.notebook):
                 print(f"{p.name} = {p.default!r}" + (f"  # {p.comment}" if p.comment else ""))
+        elif args.command == "publish":
+            commit = publish(args.html, remote=args.remote, branch=args.branch, push=not args.no_push)
+            print(f"published: {args.branch} at {commit[:12]}" + ("" if args.no_push else f", pushed to {args.remote}"))
         elif args.command == "vendor":
             vendor_js()
         elif args.command == "run":
@@ -83,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             run_notebook(args.notebook, values, workdir=workdir, force=args.force)
         elif args.command == "book":
             make_book(args.profile, workdir=args.workdir, force=args.force)
+        elif args.command == "explore":
+            return serve(profile=args.profile, port=args.port, open_browser=not args.no_browser, root=args.root,
+                         checkpoints=args.checkpoint, device=args.device)
         elif args.command == "preflight":
             return run_cli(args)
     except StegoError as exc:

@@ -38,7 +38,7 @@ from .figure_data import (
     dimension_ticks,
 )
 
-__all__ = ["dimension_chart", "variance_chart"]
+__all__ = ["dimension_chart", "variance_chart", "differences_chart"]
 
 
 _FRACTION_TICKS = (0.0, 1 / 16, 1 / 4, 1 / 2, 3 / 4, 1.0)
@@ -46,7 +46,7 @@ _FRACTION_LABELS = "{'0': '0', '0.0625': 'D/16', '0.25': 'D/4', '0.5': 'D/2', '0
 
 
 def variance_chart(frame: pd.DataFrame, *, reference: pd.DataFrame | None = None,
-                   title: str = "Cumulative explained variance of PCA", width: int = 420,
+                   title: str = "Cumulative explained variance of PCA", width: int = 520,
                    height: int = 280) -> alt.LayerChart:
     """Figure 3: one line per feature source (``variance_frame``); x = fraction of the C components kept.
 
@@ -79,7 +79,10 @@ def variance_chart(frame: pd.DataFrame, *, reference: pd.DataFrame | None = None
             x=x, y=y, color=color, opacity=fade,
             tooltip=[alt.Tooltip("source:N", title="values"), alt.Tooltip("fraction:Q", format=".2f"),
                      alt.Tooltip("cumulative:Q", title="explained", format=".0%")]))
-    return alt.layer(*layers, title=title).properties(width=width, height=height)
+    described = ("Cumulative explained variance of PCA against the fraction of the C components kept, one line per "
+                 "feature source" + ("; diamonds: the paper's values, read off its Figure 3." if reference is not None
+                                     else "."))
+    return alt.layer(*layers, title=title).properties(width=width, height=height, description=described)
 
 
 def _panel_frame(table: pd.DataFrame, metrics: Sequence[str], methods: Sequence[str] | None,
@@ -213,7 +216,7 @@ _IS_DINO, _NOT_DINO = f"{_OURS} && datum.method == 'dino'", f"{_OURS} && datum.m
 
 def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), methods: Sequence[str] | None = None,
                     probes: Sequence[str] = ("linear", "cluster"), spread: str = "band", slider: bool = True,
-                    reference: pd.DataFrame | None = None, title: str | None = None, width: int | str = 260,
+                    reference: pd.DataFrame | None = None, title: str | None = None, width: int | None = None,
                     height: int = 190) -> alt.FacetChart:
     """Figure 4 (and its appendix variants): probe scores against the code dimension D, one panel per probe and
     dataset (or metric). See the module doc for the series, axes and interactions.
@@ -230,6 +233,8 @@ def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), 
     for p in probes:
         check_choice("probes", p, PROBES)
     t, facet_title = _panel_frame(table[table["probe"].isin(list(probes))], metrics, methods, reference)
+    if width is None:  # the panels share the text column (about 690 px) with the y axes and the legend
+        width = max(150, min(460, 500 // max(1, t["panel"].nunique()) - 20))
     dims = sorted({int(d) for d in t["code_dim"]})
     y_title = f"{metrics[0]} (%)" if len(metrics) == 1 else "score (%)"
     pick = alt.selection_point(fields=["series"], bind="legend", name="series_pick")
@@ -261,4 +266,36 @@ def dimension_chart(table: pd.DataFrame, *, metrics: Sequence[str] = ("mIoU",), 
         chart = chart.add_params(*params)
     if title:
         chart = chart.properties(title=title)
-    return chart
+    return chart.properties(description=_dimension_description(probes, metrics, t))
+
+
+def _dimension_description(probes: Sequence[str], metrics: list[str], t: pd.DataFrame) -> str:
+    """Caption and alt text of a dimension chart: what the panels, axes and series are."""
+    rows = " and ".join(PROBE_TITLES[p] for p in probes)
+    series = ", ".join(dict.fromkeys(str(s) for s in t["series"]))
+    return (f"{' and '.join(metrics)} of the {rows} (rows) against the code dimension D (log scale), one line per "
+            f"method ({series}); the dashed line is the DINO baseline (the raw features, its point at D = C); bands "
+            f"show ±1 standard deviation over seeds where there are several.")
+
+
+def differences_chart(diffs: pd.DataFrame, *, width: int = 520, height: int = 200) -> alt.Chart:
+    """Mean paired difference (points) against D on a log axis, one colour per comparison, with the 95 % intervals
+    as error bars and a rule at zero: a bar entirely above the rule is a difference the seeds support."""
+    if not isinstance(diffs, pd.DataFrame) or "comparison" not in diffs.columns:
+        raise StegoError("diffs: expected paired_differences frames with a 'comparison' column")
+    data = diffs.assign(code_dim=diffs["code_dim"].astype(int), mean=diffs["mean"].astype(float),
+                        lo=diffs["lo"].astype(float).fillna(diffs["mean"].astype(float)),
+                        hi=diffs["hi"].astype(float).fillna(diffs["mean"].astype(float)))
+    pick = alt.selection_point(fields=["comparison"], bind="legend")
+    x = alt.X("code_dim:Q", scale=alt.Scale(type="log", base=2), title="code dimension D",
+              axis=alt.Axis(values=dimension_ticks(sorted(set(data["code_dim"])))))
+    color = alt.Color("comparison:N", title=None)
+    opacity = alt.condition(pick, alt.value(1.0), alt.value(0.15))
+    base = alt.Chart(data)
+    tooltip = ["comparison", "code_dim", "n_seeds", alt.Tooltip("mean:Q", format="+.1f"),
+               alt.Tooltip("lo:Q", format="+.1f"), alt.Tooltip("hi:Q", format="+.1f"), "verdict"]
+    bars = base.mark_errorbar(ticks=True).encode(x=x, y=alt.Y("lo:Q", title="difference in cluster mIoU (points)"),
+                                                 y2="hi:Q", color=color, opacity=opacity)
+    points = base.mark_line(point=True).encode(x=x, y="mean:Q", color=color, opacity=opacity, tooltip=tooltip)
+    zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="#555").encode(y="y:Q")
+    return alt.layer(zero, bars, points.add_params(pick)).properties(width=width, height=height)

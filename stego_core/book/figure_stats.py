@@ -10,7 +10,7 @@ from scipy import stats
 from ..config import SERIES_LABELS, StegoError, check_choice
 from ..results import PROBES, best_rows
 
-__all__ = ["convergence_table", "differences_verdict", "paired_differences"]
+__all__ = ["convergence_table", "differences_table", "differences_verdict", "paired_differences"]
 
 
 def _per_run_scores(results: pd.DataFrame, *, probe: str, metric: str, protocol: str | None) -> pd.DataFrame:
@@ -80,7 +80,8 @@ def differences_verdict(diffs: pd.DataFrame, *, method: str = "STEGO", baseline:
         raise StegoError("diffs: expected the frame of figures.paired_differences")
     if diffs.empty:
         return f"no paired runs of {method} and {baseline or 'the baseline'}"
-    name = baseline or SERIES_LABELS.get(str(diffs["baseline"].iloc[0]), str(diffs["baseline"].iloc[0]))
+    key = str(diffs["baseline"].iloc[0])
+    name = baseline or ("the raw features" if key == "dino" else SERIES_LABELS.get(key, key))
     counts = diffs["verdict"].value_counts()
     n = len(diffs)
     seeds = int(diffs["n_seeds"].min())
@@ -116,3 +117,21 @@ def convergence_table(results: pd.DataFrame, *, protocol: str | None = "original
     out["picks_last"] = out["best_step"] >= out["last_step"]
     out = out.astype({"best_step": "int64", "last_step": "int64", "n_validations": "int64"})
     return out.loc[:, cols].sort_values(["method", "code_dim", "seed"], kind="stable").reset_index(drop=True)
+
+
+def differences_table(diffs: pd.DataFrame) -> pd.DataFrame:
+    """A readable table of ``paired_differences`` frames (concatenated with a ``comparison`` column such as
+    "STEGO − PCA"): one row per comparison and D with the mean difference, its 95 % interval and the verdict."""
+    if not isinstance(diffs, pd.DataFrame) or not {"comparison", "mean", "lo", "hi"} <= set(diffs.columns):
+        raise StegoError("diffs: expected paired_differences frames with a 'comparison' column")
+    if diffs.empty:
+        return pd.DataFrame(columns=["comparison", "D", "seeds", "mean difference", "95 % interval", "verdict"])
+
+    def interval(lo: float, hi: float) -> str:
+        return "–" if not (np.isfinite(lo) and np.isfinite(hi)) else f"[{lo:+.1f}, {hi:+.1f}]"
+
+    return pd.DataFrame({
+        "comparison": diffs["comparison"].to_numpy(), "D": diffs["code_dim"].astype(int).to_numpy(),
+        "seeds": diffs["n_seeds"].astype(int).to_numpy(), "mean difference": diffs["mean"].astype(float).round(1),
+        "95 % interval": [interval(a, b) for a, b in zip(diffs["lo"].astype(float), diffs["hi"].astype(float))],
+        "verdict": diffs["verdict"].to_numpy()}).reset_index(drop=True)

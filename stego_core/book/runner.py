@@ -24,7 +24,8 @@ from ipykernel.kernelspec import install
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from ..config import StegoError, repo_root
-from .parameters import check_parameters, load_profile, notebook_path
+from .parameters import check_parameters, load_profile, notebook_path, read_parameters
+from .reader import reader_view
 
 KERNEL_NAME = "stego-study"
 CHAPTERS = Path("book") / "chapters"
@@ -118,7 +119,7 @@ def run_notebook(notebook: str | os.PathLike, parameters: dict[str, Any] | None 
             raise StegoError(f"{name}: the notebook failed ({what}: {why[-1] if why else ''}); "
                              f"the executed notebook with the traceback is {failed}") from None
     wall = time.perf_counter() - t0
-    done = nbformat.read(running, as_version=4)
+    done = reader_view(nbformat.read(running, as_version=4), read_parameters(src), params)
     done.metadata["stego_study"] = {"key": key, "parameters": params, "wall_s": round(wall, 2),
                                     "source": f"notebooks/{src.name}"}
     nbformat.write(done, running)

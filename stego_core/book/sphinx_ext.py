@@ -1,8 +1,13 @@
 """The book's Sphinx extension (``_config.yml``: ``sphinx.extra_extensions: [stego_core.book.sphinx_ext]``): one
-copy of each script per page, and pages that paste glue rebuilt when the chapter they paste from changed."""
+copy of each script per page, the reader's CSS (``static/stego.css``: code wraps, tables scroll in their own
+box, charts fit the column), and pages that paste glue rebuilt when the chapter they paste from changed."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from myst_nb.ext.glue.utils import PendingGlueReference
+
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def _unique_scripts(app, pagename, templatename, context, doctree) -> None:
@@ -52,6 +57,11 @@ def _merge_glue_sources(app, env, docnames, other) -> None:
     _glue_sources(env).update({doc: theirs[doc] for doc in docnames if doc in theirs})
 
 
+def _add_static(app) -> None:
+    """Serve this package's ``static/`` folder (the reader's CSS) with the book's own static files."""
+    app.config.html_static_path.append(str(STATIC))
+
+
 def setup(app) -> dict:
     """Sphinx extension hook (``_config.yml``: ``sphinx.extra_extensions: [stego_core.book.sphinx_ext]``)."""
     app.connect("html-page-context", _unique_scripts, priority=100)  # early: a later handler may end the event
@@ -59,6 +69,8 @@ def setup(app) -> dict:
     app.connect("env-get-outdated", _pages_pasting_from_changed)
     app.connect("env-purge-doc", _purge_glue_sources)
     app.connect("env-merge-info", _merge_glue_sources)
+    app.connect("builder-inited", _add_static)
+    app.add_css_file("stego.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 

@@ -22,6 +22,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import torch
+from IPython import get_ipython
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -114,10 +115,11 @@ def show_images(images: Sequence[np.ndarray], titles: Sequence[str] | None = Non
         raise ValueError(f"show_images: {len(images)} images but {len(titles)} titles")
     style = f"flex: 0 0 calc({100 / ncols:.3f}% - 8px);" if ncols else ""
     figs = "".join(
-        f'<figure style="margin:0;{style}"><img src="{png_data_url(im)}" alt="{html.escape(t)}" '
-        f'style="width:{width}px;image-rendering:pixelated;display:block"/>'
+        f'<figure style="margin:0;{style}"><img src="{png_data_url(im)}" '
+        f'alt="{html.escape(t or f"picture {i + 1} of {len(images)}")}" '
+        f'style="width:{width}px;max-width:100%;image-rendering:pixelated;display:block"/>'
         f'<figcaption style="font-size:0.8em;text-align:center">{html.escape(t)}</figcaption></figure>'
-        for im, t in zip(images, titles))
+        for i, (im, t) in enumerate(zip(images, titles)))
     return _HTML(f'<div class="stego-images" style="display:flex;flex-wrap:wrap;gap:8px">{figs}</div>')
 
 
@@ -217,7 +219,7 @@ def class_histogram_chart(df: pd.DataFrame, *, x: str = "class", y: str = "fract
 
 
 def line_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, tooltip: Sequence[str] | None = None,
-               title: str | None = None, log_x: bool = False, points: bool = True, width: int = 420,
+               title: str | None = None, log_x: bool = False, points: bool = True, width: int = 500,
                height: int = 260) -> alt.Chart:
     """Lines of ``y`` over ``x`` per ``color`` group; clicking legend entries highlights those lines."""
     tooltip = list(tooltip) if tooltip is not None else [c for c in (color, x, y) if c]
@@ -235,7 +237,7 @@ def line_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, to
 
 
 def bar_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, tooltip: Sequence[str] | None = None,
-              title: str | None = None, width: int = 360, height: int = 220) -> alt.Chart:
+              title: str | None = None, width: int = 480, height: int = 220) -> alt.Chart:
     """Horizontal-label bars of ``y`` per ``x`` (e.g. timings per stage), coloured by ``color``."""
     tooltip = list(tooltip) if tooltip is not None else list(df.columns)
     enc: dict[str, Any] = {"x": alt.X(f"{x}:N", sort=None, title=None), "y": alt.Y(f"{y}:Q"), "tooltip": tooltip}
@@ -341,12 +343,107 @@ def chart_html(spec: dict, *, embed_options: dict | None = None) -> str:
         "opts": json.dumps(opts), "cdn": CDN, "vega": alt.VEGA_VERSION, "vl": alt.VEGALITE_VERSION,
         "ve": alt.VEGAEMBED_VERSION,
     }
-    return f'<div id="{div}" class="stego-chart"></div>\n<script type="text/javascript">{script}</script>'
+    alt_text, caption = chart_alt(spec), chart_caption(spec)
+    return (f'<figure class="stego-figure"><div id="{div}" class="stego-chart" role="img" '
+            f'aria-label="{html.escape(alt_text)}"></div>'
+            f'<figcaption>{html.escape(caption)}</figcaption></figure>\n'
+            f'<script type="text/javascript">{script}</script>')
+
+
+def _title_text(title: Any) -> str:
+    if isinstance(title, dict):
+        title = title.get("text", "")
+    if isinstance(title, (list, tuple)):
+        title = " ".join(str(s) for s in title)
+    return str(title or "").strip()
+
+
+def _walk_specs(spec: Any):
+    """Every (sub)view of a Vega-Lite spec: layers, concatenations, facets, repeats."""
+    if not isinstance(spec, dict):
+        return
+    yield spec
+    for key in ("layer", "hconcat", "vconcat", "concat"):
+        for sub in spec.get(key, []) or []:
+            yield from _walk_specs(sub)
+    if isinstance(spec.get("spec"), dict):
+        yield from _walk_specs(spec["spec"])
+
+
+def chart_alt(spec: dict) -> str:
+    """Alt text of a chart, read from its spec: its description (when the chart sets one) or its title, the kinds of
+    marks and what the axes show (e.g. "Chart: ... line and rule marks; x: code dimension D, y: mIoU (%)")."""
+    if spec.get("description"):
+        return str(spec["description"])
+    marks, axes = [], {}
+    for view in _walk_specs(spec):
+        mark = view.get("mark")
+        mark = mark.get("type") if isinstance(mark, dict) else mark
+        if mark and mark not in marks:
+            marks.append(mark)
+        for channel in ("x", "y"):
+            enc = (view.get("encoding") or {}).get(channel)
+            if isinstance(enc, dict) and channel not in axes and (enc.get("title") or enc.get("field")):
+                axes[channel] = str(enc.get("title") or enc.get("field"))
+    title = _title_text(spec.get("title"))
+    text = f"Chart “{title}”" if title else "Chart"
+    if marks:
+        text += " drawn with " + ", ".join(marks) + " marks"
+    if axes:
+        text += "; " + ", ".join(f"{c}: {v}" for c, v in sorted(axes.items()))
+    return text
+
+
+def chart_caption(spec: dict) -> str:
+    """The caption under a chart: its description, else its title, else its alt text."""
+    return str(spec.get("description") or "") or _title_text(spec.get("title")) or chart_alt(spec)
 
 
 def _render(spec: dict, **metadata: Any) -> dict:
     return {"text/html": chart_html(spec, embed_options=metadata.get("embed_options")),
             "text/plain": "<Altair chart>"}
+
+
+# column names as a reader reads them (the rest: underscores become spaces)
+COLUMN_NAMES = {"code_dim": "D", "n_seeds": "seeds", "n_images": "images", "best_step": "selected step",
+                "wall_s": "seconds", "n_components": "components"}
+
+
+def human_column(name: Any) -> Any:
+    """``code_dim`` -> ``D``, ``cluster_miou`` -> ``cluster miou``; other names unchanged."""
+    if not isinstance(name, str):
+        return name
+    return COLUMN_NAMES.get(name, name.replace("_", " "))
+
+
+def _number(value: Any) -> str:
+    """Floats rounded for reading: integers without decimals, else two decimals (trailing zeros dropped), tiny
+    values with two significant digits."""
+    if not isinstance(value, (float, np.floating)) or not np.isfinite(value):
+        return "–" if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)) else str(value)
+    if float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value)}"
+    if abs(value) < 0.01:
+        return f"{value:.2g}"
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def frame_html(df: pd.DataFrame) -> str:
+    """A DataFrame as the book shows it: no default 0, 1, 2 … index, human column names, rounded numbers, inside a
+    box that scrolls when the table is wider than the text column (CSS ``.stego-table``)."""
+    shown = df if isinstance(df.columns, pd.MultiIndex) else df.rename(columns=human_column)
+    default_index = isinstance(df.index, pd.RangeIndex) and df.index.name is None
+    floats = {c: _number for c, dtype in zip(shown.columns, df.dtypes) if pd.api.types.is_float_dtype(dtype)}
+    table = shown.to_html(index=not default_index, formatters=floats or None, na_rep="–", border=0,
+                          escape=True, max_rows=60)
+    return f'<div class="stego-table">{table}</div>'
+
+
+def enable_table_format() -> None:
+    """In an IPython kernel (a chapter being executed), show every DataFrame through :func:`frame_html`."""
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, frame_html)
 
 
 def enable_renderer() -> None:
@@ -356,3 +453,4 @@ def enable_renderer() -> None:
 
 
 enable_renderer()
+enable_table_format()
