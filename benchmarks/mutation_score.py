@@ -4,7 +4,9 @@ Killed = a test failed (or timed out) with the mutant in place. The score is kil
 "no tests" mutants (a line no selected test runs) count as not killed. Survivors are listed by module and function
 so that benchmarks/mutation.md can say why each is equivalent or harmless.
 
-Usage: python benchmarks/mutation_score.py [--survivors]
+Usage: python benchmarks/mutation_score.py [--survivors] [--only NAMES_FILE]
+       python benchmarks/mutation_score.py --sample N > names.txt   (a seeded sample of N mutants, stratified
+       by module, for a quick estimate: mutmut run $(cat names.txt); then --only names.txt scores just those)
 """
 from __future__ import annotations
 
@@ -23,17 +25,35 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--survivors", action="store_true", help="list every surviving mutant")
     ap.add_argument("--root", default="mutants", help="mutmut's working folder (default: mutants)")
+    ap.add_argument("--sample", type=int, help="print a seeded sample of this many mutant names and stop")
+    ap.add_argument("--only", help="score only the mutants named in this file (one per line)")
     args = ap.parse_args(argv)
     metas = sorted(Path(args.root).rglob("*.py.meta"))
     if not metas:
         print(f"no mutmut results under {args.root}/: run `make mutation` first", file=sys.stderr)
         return 1
+    if args.sample:
+        import random
+
+        keys = sorted(k for meta in metas for k in json.loads(meta.read_text()).get("exit_code_by_key", {}))
+        by_module = collections.defaultdict(list)
+        for k in keys:
+            by_module[k.split(".x")[0].split("__mutmut")[0].rsplit(".", 1)[0] if ".x" in k else k].append(k)
+        rng = random.Random(0)
+        picked = []
+        for _module, group in sorted(by_module.items()):  # proportional to the module's share, at least one
+            picked += rng.sample(group, max(1, round(args.sample * len(group) / len(keys))))
+        print("\n".join(sorted(picked)))
+        return 0
+    only = set(Path(args.only).read_text().split()) if args.only else None
     per_module: dict[str, collections.Counter] = {}
     survivors: list[str] = []
     for meta in metas:
         codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
         count = per_module.setdefault(meta.name.removesuffix(".py.meta"), collections.Counter())
         for key, code in codes.items():
+            if only is not None and key not in only:
+                continue
             if code is None:
                 count["not run"] += 1
             elif code in KILLED:

@@ -371,7 +371,8 @@ def _paper_stores(plan: dict, workdir: Path, device: torch.device) -> tuple:
     bb = PatchProjection(768, 8, "vitb8shape")
     stores = tuple(cache_features(PhotoSet(n, 224), None, bb, root=workdir / f"paper-{split}", device=device,
                                   progress=False) for split, n in (("train", n_train), ("val", n_val)))
-    build_knn(stores[0], 10, protocol="original", progress=False)
+    for protocol in ("original", "corrected"):
+        build_knn(stores[0], 10, protocol=protocol, progress=False)
     return stores
 
 
@@ -405,7 +406,8 @@ def _bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path, 
         table.add("sweep", "demo", None, "s/run", note=f"skipped: {type(exc).__name__}: {exc}")
     if "paper" not in plan["sweep_stores"]:
         for label, cfgs, stores in groups:
-            _prefit_and_pair(table, label, cfgs, stores, workdir, device)
+            if any(word in label for word in plan["sweep_groups"]):
+                _prefit_and_pair(table, label, cfgs, stores, workdir, device)
         return
     paper = _paper_stores(plan, stores_at / "paper", device)
     steps = plan["sweep_paper_steps"]
@@ -415,10 +417,13 @@ def _bench_sweep(table: Table, plan: dict, device: torch.device, workdir: Path, 
     probes = [make_config("cocostuff27", method="dino", **base)]
     probes += [make_config("cocostuff27", method=m, code_dim=d, **base) for m in ("pca", "rp") for d in dims]
     groups.append(("ViT-B/8-shaped probe-only", probes, paper))
-    groups.append(("ViT-B/8-shaped STEGO", [make_config("cocostuff27", code_dim=d, **{**base, "steps": plan[
-        "sweep_paper_stego_steps"], "val_freq": plan["sweep_paper_stego_steps"]}) for d in dims], paper))
+    stego_steps = plan["sweep_paper_stego_steps"]
+    groups.append(("ViT-B/8-shaped STEGO", [make_config("cocostuff27", code_dim=d, **{
+        **base, "steps": stego_steps, "val_freq": stego_steps}) for d in plan.get("sweep_paper_stego_dims", dims)],
+        paper))
     for label, cfgs, stores in groups:
-        _prefit_and_pair(table, label, cfgs, stores, workdir, device)
+        if any(word in label for word in plan["sweep_groups"]):
+            _prefit_and_pair(table, label, cfgs, stores, workdir, device)
 
 
 def _prefit_and_pair(table: Table, label: str, cfgs: list, stores: tuple, workdir: Path,
@@ -557,6 +562,7 @@ def make_plan(full: bool) -> dict:
         "crf": (2 * (os.cpu_count() or 1), 320, 27),
         "store": (256, 224, 384, 16, 32),
         "sweep_demo_steps": 8, "sweep_paper_items": (64, 8), "sweep_paper_steps": 4, "sweep_paper_stego_steps": 3,
+        "sweep_paper_stego_dims": (768, 90, 24, 3),  # quick: 4 of the 11 (the C x C layer of every head dominates)
     }
 
 
@@ -606,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "out" / "benchmark.json"), help="where the JSON goes")
     parser.add_argument("--sweep-stores", default="demo,paper",
                         help="stores of the sweep section: demo (the mosaic store), paper (ViT-B/8-shaped synthetic)")
+    parser.add_argument("--sweep-groups", default="STEGO,probe-only",
+                        help="groups of the sweep section: STEGO (heads), probe-only (DINO, PCA, RP)")
     parser.add_argument("--store-root", default=None,
                         help="where the sweep section keeps its feature stores between runs (default: the temp dir)")
     parser.add_argument("--workdir", default=None, help="folder for the temporary feature stores (default: a temp dir)")
@@ -619,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown section(s) {unknown}; expected some of {list(SECTIONS)}")
     plan = {**make_plan(full), "sweep_stores": [x.strip() for x in args.sweep_stores.split(",")],
-            "store_root": args.store_root}
+            "store_root": args.store_root, "sweep_groups": [x.strip() for x in args.sweep_groups.split(",")]}
     info = {**machine(device), "mode": "full" if full else "quick", "sections": only}
     print(f"benchmark ({info['mode']}) on {info['device']}, torch {info['torch']}, {info['cpu_count']} CPUs",
           file=sys.stderr)

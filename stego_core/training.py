@@ -211,7 +211,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # pos_inter_shift 0.2 -> 0.1 (the demo backbone's kNN pairs have F around 0.17, so 0.2 pushed most of them
     # apart) and neg_inter_weight 0.15 -> 0.63 (Potsdam's weight: a stronger push on random pairs, whose F sits
     # below every kNN pair's shift); the head's lr 5e-4 -> 2e-3 and the probes' 5e-3 -> 2e-2, so that 800 steps
-    # reach the validation plateau (at 400 steps with the old rates the probes still gained up to 7 mIoU). Batch 8:
+    # reach the validation plateau (at 400 steps with the old rates the probes still gained up to 7 mIoU; measured
+    # with these settings on 240 scenes: STEGO D = 24 cluster mIoU near 61 from step 600 on, best at 690 of 870,
+    # raw features best at 270; the trained head's code correlations were positive for .73 of kNN pairs and .25 of
+    # random pairs). Batch 8:
     # the same validation mIoU within about a point as 16 at half the time on 2 cores. With 480 training scenes
     # an epoch is 60 steps, so the original protocol (PyTorch Lightning 1.x) validates 13 times in 800 steps.
     # h-NNE fits on 12000 tokens of the 240 fitting scenes (240 x 14 x 14 = 47040): about the quarter the study's

@@ -231,3 +231,33 @@ def test_built_backbone_names_the_checkpoint_as_its_weights():
     backbone = ck.build_backbone()
     assert torch.equal(backbone.vit.pos_embed, vit.pos_embed)
     assert "released/model.ckpt" in backbone.weights_source  # not the temporary file the weights went through
+
+
+def test_a_complete_vit_in_a_checkpoint_becomes_the_backbone(tmp_path):
+    """Every tensor of a complete DINO ViT-S/16 (all 12 blocks) stored under ``net.model.*`` reaches the segmenter's
+    backbone: its features equal timm's forward of the same weights (last block + final norm, CLS dropped)."""
+    import timm
+
+    from stego_core.segmenter import Segmenter
+
+    path = tmp_path / "complete.ckpt"
+    save_synthetic_checkpoint(path, width=384, patch=16, code_dim=6, n_classes=3, dataset="potsdam")
+    torch.manual_seed(3)
+    vit = timm.create_model("vit_small_patch16_224.dino", pretrained=False).eval()
+    with torch.no_grad():  # random, not the init: every tensor differs from a freshly built model's
+        for t in vit.state_dict().values():
+            t.copy_(torch.randn_like(t) * 0.05)
+    full = vit.state_dict()
+    assert len(full) > 100  # 12 blocks x 12 tensors + embeddings and norm
+    with fake_modules():
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("net.model.")}
+        ckpt["state_dict"].update({f"net.model.{k}": v for k, v in full.items()})
+        torch.save(ckpt, path)
+    seg = Segmenter.from_checkpoint(path)
+    img = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = seg.backbone(img)  # [2,384,14,14]
+        tokens = vit.forward_features(img)[:, 1:]  # [2,1+196,384] -> patch tokens [2,196,384]
+    expected = tokens.transpose(1, 2).reshape(2, 384, 14, 14)  # row-major token grid
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

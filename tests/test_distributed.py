@@ -18,7 +18,16 @@ def local_ray():
     # The fake run functions below live in this test module, which Ray workers cannot import: ship them by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # num_gpus=1 declares one logical GPU (none needs to exist) so that GPU-aware scheduling can be checked on a CPU.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    # One local cluster for the whole module. Ray gives its raylet a fixed 30 s to register; on a loaded 2-core
+    # machine (other test suites running) that fails at random, so a failed start is retried twice.
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield
     ray.shutdown()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

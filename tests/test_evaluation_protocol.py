@@ -300,3 +300,63 @@ def test_segment_predicts_what_the_evaluation_predicts(tmp_path, crf):
                                                      _normalised(u8s[0]), crf=crf)
     np.testing.assert_array_equal(out["cluster"], ref_cluster)
     np.testing.assert_array_equal(out["linear"], ref_linear)
+
+
+@pytest.mark.parametrize("protocol", ["original", "corrected"])
+def test_segmenter_predict_passes_every_option_on(protocol):
+    """``Segmenter.predict`` (one probe) with the CRF, a protocol, a worker count, a pool and the cluster map: the
+    reference recipe's predictions for each combination."""
+    from stego_core.crf import CRFPool
+
+    backbone, head, cluster_probe, linear_probe = _model()
+    u8s, _ = _images(2, seed=5)
+    imgs = torch.stack([_normalised(u8) for u8 in u8s])
+    seg = Segmenter(head, cluster_probe, linear_probe, backbone=backbone)
+    code = seg.image_code(imgs, flip=True)
+    ref = [_reference_predictions(backbone, head, cluster_probe, linear_probe, img, crf=True, protocol=protocol)
+           for img in imgs]
+    for probe, r in (("cluster", 0), ("linear", 1)):
+        expected = np.stack([x[r] for x in ref])
+        got = seg.predict(code, (RES, RES), probe, crf=True, images=imgs, workers=1, protocol=protocol)
+        np.testing.assert_array_equal(got.numpy(), expected)
+        with CRFPool(1, protocol=protocol, progress=False) as pool:
+            np.testing.assert_array_equal(seg.predict(code, (RES, RES), probe, crf=True, images=imgs,
+                                                      pool=pool).numpy(), expected)
+        u8 = np.stack(u8s)  # the uint8 images a feature store keeps give the same CRF input
+        np.testing.assert_array_equal(seg.predict(code, (RES, RES), probe, crf=True, images=u8,
+                                                  protocol=protocol).numpy(), expected)
+    # a matched segmenter maps clusters to classes unless asked not to
+    matched = seg.match((np.array([0, 1, 2]), np.array([2, 0, 1])))
+    raw = np.stack([x[0] for x in ref])
+    np.testing.assert_array_equal(matched.predict(code, (RES, RES), crf=True, images=imgs, protocol=protocol)
+                                  .numpy(), np.array([2, 0, 1])[raw])
+    np.testing.assert_array_equal(matched.predict(code, (RES, RES), crf=True, images=imgs, protocol=protocol,
+                                                  map_clusters=False).numpy(), raw)
+
+
+def test_derived_segmenters_keep_their_map_and_info():
+    """with_backbone keeps the cluster -> class map and the info; with_cluster_probe drops only the map."""
+    backbone, head, cluster_probe, linear_probe = _model()
+    seg = Segmenter(head, cluster_probe, linear_probe, info={"run_id": "r1", "method": "stego"})
+    matched = seg.match((np.array([0, 1, 2]), np.array([1, 2, 0])))
+    moved = matched.with_backbone(backbone)
+    np.testing.assert_array_equal(moved.cluster_to_class, [1, 2, 0])
+    assert moved.info == {"run_id": "r1", "method": "stego"} and moved.backbone is backbone
+    refitted = matched.with_cluster_probe(ClusterProbe(D, K + 1))
+    assert refitted.cluster_to_class is None and refitted.info["run_id"] == "r1"
+
+
+def test_a_matched_segmenter_scores_its_raw_clusters_and_labels_are_counted_over_all_batches():
+    """Evaluating a segmenter that carries a cluster -> class map scores the raw cluster ids (the same numbers as
+    without the map); a last batch without labels is fine when an earlier batch had some."""
+    backbone, head, cluster_probe, linear_probe = _model()
+    u8s, labels = _images(2, seed=5)
+    seg = Segmenter(head, cluster_probe, linear_probe, backbone=backbone)
+    plain = evaluate(seg, _Set(u8s, labels), batch_size=1, keep_predictions=2, progress=False)
+    matched = seg.match((np.array([0, 1, 2]), np.array([1, 2, 0])))
+    res = evaluate(matched, _Set(u8s, labels), batch_size=1, keep_predictions=2, progress=False)
+    np.testing.assert_array_equal(res["cluster"]["confusion"], plain["cluster"]["confusion"])
+    np.testing.assert_array_equal(res["predictions"]["cluster_raw"], plain["predictions"]["cluster_raw"])
+    unlabelled_last = [labels[0], np.full_like(labels[1], -1)]
+    out = evaluate(seg, _Set(u8s, unlabelled_last), batch_size=1, progress=False)
+    assert out["linear"]["confusion"].sum() == int((labels[0] >= 0).sum())

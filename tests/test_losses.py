@@ -279,3 +279,34 @@ def test_pair_loss_rejects_code_feature_size_mismatch():
     f1, f2, c1, c2 = _golden_a_inputs()
     with pytest.raises(StegoError, match="^code_b:"):
         pair_correspondence_loss(f1, f2, c1, c1, 0.0, pointwise=False)
+
+
+@pytest.mark.parametrize("zero_clamp, stabilize", [(True, True), (False, True), (False, False)])
+def test_loss_module_passes_its_clamps_on(zero_clamp, stabilize):
+    """CorrespondenceLoss(zero_clamp=..., stabilize=...) computes its inter term with those clamps: the same value as
+    the golden-pinned pair loss on the sampled maps (sampling written out with grid_sample, border, align_corners)."""
+    import torch.nn.functional as F
+
+    from stego_core.losses import CorrespondenceLoss
+
+    g = torch.Generator().manual_seed(0)
+    feats, feats_pos = torch.randn(2, 6, 5, 5, generator=g), torch.randn(2, 6, 5, 5, generator=g)
+    code = torch.randn(2, 4, 5, 5, generator=g)
+    code_pos = code * 0.9 + 0.1 * torch.randn(2, 4, 5, 5, generator=g)  # correlated: some correlations > 0.8
+    c1, c2 = (torch.rand(2, 3, 3, 2, generator=g) * 2 - 1 for _ in range(2))
+    loss = CorrespondenceLoss(pos_intra_weight=0.0, pos_inter_weight=1.0, neg_inter_weight=0.0, pos_intra_shift=0.0,
+                              pos_inter_shift=0.3, neg_inter_shift=0.0, pointwise=False, feature_samples=3,
+                              neg_samples=0, zero_clamp=zero_clamp, stabilize=stabilize)
+    out = loss(feats, feats_pos, code, code_pos, coords1=c1, coords2=c2)
+
+    def samp(t, coords):
+        return F.grid_sample(t, coords.permute(0, 2, 1, 3), padding_mode="border", align_corners=True)
+
+    f1, f2 = samp(feats, c1), samp(feats_pos, c2)
+    g1, g2 = samp(code, c1), samp(code_pos, c2)
+    fd = torch.einsum("nchw,ncij->nhwij", F.normalize(f1, dim=1, eps=1e-10), F.normalize(f2, dim=1, eps=1e-10))
+    cd = torch.einsum("nchw,ncij->nhwij", F.normalize(g1, dim=1, eps=1e-10), F.normalize(g2, dim=1, eps=1e-10))
+    assert (cd > 0.8).any() and (cd < 0).any()  # both clamps matter here
+    clamped = cd.clamp(0.0 if zero_clamp else -9999.0, 0.8 if stabilize else None)
+    expected = (-clamped * (fd - 0.3)).mean()
+    assert out["pos_inter"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)

@@ -212,8 +212,18 @@ def test_hnne_fit_transform_shapes_and_dtype(k):
     feats = _as_feats(X[:2 * 6 * 5].astype(np.float64), 2, 6, 5)
     code = proj.transform(feats)
     assert code.shape == (2, k, 6, 5) and code.dtype == torch.float32
-    assert torch.isfinite(code).all()
     assert proj.get_params()["metric"] == "cosine"
+    # the same numbers from the hnne package called directly: the study's v1 settings on standardised tokens
+    # (population std), the transformed batch standardised with its own statistics (quirk 15)
+    from hnne import HNNE
+
+    ref = HNNE(n_components=k, metric="cosine", radius=0.45, ann_threshold=40_000, preliminary_embedding="pca",
+               random_state=0, hnne_version="v1")
+    ref.fit((X - X.mean(0)) / X.std(0))
+    batch = X[:2 * 6 * 5].astype(np.float64)
+    expected = ref.transform((batch - batch.mean(0)) / batch.std(0))  # [60, k]
+    got = code.permute(0, 2, 3, 1).reshape(-1, k).numpy()  # [2,k,6,5] -> [60,k]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_identity_is_the_raw_features():

@@ -35,7 +35,9 @@ def _chapter() -> nbformat.NotebookNode:
     glue_only.outputs = [_glue_output("gain", shown=False)]
     glue_shown = v4.new_code_cell("glue('chart', chart)")
     glue_shown.outputs = [_glue_output("chart", shown=True)]
-    teach = v4.new_code_cell("loss = corr_loss(f, g, b)", metadata={"tags": ["show-input"]})
+    teach = v4.new_code_cell("loss = corr_loss(f, g, b)\nglue('loss', loss, display=False)",
+                             metadata={"tags": ["show-input"]})  # teaching code that also glues: it stays
+    teach.outputs = [_glue_output("loss", shown=False)]
     shown = v4.new_code_cell("table")
     shown.outputs = [v4.new_output("execute_result", data={"text/plain": "x"}, execution_count=1)]
     return v4.new_notebook(cells=[params, injected, title, imports, glue_only, glue_shown, teach, shown])
@@ -64,7 +66,7 @@ def test_reader_view_tags_cells_and_adds_the_parameter_table():
     by_source = dict(zip(sources, nb.cells))
     assert "remove-cell" in _tags(by_source["glue('gain', '1.5', display=False)"])  # computes and glues only
     assert "hide-input" in _tags(by_source["glue('chart', chart)"])  # glues and shows: the output stays
-    assert _tags(by_source["loss = corr_loss(f, g, b)"]) == ["show-input"]  # teaching code stays open
+    assert _tags(by_source["loss = corr_loss(f, g, b)\nglue('loss', loss, display=False)"]) == ["show-input"]
     assert "hide-input" in _tags(by_source["from stego_core import training"])
     assert "hide-input" in _tags(by_source["table"])
     assert len(nb.cells) == len(_chapter().cells) + 1  # only the table was added; nothing dropped

@@ -1,4 +1,5 @@
 """The sweep runner: expansion, keyed run folders, skipping finished runs, resuming after an interruption."""
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -232,3 +233,32 @@ def test_default_run_fn_wires_cache_and_training(tmp_path, monkeypatch):
     assert trained == [("pca", 3, 5, "store-train", "store-val")]
     assert result.ran == ["mosaic-pca-d3-s0"]
     assert (grid.runs()[0].run_dir(tmp_path) / "run.json").exists()
+
+
+def test_a_sweep_of_real_tiny_runs(tmp_path):
+    """The default run_fn end to end on the demo's mosaic scenes (8 images, 64 px, the bundled EfficientNet-Lite0):
+    every run trains for real; the sweep's rows are each run's own validation, and a run's best metrics are what
+    its best checkpoint scores on the validation store now (an independent re-evaluation)."""
+    from stego_core import cache, evaluation
+    from stego_core.segmenter import Segmenter
+
+    opts = {"res": 64, "dataset_options": {"n_images": 8, "scene_size": 96}, "batch_size": 8}
+    grid = SweepGrid(presets=["demo"], methods=["dino", "pca", "rp"], dims=[3], seeds=[0],
+                     overrides={"steps": 4, "batch_size": 4, "val_freq": 2, "n_fit_images": 8},
+                     train_cache=opts, val_cache=opts)
+    result = run_sweep(grid, root=tmp_path, progress=False)
+    assert len(result.ran) == 3 and not result.failed
+    val = cache.cache_features("mosaic", "val", "efficientnet_lite0", root=tmp_path, progress=False, **opts)
+    for spec in grid.runs():
+        info = json.loads((spec.run_dir(tmp_path) / "run.json").read_text())
+        seg = Segmenter.from_run(info["train_run_dir"])
+        again = evaluation.evaluate_store(seg, val, batch_size=8, progress=False)  # val_batch_size 8: one batch
+        rows = result.results[(result.results.run_id == Path(info["train_run_dir"]).name)
+                              & (result.results.step == info["best"]["step"])]
+        for probe in ("cluster", "linear"):
+            for metric in ("mIoU", "Accuracy"):
+                assert info["best"][f"{probe}/{metric}"] == pytest.approx(again[f"{probe}/{metric}"], abs=1e-6)
+                value = rows[(rows.probe == probe) & (rows.metric == metric)]["value"]
+                assert len(value) >= 1 and value.iloc[0] == pytest.approx(again[f"{probe}/{metric}"], abs=1e-6)
+    again = run_sweep(grid, root=tmp_path, progress=False)  # finished runs are not trained again
+    assert again.ran == [] and len(again.skipped) == 3

@@ -214,8 +214,8 @@ class LiveExplorer:
                                  description="model", layout=w.Layout(width="100%", max_width="860px"))
         self.method = w.Dropdown(description="method")
         self.dim = w.Dropdown(description="code dim")
-        self.probe = w.ToggleButtons(options=list(PROBES), value="cluster", description="probe",
-                                     style={"button_width": "80px"})
+        self.probe = w.ToggleButtons(options=list(PROBES), value="cluster", style={"button_width": "80px"},
+                                     tooltips=["unsupervised clusters (matched to classes)", "supervised read-out"])
         self.crf = w.Checkbox(value=False, description="DenseCRF")
         self.image = w.Dropdown(description="image")
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="your photo")
@@ -237,7 +237,8 @@ class LiveExplorer:
         pictures = w.HBox([w.VBox([w.HTML("<b>image</b>"), self.photo]),
                            w.VBox([w.HTML("<b>segmentation</b>"), self.segmentation]),
                            w.VBox([w.HTML("<b>classes</b>"), self.legend])])
-        self.widget = w.VBox([self.source, w.HBox([self.method, self.dim]), w.HBox([self.probe, self.crf]),
+        probe_row = w.HBox([w.Label("probe", layout=w.Layout(width="90px")), self.probe, self.crf])
+        self.widget = w.VBox([self.source, w.HBox([self.method, self.dim]), probe_row,
                               w.HBox([self.image, self.upload]), pictures, self.info, self.status])
         self.widget.add_class("stego-explore")
         self._on_source()

@@ -100,7 +100,7 @@ def reader_view(nb: Any, params: list[Parameter], values: dict[str, Any]) -> Any
         tags = set(_tags(cell))
         if cell.get("cell_type") != "code":
             continue
-        if tags & _PAPERMILL_TAGS or is_glue_only(cell):
+        if tags & _PAPERMILL_TAGS or (is_glue_only(cell) and "show-input" not in tags):
             _add_tag(cell, "remove-cell")
         elif not tags & _OWN_TAGS:
             _add_tag(cell, "hide-input")
