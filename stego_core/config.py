@@ -6,6 +6,7 @@ the root folder, device resolution and the small validation helpers that turn ba
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -13,9 +14,13 @@ import json
 import os
 import shlex
 import tempfile
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
 
 
 class StegoError(ValueError):
@@ -23,6 +28,14 @@ class StegoError(ValueError):
 
 
 PROTOCOLS = ("original", "corrected")
+
+#: The ways of computing codes that the study compares: a trained STEGO head, the raw backbone features (the DINO
+#: baseline), and the dimension reductions PCA, random projection and h-NNE.
+METHODS = ("stego", "dino", "pca", "rp", "hnne")
+#: The methods' names in tables, the explorer and model labels ("STEGO d=24", "DINO (C=768)").
+METHOD_LABELS: dict[str, str] = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO"}
+#: The names of the methods' series in the figures, where the DINO baseline is a reference line, not a curve.
+SERIES_LABELS: dict[str, str] = {**METHOD_LABELS, "dino": "DINO baseline"}
 
 #: The stage folders under the artifacts root, in the order data flows through them (``artifact_dir``'s ``stage``).
 #: The writers (``cache``, ``projections``, ``training``, ``sweep``, ``evaluation``) and the readers (``runs``,
@@ -114,8 +127,6 @@ def resolve_device(device: Any) -> Any:
     """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device`` -> ``torch.device``, checked to exist on
     this machine (a one-line StegoError naming ``device`` otherwise). ``"meta"`` (tensors without data) is accepted
     for placement checks: the tests run a stage there to see that every module and input follows the device."""
-    import torch
-
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -140,19 +151,61 @@ def resolve_device(device: Any) -> Any:
     raise StegoError(f"device: {str(device)!r} is not supported; expected 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+def _temporary_name(name: str) -> str:
+    """``.<name>.<random>.tmp``: hidden, unique per writer, recognisable as a leftover of an interrupted write."""
+    return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, newline: str | None = None) -> Iterator[IO[Any]]:
+    """The project's one atomic writer for local files: ``with atomic_write(path) as fh: torch.save(obj, fh)``.
+
+    Writes go to a temporary file in ``path``'s folder (created if needed); on a clean exit it is renamed over
+    ``path`` (atomic on one filesystem), on an error it is removed and ``path`` keeps its old content or stays
+    absent. ``mode`` is ``"wb"`` (bytes) or ``"w"`` (text, with ``newline`` as for ``open``)."""
+    check_choice("mode", mode, ("wb", "w"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(_temporary_name(path.name))
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(obj), fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        with open(tmp, mode.replace("w", "x"), newline=newline) as fh:  # exclusive: never reuse another's file
+            yield fh
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write_fs(fs: Any, path: str) -> Iterator[IO[bytes]]:
+    """``atomic_write`` for an fsspec filesystem (feature stores on any URL): bytes go to a temporary file beside
+    ``path``, which is moved over ``path`` on a clean exit (``os.replace`` on the local filesystem, ``fs.mv``
+    elsewhere, where object stores have no atomic rename but never show a half-written object) and removed on an
+    error."""
+    parent, _, name = path.rpartition("/")
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/{_temporary_name(name)}"
+    try:
+        with fs.open(tmp, "wb") as fh:
+            yield fh
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp, path)
+        else:
+            fs.mv(tmp, path)
+    except BaseException:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:  # noqa: BLE001 - best effort cleanup, the original error matters
+            pass
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON (sorted keys, indented) to ``path`` through ``atomic_write``."""
+    with atomic_write(path, "w") as fh:
+        json.dump(_jsonable(obj), fh, indent=2, sort_keys=True)
+        fh.write("\n")
 
 
 def ensure_writable(folder: str | os.PathLike, param: str = "root") -> Path:

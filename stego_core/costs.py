@@ -63,6 +63,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from .config import check_choice, check_int
 
 __all__ = [
@@ -352,8 +354,6 @@ def backbone_table(datasets: Iterable[str] = tuple(DATASET_FACTS), backbones: It
     backbones: names of ``BACKBONE_SHAPES``; None = per dataset, the paper's backbone and those of the study's
     presets for it (the extended study's DINOv2 / DINOv3).
     """
-    import pandas as pd
-
     from .sweep import STUDY_DIMS
     from .training import PRESETS
 
@@ -396,8 +396,6 @@ def cost_table(datasets: Iterable[str] = tuple(DATASET_FACTS), *, precision: str
                source: str = "cache", protocol: str = "original") -> Any:
     """A pandas DataFrame, one row per dataset: disk per stage (GB), GPU minutes per stage (validation included),
     disk reads (GB and minutes at ``REFERENCE["disk_bytes_per_s"]``) and the totals; wall = GPU + reads."""
-    import pandas as pd
-
     rows = []
     for name in datasets:
         c = dataset_costs(name, precision=precision, source=source, protocol=protocol)

@@ -30,8 +30,14 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
+import pydensecrf.densecrf as dcrf
+import torch
+import torch.nn.functional as F
+from pydensecrf.utils import unary_from_softmax
+from tqdm.auto import tqdm
 
 from .config import PROTOCOLS, StegoError, check_choice, check_int
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .guards import pool_worker
 
 # The reference kernels (stego-spec §7.3); not meant to be tuned, the study compares against them.
@@ -43,8 +49,6 @@ BI_RGB_STD = 3  # bilateral kernel: colour bandwidth in byte units
 BI_W = 4  # bilateral kernel weight
 UNARY_CLIP = 1e-5  # probabilities are clipped from below before −log
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,14 +60,12 @@ def image_bytes(image: Any, *, protocol: str = "original") -> np.ndarray:
     The truncation reproduces the reference byte for byte when ``image`` was normalised the way torchvision does it
     (x / 255, then (x - mean) / std in float32), as every loader of this package does (``stego_core.data``).
     """
-    import torch
-
     check_choice("protocol", protocol, PROTOCOLS)
     img = torch.as_tensor(image).detach().to("cpu", torch.float32)
     if img.ndim != 3 or img.shape[0] != 3:
         raise StegoError(f"image: expected a normalised float image [3, H, W], got shape {tuple(img.shape)}")
-    mean = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(_IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     scaled = (img * std + mean) * 255.0  # [3,H,W] in byte units
     if protocol == "original":
         # torchvision's to_pil_image does pic.mul(255).byte(): truncation towards zero. Clipping first only
@@ -79,9 +81,6 @@ def image_bytes(image: Any, *, protocol: str = "original") -> np.ndarray:
 
 def logits_to_probs(logits: Any, size: tuple[int, int]) -> np.ndarray:
     """Softmax probabilities [K, H, W] (float32, C-contiguous) of logits [K, h, w] resized bilinearly to ``size``."""
-    import torch
-    import torch.nn.functional as F
-
     lg = torch.as_tensor(logits).detach().to("cpu", torch.float32)
     if lg.ndim != 3:
         raise StegoError(f"logits: expected [K, h, w], got shape {tuple(lg.shape)}")
@@ -100,9 +99,6 @@ def crf_inference(rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
     Runs in the worker processes; needs only numpy and pydensecrf.
     """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     probs = np.asarray(probs, dtype=np.float32)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -177,8 +173,6 @@ class CRFPool:
 
     def _map(self, fn: Callable, arg_tuples: Sequence[tuple], desc: str = "DenseCRF") -> list:
         """fn(*args) for every tuple, results in order; a failing item raises RuntimeError naming its index."""
-        from tqdm.auto import tqdm
-
         n = len(arg_tuples)
         results: list = [None] * n
         bar = tqdm(total=n, desc=desc, unit="img", disable=not self.progress)

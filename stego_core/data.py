@@ -30,13 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import skimage.data
 import torch
 from PIL import Image
+from scipy.io import loadmat
+from skimage import color, exposure, transform
 
 from .config import PROTOCOLS, StegoError, check_choice, check_int, repo_root
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "normalize", "normalize_uint8", "unnormalize", "DATASETS", "SPLITS", "CROPS",
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "normalize", "normalize_uint8", "unnormalize", "DATASETS",
+    "SPLITS", "CROPS",
     "EXPECTED_TREES", "SegDataset", "MosaicDataset", "CocoStuff27", "Cityscapes", "Potsdam", "DirectoryDataset",
     "load_dataset", "data_root", "resized_size", "center_crop_offset", "transform_pair", "five_crop_dir",
     "MOSAIC_SOURCES", "COCOSTUFF27_CLASSES", "CITYSCAPES_CLASSES", "POTSDAM_CLASSES", "coco_fine_to_coarse",
@@ -209,9 +213,6 @@ _MOSAIC_SCALES = (0.5, 0.75, 1.0)
 @functools.cache
 def _mosaic_luminance(loader: str, scale: float) -> np.ndarray:
     """A bundled image as histogram-equalised float32 luminance in [0, 1], rescaled by ``scale``."""
-    import skimage.data
-    from skimage import color, exposure, transform
-
     img = getattr(skimage.data, loader)()
     gray = color.rgb2gray(img[..., :3]) if img.ndim == 3 else img.astype(np.float64) / 255.0
     if scale != 1.0:
@@ -371,7 +372,8 @@ EXPECTED_TREES = {
         "source: stego_core.fivecrop.prepare_five_crops(dataset, split, root=...)"),
 }
 
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: The image files a folder dataset and ``segment`` read.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -641,8 +643,6 @@ _POTSDAM_PALETTE = [(160, 160, 160), (70, 90, 220), (40, 160, 60)]
 
 
 def _loadmat(path: Path, key: str) -> np.ndarray:
-    from scipy.io import loadmat
-
     try:
         content = loadmat(str(path))
     except FileNotFoundError:
@@ -747,7 +747,7 @@ class DirectoryDataset(SegDataset):
                          class_names=class_names, palette=_pascal_palette(n_classes))
         self.root = data_root(root)
         img_dir = _require(self.root / "imgs" / split, self.name, self.root)
-        self.images = sorted(img_dir / f for f in _listdir(img_dir) if f.lower().endswith(_IMAGE_EXTS))
+        self.images = sorted(img_dir / f for f in _listdir(img_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not self.images:
             raise _missing(self.name, img_dir / "<name>.jpg", self.root)
         lbl_dir = self.root / "labels" / split

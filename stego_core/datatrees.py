@@ -17,6 +17,9 @@ import numpy as np
 from PIL import Image
 from scipy.io import savemat
 
+from . import data
+from .config import StegoError
+
 
 def _rgb(rng: np.random.Generator, height: int, width: int, block: int = 1) -> np.ndarray:
     """Random colours, constant over ``block`` x ``block`` squares (1: per pixel)."""
@@ -147,8 +150,6 @@ def write_synthetic_tree(dataset: str, root: str | Path, *, n_train: int = 12, n
 
     Cityscapes spreads the training images over two cities; Potsdam's second validation tile has no gt file (as
     in IIC's tree, where some tiles are unlabelled)."""
-    from .config import StegoError
-
     if dataset not in SYNTHETIC_SIZES:
         raise StegoError(f"dataset: no synthetic tree for {dataset!r}; expected one of {', '.join(SYNTHETIC_SIZES)}")
     if n_train < 1 or n_val < 1:
@@ -176,9 +177,6 @@ def miniature_copy(dataset: str, source: str | os.PathLike, dest: str | os.PathL
                    n_val: int = 4) -> Path:
     """A copy of the first ``n_train`` / ``n_val`` images of each split of a real tree under ``dest`` (links to
     the files, lists cut to them), in the same layout; returns ``dest`` (a data root)."""
-    from . import data
-    from .config import StegoError
-
     source, dest = Path(source), Path(dest)
     counts = {"train": n_train, "val": n_val}
     if dataset == "cocostuff27":

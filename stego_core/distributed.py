@@ -34,7 +34,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from .cache import open_store
 from .config import StegoError, check_float, check_int
+from .training import train
 
 __all__ = ["RayExecutor", "store_run_fn"]
 
@@ -168,8 +170,6 @@ class _StoreRun:
         self.train_kwargs = train_kwargs
 
     def __call__(self, spec: Any, *, run_dir: Any, root: Any = None, progress: bool = False) -> Any:
-        from .cache import open_store
-
         cfg = spec.train_config()
         if cfg.dataset not in self.stores:
             raise StegoError(f"stores: no feature stores given for dataset {cfg.dataset!r}; "
@@ -180,8 +180,6 @@ class _StoreRun:
             if store.meta.get("backbone") != cfg.backbone:
                 raise StegoError(f"stores: the {which} store of {cfg.dataset!r} holds {store.meta.get('backbone')} "
                                  f"features, the run expects {cfg.backbone}")
-        train_fn = self.train_fn
-        if train_fn is None:
-            from .training import train as train_fn
+        train_fn = self.train_fn or train
         return train_fn(cfg, train_store=train_store, val_store=val_store, root=root, progress=progress,
                         **self.train_kwargs)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import PROTOCOLS, StegoError, artifact_dir, check_choice, check_int
@@ -208,8 +209,6 @@ def evaluate(segmenter: Segmenter, dataset_or_loader: Any, *, flip: bool = True,
     loader = dataset_or_loader
     if hasattr(dataset_or_loader, "__getitem__") and hasattr(dataset_or_loader, "__len__") \
             and not hasattr(dataset_or_loader, "batch_size"):
-        from torch.utils.data import DataLoader
-
         loader = DataLoader(dataset_or_loader, batch_size=batch_size, shuffle=False)
     if class_names is None:
         names = getattr(getattr(loader, "dataset", dataset_or_loader), "class_names", None)

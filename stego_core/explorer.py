@@ -19,16 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from .config import PROTOCOLS, StegoError, check_choice, check_int
+from .config import METHOD_LABELS, PROTOCOLS, StegoError, check_choice, check_int
 from .crf import CRFPool
 from .evaluation import evaluate_store, store_code
 from .segmenter import PROBES, Segmenter
 
 __all__ = ["METHOD_LABELS", "ExplorerData", "image_miou", "model_label", "precompute"]
-
-#: How the book names the methods of ``stego_core.training.METHODS``.
-METHOD_LABELS = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,8 +77,6 @@ def precompute(models: dict[tuple[str, int], Segmenter], store: Any, indices: Se
     per-batch standardisation of PCA/RP/h-NNE depends on it) for its no-CRF metrics and the cluster -> class
     assignment; the chosen items are predicted from the code they get in those batches.
     """
-    from tqdm.auto import tqdm
-
     check_choice("protocol", protocol, PROTOCOLS)
     check_int("batch_size", batch_size, minimum=1)
     for p in probes:

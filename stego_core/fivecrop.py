@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import PROTOCOLS, StegoError, check_choice, write_json_atomic
+from .config import PROTOCOLS, StegoError, atomic_write, check_choice, write_json_atomic
 from .costs import REFERENCE
 from .data import SPLITS, five_crop_dir, load_dataset
 from .guards import artifact_lock, disk_full_guard, note
@@ -45,13 +45,8 @@ def five_crop_boxes(height: int, width: int, ratio: float = 0.5) -> list[tuple[i
 
 
 def _save_atomic(array: np.ndarray, path: Path, **save_args: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format="JPEG" if path.suffix == ".jpg" else "PNG", **save_args)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        Image.fromarray(array).save(fh, format="JPEG" if path.suffix == ".jpg" else "PNG", **save_args)
 
 
 def prepare_five_crops(dataset: str, split: str, *, root: str | os.PathLike | None = None, crop_ratio: float = 0.5,

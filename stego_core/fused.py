@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cache import cache_features
 from .config import write_json_atomic
 from .guards import artifact_lock
 from .training import fuse_key, train_group
@@ -46,8 +47,6 @@ def group_specs(specs: list[Any]) -> list[list[Any]]:
 def train_group_run(specs: list[Any], *, root=None, progress: bool = False) -> list[Any]:
     """The fused counterpart of ``sweep.train_run``: open/build the group's two feature stores once, train every
     run with ``training.train_group`` and record each run's training folder in its sweep folder's ``run.json``."""
-    from .cache import cache_features
-
     first = specs[0]
     cfg = first.train_config()
     train_store = cache_features(cfg.dataset, "train", cfg.backbone, root=root, progress=progress, **first.train_cache)

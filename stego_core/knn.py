@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from .config import PROTOCOLS, StegoError, check_choice, check_int, stage_command
 from .costs import knn_bytes
 from .guards import artifact_lock, disk_full_guard
+from .losses import tensor_correlation
 
 DROPOUT_P = 0.1  # the reference featurizer's Dropout2d probability
 
@@ -209,9 +211,6 @@ def pair_statistics(store: Any, table: torch.Tensor | np.ndarray, *, n_neighbors
     ``same_class`` (both tokens' labels, read at the token centres, are equal and not ignored). The shifts of the
     loss are thresholds on F: a pair is pulled together where F exceeds its term's shift, pushed apart below it.
     """
-    import pandas as pd
-
-    from .losses import tensor_correlation
 
     n = len(store)
     table = torch.as_tensor(np.asarray(table), dtype=torch.long)

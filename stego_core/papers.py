@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from .config import StegoError, check_choice
+from .probes import PROBES
 
 __all__ = ["SOURCES", "DATASETS", "DATASET_LABELS", "PAPER_SETTINGS", "FIGURE4_DIMS", "TABLE2_LABELS",
            "TABLE2_DATASETS", "table2_values", "table2_frame", "figure3_points", "figure4_values", "later_methods",
@@ -172,7 +173,7 @@ def table2_values(dataset: str | Iterable[str] | None = None, crf: bool | None =
                                  value=float(value), approx=False, source=source or _ISSUE_SOURCE[ds]))
     for row, (method, per_dataset) in _TABLE2_NO_CRF.items():
         for ds in datasets:
-            for probe, value in zip(("cluster", "linear"), per_dataset.get(ds, ())):
+            for probe, value in zip(PROBES, per_dataset.get(ds, ())):
                 exact = _EXACT_NO_CRF.get((row, ds, probe))
                 rows.append(dict(dataset=ds, row=row, method=method, crf=False, probe=probe, metric="mIoU",
                                  value=float(value), approx=exact is None, source=exact or "koenig-figure4"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -37,7 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import StegoError
+import torch
+from PIL import Image
+
+from . import costs, data
+from .backbones import BACKBONES, load_backbone, weights_source
+from .book import parameters, runner
+from .checkpoints import RELEASED_BACKBONES, save_stego_checkpoint
+from .config import StegoError, artifacts_root
+from .costs import DATASET_FACTS
+from .data import data_root, five_crop_dir
+from .datatrees import miniature_copy, write_synthetic_tree
+from .fivecrop import FIVE_CROP_DATASETS, prepare_five_crops
+from .runs import find_runs
+from .segment import main as segment_main
+from .training import PRESETS
 
 __all__ = ["Check", "PreflightReport", "expected_counts", "check_data", "check_weights", "check_device",
            "check_disk", "preflight", "format_table", "main"]
@@ -88,8 +103,6 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------- data
 def expected_counts(dataset: str) -> dict[str, int]:
     """The images per split of a paper dataset (the cost model's facts, with their sources there)."""
-    from .costs import DATASET_FACTS
-
     if dataset not in DATASET_FACTS:
         return {}
     facts = DATASET_FACTS[dataset]
@@ -99,9 +112,6 @@ def expected_counts(dataset: str) -> dict[str, int]:
 def check_data(dataset: str, root: str | os.PathLike | None = None, *, expected: dict[str, int] | None = None,
                crop: str = "center", protocol: str = "original", n_decode: int = N_DECODE) -> list[Check]:
     """Tree, image counts, decodable files per split, and the five-crop tree when ``crop`` is "five"."""
-    from . import data
-    from .fivecrop import FIVE_CROP_DATASETS
-
     root = data.data_root(root)
     expected = expected_counts(dataset) if expected is None else expected
     checks: list[Check] = []
@@ -138,9 +148,6 @@ def check_data(dataset: str, root: str | os.PathLike | None = None, *, expected:
 
 
 def _check_five_crop(dataset: str, root: Path, protocol: str, n_source: int | None) -> Check:
-    import json
-
-    from .data import five_crop_dir
 
     folder = five_crop_dir(dataset, root=root, protocol=protocol)
     marker = folder / "done-train.json"
@@ -159,9 +166,6 @@ def _check_five_crop(dataset: str, root: Path, protocol: str, n_source: int | No
 # --------------------------------------------------------------------------------------------- weights, device, disk
 def check_weights(backbone: str, weights: str | os.PathLike | None, *, protocol: str = "original") -> Check:
     """Which weights the backbone loads, and that they load into its architecture and give [1, C, h, w] features."""
-    import torch
-
-    from .backbones import BACKBONES, load_backbone, weights_source
 
     try:
         source = weights_source(backbone, weights)
@@ -181,8 +185,6 @@ def check_weights(backbone: str, weights: str | os.PathLike | None, *, protocol:
 
 def check_device(device: str) -> Check:
     """The profile's device is there (CUDA: its name and memory)."""
-    import torch
-
     name = str(device)
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -213,10 +215,6 @@ def check_disk(dataset: str, backbone: str, *, artifacts: str | os.PathLike | No
                free: Callable[[Path], int] | None = None) -> Check:
     """Free space under the artifacts folder against the cost model's feature stores + kNN table (+ the five-crop
     tree under the data root when it still has to be written)."""
-    from . import costs
-    from .config import artifacts_root
-    from .data import data_root
-
     free = free or (lambda p: shutil.disk_usage(p).free)
     if dataset not in costs.DATASET_FACTS or backbone not in costs.BACKBONE_SHAPES:
         return Check("disk", "free space", True, f"no cost model for {dataset} on {backbone}; not checked")
@@ -277,8 +275,6 @@ PILOT_RUN = dict(steps=4, batch_size=4, val_freq=2, n_neighbors=4)
 
 def _pilot_runs(profile: str, **shared: Any) -> list[tuple[str, dict[str, Any]]]:
     """The profile's notebooks with the pilot settings, then ``shared`` given to every notebook that has them."""
-    from .book import parameters
-
     out = []
     for nb, params in parameters.load_profile(profile):
         names = {p.name for p in parameters.read_parameters(nb)}
@@ -306,13 +302,6 @@ def _end_to_end(profile: str, settings: dict[str, Any], data_root: Path, work: P
                 device: str, log: Callable[[str], None]) -> list[Check]:
     """Five-crop preparation, every notebook of the profile with its pilot settings, and (DINO v1) Table 2 and
     ``segment`` with the STEGO run written as a released checkpoint; all inside ``work``."""
-    from .book import runner
-    from .checkpoints import RELEASED_BACKBONES, save_stego_checkpoint
-    from .fivecrop import prepare_five_crops
-    from .runs import find_runs
-    from .segment import main as segment_main
-    from .training import PRESETS
-
     checks: list[Check] = []
     artifacts, book = work / "artifacts", work / "book"
     dataset, backbone = settings["dataset"], settings["backbone"]
@@ -362,9 +351,6 @@ def _end_to_end(profile: str, settings: dict[str, Any], data_root: Path, work: P
 
 def _segment_inputs(dataset: str, data_root: Path, dest: Path) -> list[Path]:
     """Two validation images as image files (``segment`` reads photos; Potsdam's tiles are .mat arrays)."""
-    from PIL import Image
-
-    from . import data
 
     ds = data.load_dataset(dataset, "val", root=data_root)
     dest.mkdir(parents=True, exist_ok=True)
@@ -389,9 +375,6 @@ def preflight(profile: str, *, synthetic: bool = False, data_root: str | os.Path
     synthetic); run: also the tiny end-to-end run; workdir: keep its artifacts and chapters there (default: a
     temporary folder, removed afterwards).
     """
-    from .book import parameters
-    from .datatrees import miniature_copy
-
     log = log or (lambda msg: print(f"[preflight] {msg}", file=sys.stderr, flush=True))
     settings = _profile_settings(parameters.load_profile(profile))
     dataset, backbone = settings["dataset"], settings["backbone"]
@@ -410,16 +393,12 @@ def preflight(profile: str, *, synthetic: bool = False, data_root: str | os.Path
             Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stego-preflight-")))
         work.mkdir(parents=True, exist_ok=True)
         if synthetic:
-            from .datatrees import write_synthetic_tree
-
             data_root = work / "data"
             log(f"writing a synthetic {dataset} tree to {data_root}")
             expected = write_synthetic_tree(dataset, data_root) if expected is None else expected
         checks += check_data(dataset, data_root, expected=expected, crop="center",
                              protocol=settings["protocol"])
         if settings["crop"] == "five" and not synthetic:  # the synthetic run prepares its own
-            from . import data
-
             checks.append(_check_five_crop(dataset, data.data_root(data_root), settings["protocol"],
                                            (expected or {}).get("train")))
         log(f"loading {backbone} ({weights or 'default weights'})")
@@ -440,8 +419,6 @@ def preflight(profile: str, *, synthetic: bool = False, data_root: str | os.Path
 
 
 def _data_root(root: Any) -> Path:
-    from .data import data_root
-
     return data_root(root)
 
 

@@ -17,7 +17,10 @@ from torch import Tensor, nn
 
 from .config import StegoError, check_float, check_int
 
-__all__ = ["ClusterProbe", "LinearProbe", "linear_probe_loss"]
+__all__ = ["PROBES", "ClusterProbe", "LinearProbe", "linear_probe_loss"]
+
+#: The two probes every method is scored with, in the order tables and results list them.
+PROBES = ("cluster", "linear")
 
 
 def _check_code(code: Tensor, dim: int) -> None:

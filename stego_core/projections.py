@@ -52,7 +52,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -67,7 +66,17 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.random_projection import GaussianRandomProjection
 from tqdm.auto import tqdm
 
-from .config import StegoError, artifact_dir, check_choice, check_int, config_hash, stage_root, write_json_atomic
+from .cache import iter_store_batches
+from .config import (
+    StegoError,
+    artifact_dir,
+    atomic_write,
+    check_choice,
+    check_int,
+    config_hash,
+    stage_root,
+    write_json_atomic,
+)
 from .guards import artifact_lock, note
 
 __all__ = [
@@ -557,16 +566,8 @@ def fit_projection(method: str, k: int | None, store: Any, *, n_images: int = 50
 
 
 def _write_pickle_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+    with atomic_write(path) as fh:
+        pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
 
 def fitted_projections(method: str = "pca", root: str | os.PathLike | None = None) -> list[tuple[Path, dict, Any]]:
     """The fits that ``fit_projection`` cached under ``<root>/projections/<method>-*``: (folder, the fit's key as
@@ -642,8 +643,6 @@ class ProjectedStore:
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                      drop_last: bool = False) -> Iterator[dict]:
         """Batches of ``read`` in store order, or in a permutation drawn from ``seed`` (as FeatureStore)."""
-        from .cache import iter_store_batches
-
         return iter_store_batches(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
 
 

@@ -32,7 +32,8 @@ from .crf import image_bytes
 from .data import normalize_uint8
 from .evaluation import evaluate_store
 from .knn import build_knn
-from .probes import ClusterProbe
+from .probes import PROBES, ClusterProbe
+from .runs import MissingRunError, require_run
 from .segmenter import Segmenter
 from .train_state import TrainState, train_step
 
@@ -49,8 +50,6 @@ def protocol_runs(preset: str, *, method: str, code_dim: int | None = None, trai
     ``train_missing`` is true (``runs.require_run``); otherwise, when it is absent, "corrected" is None and "note"
     names the command that trains it. ``run_args``: the other keywords of ``runs.require_run``.
     """
-    from .runs import MissingRunError, require_run
-
     out = {p: None for p in PROTOCOLS} | {"note": ""}
     out["original"] = require_run(preset, method=method, code_dim=code_dim, protocol="original",
                                   train_missing=train_missing, **run_args)
@@ -125,7 +124,7 @@ def evaluate_run(segmenter: Segmenter, store: Any, *, batch_size: int = 8, proto
     res = evaluate_store(segmenter, store, batch_size=batch_size, indices=indices, crf=crf, workers=workers,
                          protocol=protocol, class_names=[f"c{i}" for i in range(segmenter.n_classes)],
                          keep_predictions=keep_predictions, progress=False)
-    for probe in ("cluster", "linear"):
+    for probe in PROBES:
         k = len(res[probe]["recall"])
         scored = res[probe]["recall"][: k if protocol == "original" else segmenter.n_classes]
         res[f"{probe}/recall"] = float(np.nanmean(scored)) if np.isfinite(scored).any() else float("nan")

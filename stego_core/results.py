@@ -29,21 +29,20 @@ row per model, CRF setting and image subset.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .config import StegoError, artifacts_root
+from .config import StegoError, artifacts_root, atomic_write
+from .probes import PROBES
 
 __all__ = ["RESULT_COLUMNS", "RESULT_DTYPES", "STAGES", "PROBES", "RESULTS_FILE", "empty_results", "write_rows",
            "read_rows", "load_results", "best_rows", "summarise", "final_table", "GROUP_COLUMNS"]
 
 RESULTS_FILE = "results.csv"
 STAGES = ("train", "best", "final")
-PROBES = ("cluster", "linear")
 
 RESULT_DTYPES: dict[str, str] = {
     "run_id": "string",
@@ -118,17 +117,9 @@ def write_rows(run_dir: str | os.PathLike, rows: Iterable[Mapping[str, Any]] | p
     """
     df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     df = empty_results() if df.empty and len(df.columns) == 0 else _coerce(df, "rows")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULTS_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_FILE}.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            df.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = Path(run_dir) / RESULTS_FILE
+    with atomic_write(path, "w", newline="") as fh:
+        df.to_csv(fh, index=False)
     return path
 
 

@@ -30,9 +30,9 @@ the images they hold.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +46,22 @@ from tqdm.auto import tqdm
 
 from .backbones import load_backbone
 from .book.viz import overlay
-from .config import PROTOCOLS, StegoError, check_choice, check_int, ensure_writable, resolve_device, write_json_atomic
-from .data import normalize
+from .config import (
+    PROTOCOLS,
+    StegoError,
+    atomic_write,
+    check_choice,
+    check_int,
+    ensure_writable,
+    resolve_device,
+    write_json_atomic,
+)
+from .data import IMAGE_EXTENSIONS, normalize
 from .segmenter import PROBES, Segmenter
 
 __all__ = ["PROBES", "IMAGE_EXTENSIONS", "Segmentation", "segment_images", "load_segmenter", "label_map", "id_names",
            "upsampled_argmax", "network_size", "main"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _BAND_BYTES = 64 << 20  # memory for one band of upsampled scores in upsampled_argmax
 
 
@@ -163,20 +171,12 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        Image.fromarray(array).save(fh, format="PNG")
 
 
 def _palette(n: int, base: np.ndarray | None = None) -> np.ndarray:
     """n distinct uint8 colours: ``base`` first (the training dataset's palette), then golden-angle hues."""
-    import colorsys
-
     colours = [tuple(int(v) for v in c) for c in (base if base is not None else [])][:n]
     i = 0
     while len(colours) < n:

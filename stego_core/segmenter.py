@@ -52,11 +52,10 @@ from .config import PROTOCOLS, StegoError, check_choice, check_int, resolve_devi
 from .data import CITYSCAPES_CLASSES, COCOSTUFF27_CLASSES, POTSDAM_CLASSES, normalize_uint8
 from .heads import STEGOHead
 from .metrics import cluster_to_class
-from .probes import ClusterProbe, LinearProbe
+from .probes import PROBES, ClusterProbe, LinearProbe
 
 __all__ = ["PROBES", "CLUSTER_ALPHA", "ProjectionCode", "Segmenter"]
 
-PROBES = ("cluster", "linear")
 CLUSTER_ALPHA = 2.0  # the evaluation's cluster log-probabilities: log_softmax(alpha * cos)
 _PIECE_BYTES = 256 << 20  # upsampled code [b, D, H, W] per piece: D ~ 768 at 320 px is 300 MB per image
 _CLASS_NAMES = {"cocostuff27": COCOSTUFF27_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "potsdam": POTSDAM_CLASSES}

@@ -30,17 +30,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
+from .cache import cache_features
 from .config import (
+    METHODS,
     PROTOCOLS,
     StegoError,
     artifact_dir,
@@ -50,16 +55,18 @@ from .config import (
     stage_root,
     write_json_atomic,
 )
+from .crf import start_method
 from .fused import RunGroup, group_specs
 from .guards import artifact_lock, pool_worker
 from .results import empty_results, load_results, summarise
 from .runlog import LOGGERS
+from .training import PRESETS, TrainConfig, make_config, train
 
 __all__ = ["SWEEP_METHODS", "STUDY_DIMS", "STUDY_METHODS", "RunSpec", "SweepGrid", "SweepResult", "study_grid",
            "run_sweep", "train_run", "serial_executor", "ProcessExecutor", "local_executor", "is_done",
            "sweep_run_ids", "load_sweep_results", "dimension_ladder"]
 
-SWEEP_METHODS = ("stego", "dino", "pca", "rp", "hnne")
+SWEEP_METHODS = METHODS  # every method can be swept
 ON_ERROR = ("raise", "continue")
 
 # Embedding dimensions of the study's figure (spec §8.6); the DINO baseline has none (code = raw features).
@@ -142,14 +149,10 @@ class RunSpec:
 
     def train_config(self):
         """The ``stego_core.training.TrainConfig`` of this run."""
-        from .training import TrainConfig
-
         return TrainConfig(**self.config)
 
 
 def _resolve_config(preset: str, overrides: Mapping[str, Any]) -> dict:
-    from .training import make_config
-
     return make_config(preset, **overrides).to_dict()
 
 
@@ -176,8 +179,6 @@ class SweepGrid:
         if self.dims is None:
             if preset in STUDY_DIMS:
                 return list(STUDY_DIMS[preset])
-            from .training import PRESETS
-
             return [int(PRESETS[preset].get("code_dim", 70))]
         if isinstance(self.dims, Mapping):
             if preset not in self.dims:
@@ -194,8 +195,6 @@ class SweepGrid:
 
     def runs(self) -> list[RunSpec]:
         """Expand into RunSpecs (order: preset, seed, method, dim), each config validated."""
-        from .training import PRESETS
-
         if isinstance(self.presets, str) or isinstance(self.methods, str) or isinstance(self.seeds, (str, int)):
             raise StegoError("presets / methods / seeds: expected lists (e.g. presets=['demo'], seeds=[0, 1])")
         for preset in self.presets:
@@ -265,9 +264,6 @@ class _RunOne:
 
 def train_run(spec: RunSpec, *, run_dir: Path, root=None, progress: bool = False) -> Any:
     """The default run: open/build the train and val feature stores, then ``training.train`` (which resumes)."""
-    from .cache import cache_features
-    from .training import train
-
     cfg = spec.train_config()
     train_store = cache_features(cfg.dataset, "train", cfg.backbone, root=root, progress=progress,
                                  **spec.train_cache)
@@ -286,8 +282,6 @@ def serial_executor(fn: Callable[[RunSpec], Any], specs: Sequence[RunSpec]) -> I
 
 
 def _limit_threads(threads: int, owner: int) -> None:
-    import torch
-
     pool_worker(owner)  # a worker never outlives the process that started the pool (stego_core.guards)
     torch.set_num_threads(threads)
 
@@ -308,10 +302,6 @@ class ProcessExecutor:
         self.threads = check_int("threads", threads, minimum=1) if threads is not None else max(1, cores // workers)
 
     def __call__(self, fn: Callable[[RunSpec], Any], specs: Sequence[RunSpec]) -> Iterator[Any]:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        from .crf import start_method
 
         if not specs:
             return

@@ -18,7 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .backbones import extract_features, load_backbone
+from .cache import open_store
 from .config import StegoError, artifacts_root
+from .data import normalize
+from .projections import fit_projection
 
 __all__ = ["open_training_store", "check_stores", "batch_indices", "FeatureSource", "live_backbone",
            "fit_run_projection"]
@@ -29,8 +33,6 @@ def open_training_store(store: Any, param: str) -> Any:
     if hasattr(store, "read") and hasattr(store, "meta"):
         return store
     if isinstance(store, (str, os.PathLike)):
-        from .cache import open_store
-
         try:
             return open_store(store)
         except StegoError as exc:
@@ -109,9 +111,6 @@ class FeatureSource:
             rec = {k: v.to(self.device) for k, v in self._read(idx).items()}
         if self.backbone is None:
             return rec["feats"], rec["label"]
-        from .backbones import extract_features
-        from .data import normalize
-
         img = normalize(rec["image"].permute(0, 3, 1, 2).float() / 255.0)  # [n,H,W,3] uint8 -> [n,3,H,W]
         return extract_features(self.backbone, img).float().to(self.device), rec["label"]
 
@@ -120,8 +119,6 @@ def live_backbone(store: Any, backbone: nn.Module | None, device: torch.device) 
     """The backbone for ``feature_source="live"``: the given one, else the store's own, on ``device``."""
     if backbone is not None:
         return backbone.to(device)
-    from .backbones import load_backbone
-
     meta = store.meta
     return load_backbone(meta["backbone"], weights=meta.get("weights")).to(device)
 
@@ -130,8 +127,6 @@ def fit_run_projection(cfg: Any, store: Any, in_dim: int, root, progress: bool) 
     """Fit the baseline's projection on the tokens of ``n_fit_images`` random training items (spec §8.3;
     h-NNE on a sample of ``hnne_tokens`` of those tokens, the study's 1e6 by default). PCA fits are cached under
     ``<root>/projections`` and shared by all dims."""
-    from .projections import fit_projection
-
     standardize = "per_batch" if cfg.protocol == "original" else "train"
     if cfg.method != "rp" and cfg.code_dim > in_dim:
         raise StegoError(f"code_dim: {cfg.method} gives at most the feature dimension {in_dim} components, "

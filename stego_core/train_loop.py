@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -40,6 +41,7 @@ from .config import (
 )
 from .evaluation import evaluate_batches
 from .guards import note
+from .projections import project_store, transform_many
 from .results import write_rows
 from .runlog import NullLogger, RunLogger
 from .segmenter import ProjectionCode, Segmenter
@@ -164,8 +166,6 @@ def prepare_slot(cfg: Any, train_store: Any, val_store: Any, dims: tuple[int, in
         # h-NNE is too slow to apply per batch: like the study, precompute projected copies of both stores
         # (batches of 512, per-batch standardisation under the original protocol) and train on those. The study's
         # training cache was shuffled, so its batches were random mixes; its validation cache was in order.
-        from .projections import project_store
-
         slot.train_src = project_store(slot.projection, train_store, artifacts_root(root), shuffle=True,
                                        progress=progress)
         slot.val_src = project_store(slot.projection, val_store, artifacts_root(root), shuffle=False,
@@ -284,8 +284,6 @@ def _stacked_codes(slots: list[RunSlot], feats: Tensor) -> dict[int, Tensor]:
     proj = [s for s in slots if isinstance(s.state.step_map, ProjectionCode)]
     if len(proj) < 2:
         return {}
-    from .projections import transform_many
-
     codes = transform_many([s.projection for s in proj], feats)
     return {id(s): c for s, c in zip(proj, codes)}
 
@@ -345,8 +343,6 @@ def _rows_for_results(cfg: Any, run_id: str, history_rows: list[dict], best: dic
 
 
 def _history_frame(rows: list[dict]):
-    import pandas as pd
-
     return pd.DataFrame(rows, columns=["step", "split", "metric", "value"])
 
 

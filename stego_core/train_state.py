@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import pickle
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import code_hash
+from .config import atomic_write, code_hash
 from .guards import disk_full_guard
 from .heads import STEGOHead
 from .losses import CorrespondenceLoss
@@ -297,33 +295,20 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[str]:
-    """A temporary file beside ``path`` that replaces it when the block succeeds (and is removed when it fails)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: TrainState, path: Path, kind: str, metrics: dict | None = None) -> None:
     """The one checkpoint writer: ``state.checkpoint(kind, metrics)`` with CPU tensors, atomically at ``path``."""
     ck = _cpu(state.checkpoint(kind, metrics))
     need = 2 * sum(p.numel() * p.element_size() for m in state.modules for p in m.state_dict().values())
-    with disk_full_guard(Path(path).parent, need, f"the training run {Path(path).parent.name}"), _atomic(path) as tmp:
-        torch.save(ck, tmp)  # need: last.pt and best.pt, the modules' weights (optimiser moments: x3 for last.pt)
+    guard = disk_full_guard(Path(path).parent, need, f"the training run {Path(path).parent.name}")
+    with guard, atomic_write(path) as fh:
+        torch.save(ck, fh)  # need: last.pt and best.pt, the modules' weights (optimiser moments: x3 for last.pt)
 
 
 def save_pickle(obj: Any, path: Path) -> None:
-    with _atomic(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         pickle.dump(obj, fh)
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with _atomic(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         np.savez(fh, **arrays)

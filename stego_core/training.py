@@ -68,7 +68,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PROTOCOLS, StegoError, check_choice, check_float, check_int, resolve_device
+from .backbones import BACKBONES
+from .config import METHODS, PROTOCOLS, StegoError, check_choice, check_float, check_int, resolve_device
 from .guards import artifact_lock
 from .knn import require_knn
 from .runlog import LOGGERS, make_logger
@@ -105,7 +106,6 @@ __all__ = [
     "validation_steps",
 ]
 
-METHODS = ("stego", "dino", "pca", "rp", "hnne")
 FEATURE_SOURCES = ("cache", "live")
 
 
@@ -248,8 +248,6 @@ NEWER_BACKBONE_PRESETS: dict[str, tuple[str, str]] = {  # preset -> (paper prese
 
 def scaled_code_dim(paper_preset: str, backbone: str) -> int:
     """The paper preset's code dimension scaled to ``backbone``'s width: round(D * C_backbone / C_paper)."""
-    from .backbones import BACKBONES
-
     check_choice("paper_preset", paper_preset, PRESETS)
     check_choice("backbone", backbone, BACKBONES)
     paper = PRESETS[paper_preset]

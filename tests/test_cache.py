@@ -289,7 +289,7 @@ def test_errors(tmp_path):
 def test_names_resolve_through_the_registries(tmp_path, monkeypatch):
     """A dataset name goes through load_dataset (the mosaic demo); a backbone name through load_backbone, which is
     only called when there is work left (here patched to hand out the fake, to keep the test fast)."""
-    import stego_core.backbones as backbones
+    import stego_core.cache as cache
     from stego_core.cache import cache_features
 
     loads = []
@@ -298,7 +298,7 @@ def test_names_resolve_through_the_registries(tmp_path, monkeypatch):
         loads.append((name, weights, device))
         return FakeBackbone()
 
-    monkeypatch.setattr(backbones, "load_backbone", fake_load)
+    monkeypatch.setattr(cache, "load_backbone", fake_load)
     kw = dict(weights="random", res=32, dataset_options={"n_images": 3, "scene_size": 64}, root=tmp_path,
               chunk_size=2, batch_size=2, progress=False)
     store = cache_features("mosaic", "val", "efficientnet_lite0", **kw)
@@ -322,10 +322,10 @@ def test_names_resolve_through_the_registries(tmp_path, monkeypatch):
 
 def test_meta_names_the_weights_file(tmp_path, monkeypatch):
     """The store says which file its features came from; the DINO default is the study's 300-epoch ViT-S/8."""
-    import stego_core.backbones as backbones
+    import stego_core.cache as cache
     from stego_core.cache import cache_features
 
-    monkeypatch.setattr(backbones, "load_backbone", lambda name, weights=None, *, device="cpu": FakeBackbone())
+    monkeypatch.setattr(cache, "load_backbone", lambda name, weights=None, *, device="cpu": FakeBackbone())
     kw = dict(res=32, dataset_options={"n_images": 2, "scene_size": 64}, root=tmp_path, progress=False)
     store = cache_features("mosaic", "val", "dino_vits8", **kw)
     assert store.meta["weights_source"] == ("https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/"

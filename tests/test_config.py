@@ -46,6 +46,36 @@ def test_write_json_atomic_keeps_old_file_when_serialisation_fails(tmp_path):
     assert os.listdir(tmp_path) == ["meta.json"]
 
 
+def test_atomic_write_replaces_or_keeps_the_file(tmp_path):
+    target = tmp_path / "a" / "weights.bin"
+    with config.atomic_write(target) as fh:
+        fh.write(b"first")
+        assert not target.exists()  # nothing visible before the block ends
+    assert target.read_bytes() == b"first"
+    with pytest.raises(RuntimeError, match="interrupted"), config.atomic_write(target) as fh:
+        fh.write(b"half")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"first" and os.listdir(target.parent) == ["weights.bin"]
+    with config.atomic_write(target, "w", newline="") as fh:
+        fh.write("a,b\r\n")
+    assert target.read_bytes() == b"a,b\r\n"
+    with pytest.raises(config.StegoError, match="mode"), config.atomic_write(target, "a"):
+        pass
+
+
+def test_atomic_write_fs_on_an_fsspec_filesystem(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    for fs, folder in ((fsspec.filesystem("memory"), "/atomic-test"), (fsspec.filesystem("file"), str(tmp_path))):
+        path = f"{folder}/chunk.npy"
+        with config.atomic_write_fs(fs, path) as fh:
+            fh.write(b"ok")
+        with pytest.raises(RuntimeError), config.atomic_write_fs(fs, path) as fh:
+            fh.write(b"broken")
+            raise RuntimeError("killed")
+        assert fs.cat_file(path) == b"ok"
+        assert [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)] == ["chunk.npy"]
+
+
 def test_ensure_writable_names_the_parameter(tmp_path):
     if os.geteuid() == 0:  # root writes through permission bits (here and in CI): use a file system nobody writes
         locked = Path("/proc/stego-not-writable")

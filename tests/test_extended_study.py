@@ -153,7 +153,7 @@ def _table(rows):
 
     from stego_core.book import figures
 
-    return pd.DataFrame([{"dataset": d, "backbone": b, "method": m, "series": figures.METHOD_LABELS[m], "code_dim": k,
+    return pd.DataFrame([{"dataset": d, "backbone": b, "method": m, "series": figures.SERIES_LABELS[m], "code_dim": k,
                           "protocol": "original", "probe": p, "metric": "mIoU", "mean": v, "std": 0.0, "lo": v,
                           "hi": v, "n_seeds": 1, "best_step": 100} for d, b, m, k, p, v in rows])
 

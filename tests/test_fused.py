@@ -13,7 +13,8 @@ import pytest
 import torch
 from test_training import FakeStore, _cfg, _synthetic, _weights, _with_knn
 
-import stego_core.cache as cache
+import stego_core.fused as fused_mod
+import stego_core.sweep as sweep
 from stego_core.config import StegoError
 from stego_core.projections import PCAProjection, RandomProjection, transform_many
 from stego_core.results import load_results
@@ -149,7 +150,8 @@ def test_transform_many_equals_the_separate_transforms():
 def test_fused_sweep_matches_the_independent_sweep(tmp_path, stores, monkeypatch):
     """run_sweep(fused=True) groups the runs, writes every run's markers and run.json, and gives the same rows."""
     tr, va = stores
-    monkeypatch.setattr(cache, "cache_features", lambda dataset, split, *a, **kw: tr if split == "train" else va)
+    for module in (sweep, fused_mod):  # both open the stores through cache_features
+        monkeypatch.setattr(module, "cache_features", lambda dataset, split, *a, **kw: tr if split == "train" else va)
     over = dict(dataset="synthetic", backbone="fakenet", steps=12, batch_size=8, val_freq=6, feature_samples=5,
                 neg_samples=2, n_fit_images=16)
     grid = SweepGrid(presets=["demo"], methods=["stego", "dino", "pca", "rp"], dims=[3, 5], seeds=[0, 1],

@@ -207,8 +207,7 @@ def test_process_executor_reraises_a_failing_run_and_the_sweep_resumes(tmp_path)
 
 
 def test_default_run_fn_wires_cache_and_training(tmp_path, monkeypatch):
-    import stego_core.cache as cache
-    import stego_core.training as training
+    import stego_core.sweep as sweep
 
     opened, trained = [], []
 
@@ -225,8 +224,8 @@ def test_default_run_fn_wires_cache_and_training(tmp_path, monkeypatch):
         trained.append((cfg.method, cfg.code_dim, cfg.steps, train_store, val_store))
         return Result()
 
-    monkeypatch.setattr(cache, "cache_features", fake_cache)
-    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(sweep, "cache_features", fake_cache)
+    monkeypatch.setattr(sweep, "train", fake_train)
     grid = SweepGrid(presets=["demo"], methods=["pca"], dims=[3], seeds=[0], overrides={"steps": 5},
                      val_cache={"res": 224})
     result = run_sweep(grid, root=tmp_path, run_fn=train_run, progress=False)

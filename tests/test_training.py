@@ -378,7 +378,7 @@ def test_baselines_train_probes_only(tmp_path, stores, method):
 def test_hnne_tokens_reach_the_fit(tmp_path, stores, monkeypatch, method, expected):
     """hnne_tokens sets h-NNE's token sample (the demo fits on fewer than the study's 1e6); PCA and RP fit on
     every token of the n_fit_images images."""
-    from stego_core import projections
+    from stego_core import projections, train_features
 
     seen = {}
     real_fit = projections.fit_projection
@@ -387,7 +387,7 @@ def test_hnne_tokens_reach_the_fit(tmp_path, stores, monkeypatch, method, expect
         seen.update(kw)
         return real_fit("pca" if method_ == "hnne" else method_, k, store, **kw)  # hnne itself is slow
 
-    monkeypatch.setattr(projections, "fit_projection", spy)
+    monkeypatch.setattr(train_features, "fit_projection", spy)
     cfg = _cfg(method=method, code_dim=3, steps=2, val_freq=2, hnne_tokens=150, n_fit_images=5)
     train(cfg, train_store=stores[0], val_store=stores[1], root=tmp_path, progress=False)
     assert seen["n_tokens"] == expected and seen["n_images"] == 5
@@ -551,8 +551,7 @@ def test_validation_store_at_another_resolution(tmp_path, stores):
 
 def test_sweep_default_run_trains_on_the_caches_device(tmp_path, monkeypatch):
     """stego_core.sweep.train_run hands the feature caches' ``device`` (notebook 03's parameter) to train()."""
-    import stego_core.cache as cache
-    import stego_core.training as training
+    import stego_core.sweep as sweep
     from stego_core.sweep import SweepGrid, run_sweep, train_run
 
     seen = []
@@ -564,8 +563,8 @@ def test_sweep_default_run_trains_on_the_caches_device(tmp_path, monkeypatch):
         seen.append(device)
         return Result()
 
-    monkeypatch.setattr(cache, "cache_features", lambda *a, **kw: seen.append(("cache", kw.get("device"))))
-    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(sweep, "cache_features", lambda *a, **kw: seen.append(("cache", kw.get("device"))))
+    monkeypatch.setattr(sweep, "train", fake_train)
     grid = SweepGrid(presets=["demo"], methods=["pca"], dims=[3], seeds=[0], train_cache={"device": "cuda:1"},
                      val_cache={"device": "cuda:1", "res": 320})
     run_sweep(grid, root=tmp_path, run_fn=train_run, progress=False)

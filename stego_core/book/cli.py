@@ -28,7 +28,10 @@ import sys
 from typing import Any
 
 from ..config import StegoError
+from ..preflight import add_arguments, run_cli
+from ..segment import main as segment_main
 from .build import make_book, prepare_workdir
+from .explore import serve  # imports torch and voila: only for this command
 from .parameters import (
     load_profile,
     notebook_path,
@@ -57,8 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     book.add_argument("--profile", default="demo", help="notebooks/profiles/NAME.yaml or a YAML path (demo)")
     book.add_argument("--force", action="store_true", help="execute every notebook even when current")
     book.add_argument("--workdir", help="build a copy of the book in this folder instead of the checkout")
-    from ..preflight import add_arguments
-
     add_arguments(sub.add_parser("preflight", help="check that a profile will run (data, weights, device, disk, a "
                                  "tiny end-to-end run) before the GPU-days; --synthetic without data or GPU"))
     params = sub.add_parser("params", help="list a notebook's parameters with their comments")
@@ -84,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stego-study`` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["segment"]:  # its own argument parser: stego_core.segment
-        from ..segment import main as segment_main
-
         return segment_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
@@ -107,13 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "book":
             make_book(args.profile, workdir=args.workdir, force=args.force)
         elif args.command == "explore":
-            from .explore import serve  # imports torch and voila: only for this command
-
             return serve(profile=args.profile, port=args.port, open_browser=not args.no_browser, root=args.root,
                          checkpoints=args.checkpoint, device=args.device)
         elif args.command == "preflight":
-            from ..preflight import run_cli
-
             return run_cli(args)
     except StegoError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown
 from PIL import Image, ImageOps, UnidentifiedImageError
+from voila.app import Voila  # the server, only for this command
 
 from ..backbones import load_backbone
 from ..cache import open_store
@@ -448,8 +449,6 @@ def serve(*, profile: str | None = None, port: int = 8866, open_browser: bool = 
 
 
 def _launch(nb: Path, port: int, open_browser: bool) -> None:
-    from voila.app import Voila  # the server, only for this command
-
     # Voilà's lab template without its CDN links (stego_core/book/jupyter/voila/templates/stego): works offline
     os.environ["JUPYTER_PATH"] = os.pathsep.join([str(_TEMPLATES), *filter(None, [os.environ.get("JUPYTER_PATH")])])
     argv = [str(nb), f"--port={int(port)}", "--Voila.ip=127.0.0.1", "--Voila.port_retries=0", "--template=stego",

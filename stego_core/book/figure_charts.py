@@ -30,8 +30,8 @@ from ..results import PROBES
 from . import viz  # noqa: F401 - importing it enables the offline Altair renderer the book needs
 from .figure_data import (
     METHOD_COLORS,
-    METHOD_LABELS,
     PROBE_TITLES,
+    SERIES_LABELS,
     SERIES_ORDER,
     SPREADS,
     check_table,
@@ -136,10 +136,10 @@ def _panel_frame(table: pd.DataFrame, metrics: Sequence[str], methods: Sequence[
 def _series_color(t: pd.DataFrame) -> alt.Color:
     """One colour per method (the study's), the published curves ("<method> (paper)") in the same colours."""
     present = [m for m in SERIES_ORDER if m in set(t["method"])] + sorted(set(t["method"]) - set(SERIES_ORDER))
-    domain = [METHOD_LABELS.get(m, m) for m in present]
+    domain = [SERIES_LABELS.get(m, m) for m in present]
     colours = [METHOD_COLORS.get(m, "#949494") for m in present]
     papers_present = [m for m in present if ((t["kind"] == "paper") & (t["method"] == m)).any()]
-    domain += [METHOD_LABELS.get(m, m) + " (paper)" for m in papers_present]
+    domain += [SERIES_LABELS.get(m, m) + " (paper)" for m in papers_present]
     colours += [METHOD_COLORS.get(m, "#949494") for m in papers_present]
     return alt.Color("series:N", title="method", scale=alt.Scale(domain=domain, range=colours),
                      legend=alt.Legend(orient="right", symbolOpacity=1.0, labelLimit=220))

@@ -7,7 +7,7 @@ Data:
 - ``dimension_table(results)``: one row per (dataset, method, code dim, probe, metric) from the tidy results store
   (``stego_core.results``), at each run's selected step (``results.best_rows``: the validation step of maximal
   cluster mIoU, as the study's figure script), averaged over seeds: ``mean``, ``std`` (ddof 1; 0 for one seed),
-  ``lo`` / ``hi`` (mean ∓ std), ``n_seeds``, and the display name ``series`` (``METHOD_LABELS``). Only validation
+  ``lo`` / ``hi`` (mean ∓ std), ``n_seeds``, and the display name ``series`` (``SERIES_LABELS``). Only validation
   rows of the training-time validation (no CRF) enter, as in the paper's Figure 4.
 - ``dimension_findings(table, dataset, backbone=None)``: the headline numbers of the study on one dataset and one of
   its backbones (STEGO against PCA and RP in cluster mIoU per dimension; PCA's linear-probe mIoU at the full
@@ -38,13 +38,13 @@ import pandas as pd
 
 from .. import papers
 from ..backbones import NEWER_BACKBONES
-from ..config import StegoError, check_choice, check_int
+from ..config import SERIES_LABELS, StegoError, check_choice, check_int
 from ..projections import fitted_projections
 from ..results import PROBES, best_rows
 
 __all__ = [
     "METHOD_COLORS",
-    "METHOD_LABELS",
+    "SERIES_LABELS",
     "SERIES_ORDER",
     "VARIANCE_STYLES",
     "backbone_comparison",
@@ -61,11 +61,10 @@ __all__ = [
     "variance_frame",
 ]
 
-# display names of the methods (``results.method``) and their colours (seaborn "colorblind" indices 3, 0, 2, 6, 8)
-METHOD_LABELS: dict[str, str] = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "dino": "DINO baseline"}
+# the methods' colours (display names: ``config.SERIES_LABELS``) (seaborn "colorblind" indices 3, 0, 2, 6, 8)
 METHOD_COLORS: dict[str, str] = {"stego": "#d55e00", "pca": "#029e73", "rp": "#fbafe4", "hnne": "#ece133",
                                  "dino": "#0173b2"}
-SERIES_ORDER = tuple(METHOD_LABELS)  # legend order
+SERIES_ORDER = tuple(SERIES_LABELS)  # legend order
 SPREADS = ("band", "errorbar", "none")
 PROBE_TITLES = {"linear": "linear probe", "cluster": "cluster probe"}
 _TABLE_COLUMNS = ["dataset", "backbone", "method", "series", "code_dim", "protocol", "probe", "metric", "mean", "std",
@@ -113,7 +112,7 @@ def dimension_table(results: pd.DataFrame, *, protocol: str | None = "original",
         best_step=("step", "mean")).reset_index()
     out["std"] = out["std"].fillna(0.0)
     out["lo"], out["hi"] = out["mean"] - out["std"], out["mean"] + out["std"]
-    out["series"] = out["method"].map(lambda m: METHOD_LABELS.get(m, m))
+    out["series"] = out["method"].map(lambda m: SERIES_LABELS.get(m, m))
     out["code_dim"] = out["code_dim"].round().astype("int64")
     out = out.astype({c: "object" for c in ("dataset", "backbone", "method", "protocol", "probe", "metric")})
     order = {m: i for i, m in enumerate(SERIES_ORDER)}
@@ -385,7 +384,7 @@ def paper_dimension_table(datasets: Sequence[str] | str | None = None) -> pd.Dat
     the ``dimension_table`` format: one "seed", std 0, ``protocol`` "original", no selected step."""
 
     values = papers.figure4_values(datasets)
-    out = values.assign(series=values["method"].map(lambda m: METHOD_LABELS.get(m, m)), protocol="original",
+    out = values.assign(series=values["method"].map(lambda m: SERIES_LABELS.get(m, m)), protocol="original",
                         mean=values["value"], std=0.0, lo=values["value"], hi=values["value"], n_seeds=1,
                         best_step=np.nan)
     out = out.astype({"code_dim": "int64"})

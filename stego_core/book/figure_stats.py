@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
-from ..config import StegoError, check_choice
+from ..config import SERIES_LABELS, StegoError, check_choice
 from ..results import PROBES, best_rows
-from .figure_data import METHOD_LABELS
 
 __all__ = ["convergence_table", "differences_table", "differences_verdict", "paired_differences"]
 
@@ -49,12 +49,10 @@ def paired_differences(results: pd.DataFrame, baseline: str, *, method: str = "s
     (ddof 1), lo, hi (the two-sided ``confidence`` interval mean ± t_{n-1} · std / sqrt(n); NaN for one seed),
     verdict ("above" when the interval lies above 0, "below" when below, "undecided" otherwise or with one seed).
     """
-    from scipy import stats
-
     if not 0 < float(confidence) < 1:
         raise StegoError(f"confidence: expected a level between 0 and 1, got {confidence!r}")
-    check_choice("baseline", baseline, tuple(METHOD_LABELS))
-    check_choice("method", method, tuple(METHOD_LABELS))
+    check_choice("baseline", baseline, tuple(SERIES_LABELS))
+    check_choice("method", method, tuple(SERIES_LABELS))
     runs = _per_run_scores(results, probe=probe, metric=metric, protocol=protocol)
     cols = ["dataset", "backbone", "code_dim", "baseline", "n_seeds", "mean", "std", "lo", "hi", "verdict"]
     mine = runs[runs["method"] == method]
@@ -83,7 +81,7 @@ def differences_verdict(diffs: pd.DataFrame, *, method: str = "STEGO", baseline:
     if diffs.empty:
         return f"no paired runs of {method} and {baseline or 'the baseline'}"
     key = str(diffs["baseline"].iloc[0])
-    name = baseline or ("the raw features" if key == "dino" else METHOD_LABELS.get(key, key))
+    name = baseline or ("the raw features" if key == "dino" else SERIES_LABELS.get(key, key))
     counts = diffs["verdict"].value_counts()
     n = len(diffs)
     seeds = int(diffs["n_seeds"].min())

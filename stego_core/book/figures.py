@@ -4,8 +4,8 @@ the paired statistics of ``figure_stats`` and the Altair charts of ``figure_char
 from .figure_charts import differences_chart, dimension_chart, variance_chart
 from .figure_data import (
                           METHOD_COLORS,
-                          METHOD_LABELS,
                           PROBE_TITLES,
+                          SERIES_LABELS,
                           SERIES_ORDER,
                           SPREADS,
                           VARIANCE_STYLES,
@@ -23,7 +23,7 @@ from .figure_data import (
 )
 from .figure_stats import convergence_table, differences_table, differences_verdict, paired_differences
 
-__all__ = ["METHOD_COLORS", "METHOD_LABELS", "PROBE_TITLES", "SERIES_ORDER", "SPREADS", "VARIANCE_STYLES",
+__all__ = ["METHOD_COLORS", "SERIES_LABELS", "PROBE_TITLES", "SERIES_ORDER", "SPREADS", "VARIANCE_STYLES",
            "backbone_comparison", "convergence_table", "differences_chart", "differences_table", "differences_verdict",
            "dimension_chart", "dimension_findings",
            "dimension_table", "dimension_ticks", "extended_study_rows", "extended_study_status", "paired_differences",

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import nbformat
+
 from .parameters import Parameter
 
 __all__ = ["PARAMETERS_TITLE", "parameters_markdown", "reader_view", "is_glue_only"]
@@ -77,8 +79,6 @@ def _is_title(cell: Any) -> bool:
 
 def _split_after_summary(cells: list, at: int) -> None:
     """Split the title cell after its first paragraph (the summary), so the parameter table sits right below it."""
-    import nbformat
-
     text = "".join(cells[at].get("source", ""))
     blocks = text.split("\n\n")
     heading = next((i for i, b in enumerate(blocks) if b.lstrip().startswith("# ")), None)
@@ -95,8 +95,6 @@ def reader_view(nb: Any, params: list[Parameter], values: dict[str, Any]) -> Any
     """Tag the cells of an executed notebook (nbformat v4) for the reader and add the parameter table; returns
     ``nb`` (changed in place). Running the notebook again (Jupyter, papermill) is unaffected: only Markdown cells
     move or are added, and tags do not change execution."""
-    import nbformat
-
     cells = nb.cells
     for cell in cells:
         tags = set(_tags(cell))

@@ -13,10 +13,18 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import jupytext
+import nbformat
+from ipykernel.kernelspec import install
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 
 from ..config import StegoError, repo_root, resolve_device
 from ..guards import artifact_lock
@@ -34,14 +42,10 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------- execution
 def ensure_kernel() -> str:
     """A kernelspec named ``stego-study`` whose python is this interpreter; installed into ``sys.prefix`` if needed."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
     with contextlib.suppress(NoSuchKernel):
         spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
         if spec.argv and spec.argv[0] == sys.executable:
             return KERNEL_NAME
-    from ipykernel.kernelspec import install
-
     try:
         install(kernel_name=KERNEL_NAME, display_name="Python 3 (stego-study)", prefix=sys.prefix)
     except OSError:  # a read-only environment: a private kernel folder on JUPYTER_PATH
@@ -87,7 +91,6 @@ def run_notebook(notebook: str | os.PathLike, parameters: dict[str, Any] | None 
                  workdir: str | os.PathLike | None = None, force: bool = False,
                  log: Callable[[str], None] = log) -> RunResult:
     """Execute one notebook with papermill into ``<workdir>/book/chapters/NAME.ipynb`` (skipped when current)."""
-
     t0 = time.perf_counter()
     src = notebook_path(notebook)
     name = src.stem
@@ -111,8 +114,6 @@ def _run_locked(src: Path, params: dict[str, Any], chapters: Path, *, force: boo
                 t0: float) -> RunResult:
     """``run_notebook`` once the chapter is locked: skip a current chapter, else remove the old one (a killed run
     must not leave it in the book) and execute."""
-    import nbformat
-
     name = src.stem
     out = chapters / f"{name}.ipynb"
     key = run_key(src, params)
@@ -152,8 +153,6 @@ def _run_locked(src: Path, params: dict[str, Any], chapters: Path, *, force: boo
 
 
 def _to_notebook(src: Path):
-    import jupytext
-
     nb = jupytext.read(src, fmt="py:percent")
     nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python 3 (stego-study)",
                                  "language": "python"}
@@ -177,11 +176,6 @@ _WATCH_PARENT = "--IPKernelApp.exec_lines=__import__('stego_core.guards').guards
 def _ipc_kernel_manager() -> type:
     """A kernel manager whose kernels listen on local IPC sockets (files in Jupyter's runtime folder) instead of
     TCP ports: nothing is reachable from the network, and ipykernel has no reason to warn about unencrypted TCP."""
-    import uuid
-
-    from jupyter_client.manager import AsyncKernelManager
-    from jupyter_core.paths import jupyter_runtime_dir
-
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kw: Any):
             runtime = Path(jupyter_runtime_dir())

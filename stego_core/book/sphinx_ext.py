@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from myst_nb.ext.glue.utils import PendingGlueReference
+
 STATIC = Path(__file__).resolve().parent / "static"
 
 
@@ -31,8 +33,6 @@ def _glue_sources(env) -> dict[str, set[str]]:
 
 def _record_glue_sources(app, doctree) -> None:
     """Remember which documents a page pastes glue from (myst-nb's pending glue references)."""
-    from myst_nb.ext.glue.utils import PendingGlueReference
-
     sources = _glue_sources(app.env)
     refs = {node.refdoc for node in doctree.findall(PendingGlueReference)}
     if refs:

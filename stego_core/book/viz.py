@@ -21,6 +21,10 @@ from typing import Any
 import altair as alt
 import numpy as np
 import pandas as pd
+import torch
+from IPython import get_ipython
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..data import unnormalize
 
@@ -31,8 +35,6 @@ IGNORE_COLOR = (0, 0, 0)  # colour of ignored pixels (label -1) in colourised la
 
 def to_image(img: Any) -> np.ndarray:
     """An ImageNet-normalised float tensor/array [3,H,W] (a dataset item's ``img``) -> uint8 [H,W,3]."""
-    import torch
-
     t = torch.as_tensor(img, dtype=torch.float32)
     rgb01 = unnormalize(t)  # [3,H,W] in [0, 1]
     return (rgb01.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)  # [3,H,W] -> [H,W,3]
@@ -81,8 +83,6 @@ def image_grid(images: Sequence[np.ndarray], ncols: int | None = None, *, pad: i
 
 def png_data_url(image: np.ndarray) -> str:
     """uint8 [H,W,3] (or [H,W]) -> ``data:image/png;base64,...``."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -165,8 +165,6 @@ def class_statistics(dataset: Any, n_images: int | None = None, *, progress: boo
     Columns: class, class_id, pixels, fraction (of labelled pixels), images (items where the class occurs),
     color (hex). A final row ``ignore`` (class_id -1) counts unlabelled pixels.
     """
-    from tqdm.auto import tqdm
-
     n = len(dataset) if not n_images else min(int(n_images), len(dataset))
     k = dataset.n_classes
     pixels = np.zeros(k + 1, dtype=np.int64)  # slot 0 = ignore (-1), slot c+1 = class c
@@ -443,10 +441,6 @@ def frame_html(df: pd.DataFrame) -> str:
 
 def enable_table_format() -> None:
     """In an IPython kernel (a chapter being executed), show every DataFrame through :func:`frame_html`."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
     shell = get_ipython()
     if shell is not None:
         shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, frame_html)

@@ -14,8 +14,11 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+import altair as alt
+import ipywidgets as w
 import numpy as np
 import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 from ..backbones import extract_features
 from ..config import StegoError
@@ -32,8 +35,6 @@ __all__ = ["explorer_chart", "explorer_table", "jpeg_data_url", "label_data_url"
 # pictures
 def jpeg_data_url(image: np.ndarray, quality: int = 85) -> str:
     """uint8 [H,W,3] photo -> ``data:image/jpeg;base64,...`` (photos compress far better as JPEG than PNG)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="JPEG", quality=int(quality))
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -44,8 +45,6 @@ def label_data_url(label: np.ndarray, palette: Any) -> str:
 
     Class c gets ``palette[c]``; -1 is transparent, so an overlay shows the photo there.
     """
-    from PIL import Image
-
     label = np.asarray(label).astype(np.int64)
     pal = np.asarray(palette, dtype=np.uint8)[:255]
     k = len(pal)
@@ -95,8 +94,6 @@ def explorer_chart(data: ExplorerData, *, size: int = 200, opacity: float = 0.65
     Every picture is a precomputed data URL in the chart's data; the controls only filter rows, so the explorer
     needs no kernel.
     """
-    import altair as alt
-
     df = explorer_table(data, quality=quality)
     preds = df[df["kind"] == "prediction"]
     if preds.empty:
@@ -142,8 +139,6 @@ def explorer_chart(data: ExplorerData, *, size: int = 200, opacity: float = 0.65
 
 
 def _legend(class_names: Sequence[str], palette: Any) -> Any:
-    import altair as alt
-
     colors = ["#{:02x}{:02x}{:02x}".format(*tuple(int(v) for v in c)) for c in np.asarray(palette, dtype=np.uint8)]
     df = pd.DataFrame({"class": list(class_names), "class_id": range(len(class_names)),
                        "color": colors[: len(class_names)]})
@@ -157,8 +152,6 @@ def _legend(class_names: Sequence[str], palette: Any) -> Any:
 # the live panel
 def prepare_upload(content: bytes, res: int, *, protocol: str = "original") -> np.ndarray:
     """An uploaded image file -> uint8 [res,res,3]: shorter side resized to ``res``, centre crop (as the data)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         image = np.asarray(Image.open(io.BytesIO(bytes(content))).convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
@@ -173,8 +166,6 @@ def live_explorer(data: ExplorerData, backbone: Any, *, res: int = 224, workers:
     """ipywidgets panel for a live kernel: pick a shown image or upload your own, pick model, probe and CRF; the
     prediction is recomputed in Python (backbone -> the model's code -> probe -> CRF, ``Segmenter.predict``). In a
     static page it is inert."""
-    import ipywidgets as w
-
     keys = list(data.models)
     model_dd = w.Dropdown(options=[(model_label(m, d), (m, d)) for m, d in keys], value=keys[0], description="model")
     image_dd = w.Dropdown(options=[(f"#{i}", i) for i in data.indices] + [("upload", -1)], value=data.indices[0],
@@ -188,8 +179,6 @@ def live_explorer(data: ExplorerData, backbone: Any, *, res: int = 224, workers:
     state: dict[str, Any] = {"upload": None}
 
     def png(arr: np.ndarray) -> bytes:
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="PNG")
         return buf.getvalue()
