@@ -88,7 +88,8 @@ def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
     assert g6["res_n_runs"] == "8" and g6["res_n_curves"] == "1"
     assert float(g6["res_stego_cluster_min"]) == pytest.approx(float(glued["dim_stego_cluster_min"]))
     charts6 = _charts(nb6)
-    assert len(charts6) == 4  # Figure 3, Figure 4, the published Figure 4, accuracies (no h-NNE runs: a note)
+    # Figure 3, Figure 4, the published Figure 4, the paired differences, accuracies (no h-NNE runs: a note)
+    assert len(charts6) == 5
     published = next(iter(charts6[2]["datasets"].values()))
     assert {r["dataset"] for r in published} == {"cocostuff27", "cityscapes", "potsdam"}
     assert "read off" in json.dumps(charts6[2]["title"])
@@ -100,10 +101,10 @@ def test_dimension_study_and_results_chapters(tmp_path, monkeypatch):
     nb6q = nbformat.read(quiet.output, as_version=4)
     assert not _errors(nb6q) and _charts(nb6q) == []
     gq = _glued(nb6q)
-    for key in ("fig3", "fig4", "fig4_paper", "fig_accuracy", "fig_hnne", "fig4_table"):
+    for key in ("fig3", "fig4", "fig4_paper", "fig4_diffs", "fig_accuracy", "fig_hnne", "fig4_table"):
         assert key in gq, key
     assert gq["res_var_n_components"] == g6["res_var_n_components"] == "96"  # 6 images x 4 x 4 tokens < C
-    assert gq["res_stego_beats_pca_cluster"] == g6["res_stego_beats_pca_cluster"]
+    assert gq["res_verdict_pca"] == g6["res_verdict_pca"] and "STEGO" in g6["res_verdict_pca"]
 
 
 def test_chapter_02_runs_are_the_sweeps_runs(tmp_path, monkeypatch):
