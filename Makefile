@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 HTML   ?= _build/html
 REMOTE ?= origin
 
-.PHONY: book publish test test-random vendor mutation venv system-deps clean-book clean-artifacts benchmark help
+.PHONY: book publish test test-paper test-random vendor mutation venv system-deps clean-book clean-artifacts benchmark help
 
 help:
 	@echo "make book          run the '$(PROFILE)' profile's notebooks with papermill and build the book (HTML under _build/html)"
@@ -43,6 +43,10 @@ test: $(STAMP) vendor
 # The book's JavaScript, fetched from the npm registry once (the tests never fetch: STEGO_VENDOR_OFFLINE).
 vendor: $(STAMP)
 	$(BIN)/stego-study vendor
+
+# The synthetic preflight of every paper and newer-backbone profile (about an hour on a 2-core CPU).
+test-paper: $(STAMP) vendor
+	STEGO_PREFLIGHT_ALL=1 $(BIN)/python -m pytest tests/test_preflight.py -k synthetic_preflight $(PYTEST_ARGS)
 
 # The fast suite in two random orders (pytest-randomly; rerun one with `-p randomly --randomly-seed=N`).
 test-random: $(STAMP) vendor
