@@ -8,6 +8,7 @@ STEGO_SCREENSHOTS=DIR the page's screenshot after the upload is written to DIR/e
 """
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import os
 import signal
@@ -120,50 +121,58 @@ def test_explore_in_a_browser(server, tmp_path):
             blocked.append(r.request.url)
             r.abort()
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.route("**/*", route)
-            page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"page: {e}"))
-            page.goto(server["url"], timeout=120_000)
-            page.wait_for_selector(READY, timeout=180_000)
-            print(f"page ready after {time.monotonic() - t0:.1f} s")
-            seg = page.locator("img.stego-explore-segmentation")
-            state = {"src": seg.get_attribute("src"), "pixels": _pixels(seg)}
-            assert page.locator(".stego-legend-item").count() >= 1
+    # Playwright's sync API refuses a thread whose event loop an earlier in-process notebook run (papermill,
+    # nest_asyncio) left marked as running; a fresh thread has none, so the test does not depend on test order.
+    def drive():
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.route("**/*", route)
+                page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+                page.on("pageerror", lambda e: errors.append(f"page: {e}"))
+                page.goto(server["url"], timeout=120_000)
+                page.wait_for_selector(READY, timeout=180_000)
+                print(f"page ready after {time.monotonic() - t0:.1f} s")
+                seg = page.locator("img.stego-explore-segmentation")
+                state = {"src": seg.get_attribute("src"), "pixels": _pixels(seg)}
+                assert page.locator(".stego-legend-item").count() >= 1
 
-            # the code dimension (STEGO runs at 6 and 12; the app opens on the middle one, 12)
-            dim = page.locator(".stego-explore-dim select")
-            assert dim.locator("option").all_inner_texts() == ["6", "12"]
-            dim.select_option(label="6")
-            state = _changed(page, seg, state, "dimension 12 -> 6")
+                # the code dimension (STEGO runs at 6 and 12; the app opens on the middle one, 12)
+                dim = page.locator(".stego-explore-dim select")
+                assert dim.locator("option").all_inner_texts() == ["6", "12"]
+                dim.select_option(label="6")
+                state = _changed(page, seg, state, "dimension 12 -> 6")
 
-            # the method (PCA has one run, at 6)
-            page.locator(".stego-explore-method select").select_option(label="PCA")
-            state = _changed(page, seg, state, "method STEGO -> PCA")
-            assert page.locator(".stego-explore-dim select option").all_inner_texts() == ["6"]
+                # the method (PCA has one run, at 6)
+                page.locator(".stego-explore-method select").select_option(label="PCA")
+                state = _changed(page, seg, state, "method STEGO -> PCA")
+                assert page.locator(".stego-explore-dim select option").all_inner_texts() == ["6"]
 
-            # your own photo
-            with page.expect_file_chooser() as chooser:
-                page.locator(".stego-explore-upload").click()
-            chooser.value.set_files(str(photo))
-            state = _changed(page, seg, state, "upload")
-            assert state["pixels"].shape[1] > state["pixels"].shape[0]  # the 4:3 photo, not a square store image
-            chosen = page.locator(".stego-explore-image select").evaluate("el => el.options[el.selectedIndex].text")
-            assert "upload" in chosen
-            assert page.locator(".stego-legend-item").count() >= 1
-            shots = Path(os.environ.get("STEGO_SCREENSHOTS") or tmp_path)
-            shots.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shots / "explore.png"), full_page=True)
+                # your own photo
+                with page.expect_file_chooser() as chooser:
+                    page.locator(".stego-explore-upload").click()
+                chooser.value.set_files(str(photo))
+                state = _changed(page, seg, state, "upload")
+                assert state["pixels"].shape[1] > state["pixels"].shape[0]  # the 4:3 photo, not a square store image
+                chosen = page.locator(".stego-explore-image select").evaluate("el => el.options[el.selectedIndex].text")
+                assert "upload" in chosen
+                assert page.locator(".stego-legend-item").count() >= 1
+                shots = Path(os.environ.get("STEGO_SCREENSHOTS") or tmp_path)
+                shots.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(shots / "explore.png"), full_page=True)
 
-            assert page.locator(".stego-explore-error").count() == 0, page.locator(".stego-explore-status").inner_text()
-            # Voilà shows a failing cell's traceback or stderr as outputs
-            assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
-            assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").count() == 0
-        finally:
-            browser.close()
+                status = page.locator(".stego-explore-status")
+                assert page.locator(".stego-explore-error").count() == 0, status.inner_text()
+                # Voilà shows a failing cell's traceback or stderr as outputs
+                stderr = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+                assert page.locator(stderr).count() == 0
+                assert page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").count() == 0
+            finally:
+                browser.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(drive).result()
     assert not blocked, f"the page asked for the network: {blocked}"
     assert not errors, "\n".join(errors)
     log = server["log"].read_text()
