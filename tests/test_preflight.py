@@ -109,13 +109,14 @@ def test_miniature_tree_links_the_first_images(tmp_path, dataset):
             assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
 
 
-# `make test` runs the Potsdam profile (ViT-S/8, the cheapest paper profile); the ViT-B/8 and newer-backbone
-# profiles take 10-20 minutes each on a 2-core CPU, so they run with `make test-paper` (STEGO_PREFLIGHT_ALL=1).
+# `make test` runs the Potsdam profiles of DINO (ViT-S/8, the cheapest paper profile) and DINOv2 (ViT-S/14, about
+# 4 minutes each); the ViT-B/8 profiles and the other newer backbones take 10-20 minutes each on a 2-core CPU, so they
+# run with `make test-paper` (STEGO_PREFLIGHT_ALL=1).
 _ALL = os.environ.get("STEGO_PREFLIGHT_ALL") == "1"
 _HEAVY = pytest.mark.skipif(not _ALL, reason="ViT-B/8 and newer-backbone preflights run with `make test-paper`")
 
 
-_PROFILES = ["potsdam"] + [pytest.param(p, marks=_HEAVY)
+_PROFILES = ["potsdam", "potsdam_dinov2"] + [pytest.param(p, marks=_HEAVY)
                            for p in ("cocostuff27", "cityscapes", "cityscapes_dinov2", "potsdam_dinov3")]
 
 
