@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
+from test_crf import _reference_crf as reference_crf
 from torch import nn
 
 from stego_core.evaluation import evaluate, evaluate_batches
@@ -88,17 +89,7 @@ def _model(seed: int = 0):
     return backbone.eval(), head.eval(), cluster_probe, linear_probe
 
 
-def _reference_crf(rgb_u8: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """pydensecrf with the reference's literal kernels (stego-spec §7.3)."""
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
-    k, h, w = probs.shape
-    d = dcrf.DenseCRF2D(w, h, k)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs, clip=1e-5)))
-    d.addPairwiseGaussian(sxy=1, compat=3)
-    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(rgb_u8), compat=4)
-    return np.asarray(d.inference(10), dtype=np.float32).reshape(k, h, w)
+_reference_crf = reference_crf  # pydensecrf with the reference's literal kernels, shared with test_crf
 
 
 def _reference_bytes(img: torch.Tensor, protocol: str) -> np.ndarray:
